@@ -1,0 +1,58 @@
+"""Dense-mask paths: the explicit reference and SDPA with a boolean mask."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from ..masking import PPALayout
+from ..pattern import PPAPattern
+
+
+def layout_keep(layout: PPALayout, pattern: PPAPattern, max_distance: int | None = None) -> torch.Tensor:
+    """``[B, 1, Q, K]`` bool: the pattern applied to a layout (same sequence, real keys, PPA predicate).
+
+    Cached on the layout, so the layers of one forward pass that share a pattern build it once.
+    """
+    key = ("dense", pattern, max_distance)
+    if key not in layout.cache:
+        q_seg, k_seg = layout.q_seg()[:, :, None], layout.k_seg()[:, None, :]
+        ok = pattern.keep(layout.q_pos()[:, :, None], layout.k_pos()[:, None, :], length=layout.seg.shape[-1],
+                          max_distance=max_distance)
+        layout.cache[key] = (ok & (q_seg == k_seg) & (k_seg >= 0))[:, None]
+    return layout.cache[key]
+
+
+def _expand_kv(x: torch.Tensor, groups: int) -> torch.Tensor:
+    return x if groups == 1 else x.repeat_interleave(groups, dim=1)
+
+
+def reference_attention(query, key, value, keep: torch.Tensor, scale: float | None = None) -> torch.Tensor:
+    """Explicit ``softmax(q k^T * scale + mask) v`` in the inputs' dtype (softmax in float32 or wider).
+
+    ``keep``: bool, broadcastable to ``[B, H, Q, K]``. Rows with no kept key return zeros.
+    """
+    groups = query.shape[1] // key.shape[1]
+    key, value = _expand_kv(key, groups), _expand_kv(value, groups)
+    scale = 1.0 / math.sqrt(query.shape[-1]) if scale is None else scale
+    scores = torch.matmul(query, key.transpose(-1, -2)) * scale
+    acc = torch.promote_types(scores.dtype, torch.float32)
+    scores = scores.to(acc).masked_fill(~keep, float("-inf"))
+    row_any = keep.any(-1, keepdim=True)
+    probs = torch.softmax(scores.masked_fill(~row_any, 0.0), dim=-1) * row_any
+    return torch.matmul(probs.to(value.dtype), value)
+
+
+def naive_attention(query, key, value, layout: PPALayout, pattern: PPAPattern, scale: float | None = None,
+                    dropout: float = 0.0, max_distance: int | None = None) -> torch.Tensor:
+    """PPA through SDPA with a dense ``[B, 1, Q, K]`` boolean mask. Exact on any device, with gradients."""
+    keep = layout_keep(layout, pattern, max_distance)
+    row_any = keep.any(-1, keepdim=True)
+    # A row with no key would give NaN in SDPA; let it see everything, then zero it.
+    attn_mask = keep | ~row_any
+    gqa = query.shape[1] != key.shape[1]
+    out = F.scaled_dot_product_attention(query, key, value, attn_mask=attn_mask, dropout_p=dropout, scale=scale,
+                                         enable_gqa=gqa)
+    return out * row_any.to(out.dtype)
