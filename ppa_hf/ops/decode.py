@@ -44,7 +44,8 @@ def decode_attention(query, key, value, layout: PPALayout, pattern: PPAPattern, 
     v_sel = value.gather(2, flat.expand(B, Hkv, Q * N, value.shape[-1])).view(B, Hkv, Q, N, value.shape[-1])
     q = query.view(B, Hkv, H // Hkv, Q, D)
     scale = 1.0 / math.sqrt(D) if scale is None else scale
-    scores = torch.einsum("bhgqd,bhqnd->bhgqn", q, k_sel).float() * scale
+    acc = torch.promote_types(query.dtype, torch.float32)  # softmax in float32 or wider
+    scores = torch.einsum("bhgqd,bhqnd->bhgqn", q, k_sel).to(acc) * scale
     mask = valid[:, None, None]  # [B, 1, 1, Q, N]
     row_any = mask.any(-1, keepdim=True)
     scores = scores.masked_fill(~mask, float("-inf")).masked_fill(~row_any, 0.0)

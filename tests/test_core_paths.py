@@ -1,0 +1,163 @@
+"""Every attention path against the explicit reference: awkward shapes, GQA, padding, q_len != kv_len,
+fp32 and bf16, forward and gradients. Tolerance rule (FlashAttention): the fast path's error against an
+fp64/fp32 reference is at most 2x (3x for gradients) the error of the reference itself run in bf16."""
+
+import pytest
+import torch
+from transformers.masking_utils import causal_mask_function
+
+from ppa_hf.masking import ppa_mask_interface
+from ppa_hf.ops import decode_attention, flex_attention_ppa, layout_keep, naive_attention, reference_attention
+from ppa_hf.pattern import PPAPattern, dense_mask
+
+PATTERNS = [
+    PPAPattern(0.75, window=8, sink_tokens=0),
+    PPAPattern(0.5, window=5, sink_tokens=3),
+    PPAPattern(0.0, window=7, sink_tokens=1),
+    PPAPattern(1.0, window=4, sink_tokens=0),
+    PPAPattern(0.625, window=6, sink_tokens=2, granularity="block", block_size=16),
+]
+
+
+def make_layout(batch, q_len, kv_len, left_pad=(0,), right_pad=(0,)):
+    mask = torch.ones(batch, kv_len, dtype=torch.bool)
+    for b in range(batch):
+        lp, rp = left_pad[b % len(left_pad)], right_pad[b % len(right_pad)]
+        mask[b, :lp] = False
+        if rp:
+            mask[b, kv_len - rp :] = False
+    return ppa_mask_interface(batch, q_len, kv_len, q_offset=kv_len - q_len, kv_offset=0,
+                              mask_function=causal_mask_function, attention_mask=mask), mask
+
+
+def expected_keep(pattern, mask, q_len):
+    """Independent expectation: per row, the dense mask of its real tokens placed at their kv indices."""
+    B, K = mask.shape
+    out = torch.zeros(B, 1, q_len, K, dtype=torch.bool)
+    for b in range(B):
+        idx = torch.nonzero(mask[b]).flatten()
+        if idx.numel() == 0:
+            continue
+        dense = pattern.dense(idx.numel())
+        full = torch.zeros(K, K, dtype=torch.bool)
+        full[idx[:, None], idx[None, :]] = dense
+        out[b, 0] = full[K - q_len :]
+    return out
+
+
+def qkv(B, H, Hkv, Q, K, D=16, dtype=torch.float64, requires_grad=False):
+    q = torch.randn(B, H, Q, D, dtype=dtype, requires_grad=requires_grad)
+    k = torch.randn(B, Hkv, K, D, dtype=dtype, requires_grad=requires_grad)
+    v = torch.randn(B, Hkv, K, D, dtype=dtype, requires_grad=requires_grad)
+    return q, k, v
+
+
+SHAPES = [  # (B, H, Hkv, Q, K, left_pad, right_pad)
+    (2, 6, 2, 173, 173, (0, 37), (0,)),  # odd length, GQA, left padding
+    (1, 4, 4, 97, 97, (0,), (0,)),  # MHA
+    (3, 4, 1, 5, 301, (0, 11, 300), (0,)),  # a few queries against a cache; a row with one real token
+    (2, 2, 2, 64, 130, (3,), (0, 20)),  # q_len != kv_len, right padding
+]
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("pattern", PATTERNS, ids=lambda p: p.name)
+def test_layout_keep_matches_independent_dense(shape, pattern):
+    B, H, Hkv, Q, K, lp, rp = shape
+    layout, mask = make_layout(B, Q, K, lp, rp)
+    assert torch.equal(layout_keep(layout, pattern), expected_keep(pattern, mask, Q))
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("pattern", PATTERNS, ids=lambda p: p.name)
+def test_paths_forward_and_gradients_fp64(shape, pattern):
+    B, H, Hkv, Q, K, lp, rp = shape
+    layout, mask = make_layout(B, Q, K, lp, rp)
+    keep = expected_keep(pattern, mask, Q)
+    q, k, v = qkv(B, H, Hkv, Q, K, requires_grad=True)
+    grad_out = torch.randn(B, H, Q, q.shape[-1], dtype=torch.float64)
+    ref = reference_attention(q, k, v, keep)
+    ref_grads = torch.autograd.grad(ref, (q, k, v), grad_out)
+    for name, fn in [("naive", naive_attention), ("decode", decode_attention)]:
+        out = fn(q, k, v, layout, pattern)
+        torch.testing.assert_close(out, ref, atol=1e-10, rtol=1e-10, msg=f"{name} forward")
+        grads = torch.autograd.grad(out, (q, k, v), grad_out)
+        for g, r, what in zip(grads, ref_grads, "qkv"):
+            torch.testing.assert_close(g, r, atol=1e-10, rtol=1e-10, msg=f"{name} d{what}")
+    with torch.no_grad():  # FlexAttention has no CPU backward: forward here, gradients in tests/test_gpu*.py
+        out = flex_attention_ppa(q.float(), k.float(), v.float(), layout, pattern)
+    torch.testing.assert_close(out, ref.float(), atol=2e-5, rtol=2e-5, msg="flex forward")
+
+
+def _err(x, ref):
+    return (x.double() - ref.double()).abs().max().item()
+
+
+@pytest.mark.parametrize("pattern", PATTERNS[:2] + PATTERNS[-1:], ids=lambda p: p.name)
+def test_bf16_tolerance_rule(pattern):
+    B, H, Hkv, Q, K, lp, rp = SHAPES[0]
+    layout, mask = make_layout(B, Q, K, lp, rp)
+    keep = expected_keep(pattern, mask, Q)
+    q, k, v = qkv(B, H, Hkv, Q, K, dtype=torch.float32)
+    g = torch.randn(B, H, Q, q.shape[-1])
+
+    def run(fn, dtype):
+        args = [t.detach().to(dtype).requires_grad_() for t in (q, k, v)]
+        out = fn(*args)
+        grads = torch.autograd.grad(out, args, g.to(dtype))
+        return out, grads
+
+    ref32, ref32_g = run(lambda a, b, c: reference_attention(a, b, c, keep), torch.float32)
+    ref16, ref16_g = run(lambda a, b, c: reference_attention(a, b, c, keep), torch.bfloat16)
+    for name, fn in [("naive", naive_attention), ("decode", decode_attention)]:
+        out, grads = run(lambda a, b, c: fn(a, b, c, layout, pattern), torch.bfloat16)
+        e_fast, e_ref = _err(out, ref32), _err(ref16, ref32)
+        print(f"{pattern.name} {name} fwd: fast err {e_fast:.3e}, bf16 reference err {e_ref:.3e}")
+        assert e_fast <= 2 * e_ref, (name, e_fast, e_ref)
+        for gf, gr16, gr32, what in zip(grads, ref16_g, ref32_g, "qkv"):
+            e_fast, e_ref = _err(gf, gr32), _err(gr16, gr32)
+            print(f"{pattern.name} {name} d{what}: fast err {e_fast:.3e}, bf16 reference err {e_ref:.3e}")
+            assert e_fast <= 3 * e_ref, (name, what, e_fast, e_ref)
+    with torch.no_grad():
+        out = flex_attention_ppa(q.bfloat16(), k.bfloat16(), v.bfloat16(), layout, pattern)
+    e_fast, e_ref = _err(out, ref32), _err(ref16, ref32)
+    print(f"{pattern.name} flex fwd: fast err {e_fast:.3e}, bf16 reference err {e_ref:.3e}")
+    assert e_fast <= 2 * e_ref
+
+
+def test_padding_queries_output_zero_and_no_nan():
+    layout, mask = make_layout(2, 40, 40, (0, 10))
+    q, k, v = qkv(2, 2, 2, 40, 40, requires_grad=True)
+    for fn in (naive_attention, decode_attention):
+        out = fn(q, k, v, layout, PPAPattern(0.5, 4))
+        assert torch.isfinite(out).all()
+        assert out[1, :, :10].abs().max() == 0
+        out.sum().backward()
+        assert all(torch.isfinite(t.grad).all() for t in (q, k, v))
+        q.grad = k.grad = v.grad = None
+
+
+def test_sinks_are_never_padding():
+    pattern = PPAPattern(0.0, window=3, sink_tokens=2)
+    layout, mask = make_layout(1, 20, 20, (5,))
+    keep = layout_keep(layout, pattern)[0, 0]
+    assert not keep[:, :5].any()  # padded slots are never sinks
+    assert keep[19, 5] and keep[19, 6] and not keep[19, 7]  # the first two real tokens are
+
+
+def test_max_distance_intersects():
+    pattern = PPAPattern(1.0, window=4)
+    layout, _ = make_layout(1, 50, 50)
+    keep = layout_keep(layout, pattern, max_distance=10)[0, 0]
+    assert torch.equal(keep, dense_mask(50, 0.0, 10))
+
+
+def test_decode_reads_only_attended_keys():
+    from ppa_hf.ops import gather_indices
+
+    pattern = PPAPattern(0.75, window=64)
+    layout, _ = make_layout(1, 1, 32768)
+    index, valid = gather_indices(layout, pattern)
+    n = int(valid.sum())
+    assert n == 64 + int(32767**0.75) - int(63**0.75)  # spec's closed form, query at position 32767
+    assert index.shape[-1] == n and n < 32768 / 10
