@@ -6,6 +6,8 @@ import torch
 
 from .masking import PPALayout
 from .ops import decode_attention, flex_attention_ppa, flex_available, naive_attention
+from .ops import triton_attention as _tri
+from .ops.block_sparse import simple_layout
 from .settings import PPASettings, read_settings
 
 DECODE_MAX_QUERIES = 16  # "a few new queries": above this the gathered path stops paying
@@ -33,22 +35,36 @@ def _refuse(module, is_causal, kwargs):
 def choose_backend(settings: PPASettings, query: torch.Tensor, key: torch.Tensor, layout: PPALayout,
                    dropout: float) -> str:
     """The path for this call: the configured ``ppa_backend``, or for ``auto``: gathered decoding for a few
-    queries against a long cache, FlexAttention on CUDA, else the dense-mask SDPA path (exact, trains on CPU)."""
+    queries against a long cache (a fused Triton kernel on CUDA), the block-sparse Triton kernel on CUDA when
+    every row is one sequence from kv index 0 (no or right padding) and the head size is supported,
+    FlexAttention on CUDA otherwise, else the dense-mask SDPA path (exact, trains on CPU).
+
+    ``ppa_backend='triton'`` asks for the Triton kernels (decode kernel for a few queries against a long cache);
+    a call they cannot serve (CPU without the interpreter, left padding or packed sequences, an unsupported
+    head size) falls back to FlexAttention on CUDA and to the dense path elsewhere."""
     if settings.backend != "auto":
         if dropout > 0 and settings.backend != "naive":
             raise ValueError(
                 f"ppa_backend={settings.backend!r} has no attention dropout (got dropout={dropout}); "
                 "use ppa_backend='naive' or 'auto', or set the model's attention dropout to 0"
             )
-        return settings.backend
+        if settings.backend != "triton":
+            return settings.backend
     q_len, kv_len = query.shape[2], key.shape[2]
     if dropout > 0:
         return "naive"
     if q_len <= DECODE_MAX_QUERIES and kv_len >= DECODE_MIN_KEYS and not settings.pattern.is_full:
         return "decode"
+    if _tri.supports(query, key, value_like(query, key)) and simple_layout(layout) is not None:
+        return "triton"
     if query.device.type == "cuda" and flex_available():
         return "flex"
     return "naive"
+
+
+def value_like(query, key):
+    """Stand-in for the value tensor in :func:`choose_backend` (its signature has no value): same shape as key."""
+    return key
 
 
 def ppa_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
@@ -71,6 +87,11 @@ def ppa_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: tor
     backend = choose_backend(settings, query, key, layout, dropout)
     if backend == "decode":
         out = decode_attention(query, key, value, layout, pattern, scaling, max_distance)
+    elif backend == "triton":
+        q_start, k_start, q_valid = simple_layout(layout)
+        out = _tri.triton_ppa_attention(query, key, value, pattern, q_start, k_start, max_distance, scaling)
+        if q_valid is not None:  # right padding: padded queries return zeros, as on every path
+            out = out * q_valid[:, None, :, None].to(out.dtype)
     elif backend == "flex":
         out = flex_attention_ppa(query, key, value, layout, pattern, scaling, max_distance)
     else:

@@ -9,7 +9,7 @@ field                  default      meaning
 ``ppa_p``              (required)   float in [0, 1], or a list with one value per layer (1 = full)
 ``ppa_window``         64           local window ``w`` (the query itself included), integer >= 1
 ``ppa_sink_tokens``    0            first ``s`` real tokens of each sequence always attended, >= 0
-``ppa_backend``        ``"auto"``   ``auto`` | ``naive`` | ``flex`` | ``decode``
+``ppa_backend``        ``"auto"``   ``auto`` | ``naive`` | ``flex`` | ``decode`` | ``triton``
 ``ppa_granularity``    ``"token"``  ``token`` (the paper's pattern) | ``block`` (see docs)
 ``ppa_block_size``     128          block size of the block-granular pattern, integer >= 1
 =====================  ===========  =================================================================
@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 from .pattern import PPAPattern, check_int, check_p
 
-BACKENDS = ("auto", "naive", "flex", "decode")
+BACKENDS = ("auto", "naive", "flex", "decode", "triton")
 GRANULARITIES = ("token", "block")
 
 DEFAULTS = {

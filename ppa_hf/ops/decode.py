@@ -32,9 +32,49 @@ def gather_indices(layout: PPALayout, pattern: PPAPattern, max_distance: int | N
     return layout.cache[key]
 
 
+def decode_index(layout: PPALayout, pattern: PPAPattern, max_distance: int | None = None):
+    """``(index [B or 1, Q, N] int32, count [B or 1, Q] int32)`` for the fused Triton decode kernel, cached on the
+    layout (built once per forward pass, shared by every layer).
+
+    When every row is one unpadded sequence starting at kv index 0 (the usual ``generate`` cache) the list is
+    built once for the whole batch from :meth:`PPAPattern.keep` on the positions (``[Q, K]`` work, no sort);
+    otherwise from the layout's own keep mask (:func:`gather_indices`).
+    """
+    key = ("decode_index", pattern, max_distance)
+    if key not in layout.cache:
+        from .block_sparse import simple_layout
+
+        simple = simple_layout(layout)
+        if simple is not None and simple[2] is None:
+            q0, k0, _ = simple
+            Q, K = int(layout.q_index.numel()), layout.kv_length
+            dev = layout.device
+            keep = pattern.keep(torch.arange(q0, q0 + Q, device=dev)[:, None], torch.arange(k0, k0 + K, device=dev)[None],
+                                length=max(q0 + Q, k0 + K), max_distance=max_distance)
+            count = keep.sum(-1, dtype=torch.int32)
+            n = max(int(count.max()), 1)
+            slot = torch.where(keep, keep.cumsum(-1) - 1, n)  # kept keys to their rank, the rest to a spare column
+            index = torch.zeros(Q, n + 1, dtype=torch.int32, device=dev)
+            index.scatter_(-1, slot, torch.arange(K, dtype=torch.int32, device=dev).expand(Q, K).contiguous())
+            layout.cache[key] = (index[None, :, :n].contiguous(), count[None])
+        else:
+            order, valid = gather_indices(layout, pattern, max_distance)
+            layout.cache[key] = (order.to(torch.int32).contiguous(), valid.sum(-1, dtype=torch.int32))
+    return layout.cache[key]
+
+
 def decode_attention(query, key, value, layout: PPALayout, pattern: PPAPattern, scale: float | None = None,
                      max_distance: int | None = None) -> torch.Tensor:
-    """``query [B, H, Q, D]``, ``key``/``value [B, Hkv, K, D]`` -> ``[B, H, Q, D]``, reading ``N << K`` rows."""
+    """``query [B, H, Q, D]``, ``key``/``value [B, Hkv, K, D]`` -> ``[B, H, Q, D]``, reading ``N << K`` rows.
+
+    On CUDA (and for bf16/fp16 inputs the Triton kernels support) this is one fused gather + attention kernel
+    (:func:`~ppa_hf.ops.triton_attention.triton_decode_attention`); elsewhere the rows are gathered with torch.
+    """
+    from . import triton_attention as tri
+
+    if query.device.type == "cuda" and query.dtype != torch.float32 and tri.supports(query, key, value):
+        index, count = decode_index(layout, pattern, max_distance)
+        return tri.triton_decode_attention(query, key, value, index, count, scale)
     B, H, Q, D = query.shape
     Hkv = key.shape[1]
     index, valid = gather_indices(layout, pattern, max_distance)

@@ -6,6 +6,7 @@ import torch
 
 from ..masking import PPALayout
 from ..pattern import PPAPattern
+from .block_sparse import pattern_block_mask, simple_layout
 
 try:
     from torch.nn.attention.flex_attention import create_block_mask, flex_attention
@@ -65,7 +66,18 @@ def flex_attention_ppa(query, key, value, layout: PPALayout, pattern: PPAPattern
             "ppa_backend='flex' cannot train on CPU: FlexAttention has no CPU backward. "
             "Use ppa_backend='naive' (exact, with gradients) or 'auto'."
         )
-    block_mask = layout_block_mask(layout, pattern, max_distance)
+    simple = simple_layout(layout) if query.device.type == "cuda" else None
+    if simple is not None:
+        # One sequence per row from kv index 0: the BlockMask comes analytically from the pattern's tables
+        # (FULL / PARTIAL / EMPTY tiles, O(tiles) work), cached per (pattern, length, offsets, device).
+        q_start, k_start, q_valid = simple
+        block_mask = pattern_block_mask(pattern, query.shape[2], key.shape[2], query.device, q_start, k_start,
+                                        max_distance)
+    else:
+        q_valid = None
+        block_mask = layout_block_mask(layout, pattern, max_distance)
     gqa = query.shape[1] != key.shape[1]
     out = _flex_fn(query.device)(query, key, value, block_mask=block_mask, scale=scale, enable_gqa=gqa)
+    if q_valid is not None:  # right padding: padded queries return zeros, as on every path
+        out = out * q_valid[:, None, :, None].to(out.dtype)
     return out

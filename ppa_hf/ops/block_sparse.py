@@ -1,0 +1,220 @@
+"""Tile classification of the PPA pattern, computed analytically from :class:`~ppa_hf.pattern.PPAPattern`'s tables.
+
+A tile is the rectangle of ``BM`` consecutive query positions by ``BN`` consecutive key positions. Every tile is
+one of
+
+* ``EMPTY`` (0): no pair of the tile is attended; kernels skip it,
+* ``PARTIAL`` (1): some pairs are attended; kernels evaluate the pattern per element,
+* ``FULL`` (2): every pair is attended; kernels run it as a dense tile, with no per-element mask.
+
+No ``L x L`` tensor is built: a tile covers the contiguous range of backward offsets ``d = i - j`` in
+``[q0 - k1, q1 - k0]`` (every integer of it is realised by some pair of the tile), so "some / every offset of the
+tile attended" follows from a prefix sum over the token offset table; the block part likewise from the block
+table over the block-offset range ``[q0//B - k1//B, q1//B - k0//B]``; sinks from ``k0 < s``. The cost is
+``O(tiles)``. The classification is exact for EMPTY and FULL (the kernels rely on that) and may call a tile
+PARTIAL that is in fact empty or full (correct, only slower): that happens only for block-granular tiles that
+straddle the diagonal block, or for tiles that mix parts (window and far) of the pattern.
+
+Positions: query row ``r`` sits at position ``q_start + r``, key column ``c`` at ``k_start + c`` (one unpadded
+sequence, the same for every batch row). ``max_distance`` (a model's own sliding window) keeps only ``d <
+max_distance``.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+
+import numpy as np
+import torch
+
+from ..pattern import PPAPattern, block_far_offsets, offset_table
+
+EMPTY, PARTIAL, FULL = 0, 1, 2
+
+
+def _prefix(table: np.ndarray) -> np.ndarray:
+    out = np.zeros(table.size + 1, dtype=np.int64)
+    np.cumsum(table, out=out[1:])
+    return out
+
+
+def _range_count(prefix: np.ndarray, lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
+    """Number of True table entries in ``[lo, hi]`` (0 where ``hi < lo``); ``lo, hi`` clipped to the table."""
+    n = prefix.size - 1
+    lo_c, hi_c = np.clip(lo, 0, n), np.clip(hi + 1, 0, n)
+    return np.where(hi_c > lo_c, prefix[hi_c] - prefix[np.minimum(lo_c, hi_c)], 0)
+
+
+@lru_cache(maxsize=64)
+def tile_classes(pattern: PPAPattern, q_len: int, kv_len: int, block_m: int, block_n: int, q_start: int | None = None,
+                 k_start: int = 0, max_distance: int | None = None, ragged_partial: bool = True) -> np.ndarray:
+    """``[ceil(q_len/BM), ceil(kv_len/BN)]`` int8 array of EMPTY / PARTIAL / FULL (see the module docstring).
+
+    ``q_start`` defaults to ``kv_len - q_len + k_start`` (the queries are the last ``q_len`` keys).
+    ``ragged_partial``: a key tile that runs past ``kv_len`` is never FULL (kernels then mask the overhang).
+    Cached (the arguments are hashable); treat the result as read-only.
+    """
+    if q_start is None:
+        q_start = kv_len - q_len + k_start
+    nq, nk = -(-q_len // block_m), -(-kv_len // block_n)
+    qb, kb = np.arange(nq)[:, None], np.arange(nk)[None, :]
+    q0 = q_start + qb * block_m
+    q1 = q_start + np.minimum((qb + 1) * block_m, q_len) - 1
+    k0 = k_start + kb * block_n
+    k1 = k_start + np.minimum((kb + 1) * block_n, kv_len) - 1
+    dmin, dmax = q0 - k1, q1 - k0  # every d in [dmin, dmax] is realised by a pair of the tile
+    md = np.iinfo(np.int64).max if max_distance is None else int(max_distance)
+    top = np.minimum(dmax, md - 1)  # largest attendable offset of the tile
+    lo = np.maximum(dmin, 0)
+    possible = top >= lo  # some pair with 0 <= d < md
+    in_range = (dmin >= 0) & (dmax < md)  # every pair has 0 <= d < md
+
+    length = int(max(q_start + q_len, k_start + kv_len, 1)) + 1
+    p = pattern.p
+    if pattern.granularity == "token":
+        tok = offset_table(p, pattern.window, length)
+    else:
+        tok = np.arange(length) < pattern.window
+    tok_prefix = _prefix(tok)
+    cnt = _range_count(tok_prefix, lo, top)
+    nonempty = possible & (cnt > 0)
+    full = in_range & (cnt == dmax - dmin + 1)
+
+    if pattern.granularity == "block":
+        bs = pattern.block_size
+        nblk = length // bs + 2
+        blk = np.zeros(nblk, dtype=bool)
+        blk[0] = True
+        blk[block_far_offsets(p, bs, nblk)] = True
+        blk_prefix = _prefix(blk)
+        dbmin, dbmax = q0 // bs - k1 // bs, q1 // bs - k0 // bs
+        far_any = _range_count(blk_prefix, np.maximum(dbmin, 1), dbmax) > 0
+        diag = (dbmin <= 0) & (dbmax >= 0)  # pairs in the same block: conservatively "maybe attended"
+        nonempty |= possible & (far_any | diag)
+        full |= in_range & (_range_count(blk_prefix, dbmin, dbmax) == dbmax - dbmin + 1) & (dbmin >= 0)
+
+    s = pattern.sink_tokens
+    if s:
+        nonempty |= possible & (k0 < s)
+        full |= in_range & (k1 < s)
+
+    if pattern.is_full:  # p = 1: every causal pair
+        nonempty = possible.copy()
+        full = in_range.copy()
+
+    out = np.where(full, FULL, np.where(nonempty, PARTIAL, EMPTY)).astype(np.int8)
+    if ragged_partial and kv_len % block_n:
+        last = out[:, -1]
+        last[last == FULL] = PARTIAL
+    return out
+
+
+def tile_density(classes: np.ndarray) -> dict:
+    """Counts of EMPTY / PARTIAL / FULL tiles (for reports)."""
+    return {"empty": int((classes == EMPTY).sum()), "partial": int((classes == PARTIAL).sum()),
+            "full": int((classes == FULL).sum()), "tiles": int(classes.size)}
+
+
+def csr_lists(classes: np.ndarray, kind: int, transpose: bool = False):
+    """CSR of the tiles of ``kind`` per row (per column when ``transpose``): ``(ptr [n+1] int32, idx [nnz] int32)``,
+    indices ascending."""
+    c = classes.T if transpose else classes
+    rows, cols = np.nonzero(c == kind)
+    ptr = np.zeros(c.shape[0] + 1, dtype=np.int32)
+    np.cumsum(np.bincount(rows, minlength=c.shape[0]), out=ptr[1:])
+    return ptr, cols.astype(np.int32)
+
+
+_DEVICE_LISTS: dict = {}
+
+
+def device_lists(pattern: PPAPattern, q_len: int, kv_len: int, block_m: int, block_n: int, q_start: int, k_start: int,
+                 max_distance, device, transpose: bool = False):
+    """``(full_ptr, full_idx, part_ptr, part_idx)`` int32 tensors on ``device`` (cached per arguments)."""
+    key = (pattern, q_len, kv_len, block_m, block_n, q_start, k_start, max_distance, str(device), transpose)
+    hit = _DEVICE_LISTS.get(key)
+    if hit is None:
+        classes = tile_classes(pattern, q_len, kv_len, block_m, block_n, q_start, k_start, max_distance)
+        fp, fi = csr_lists(classes, FULL, transpose)
+        pp, pi = csr_lists(classes, PARTIAL, transpose)
+        hit = tuple(torch.from_numpy(np.ascontiguousarray(x)).to(device) for x in (fp, fi if fi.size else np.zeros(1, np.int32),
+                                                                                    pp, pi if pi.size else np.zeros(1, np.int32)))
+        if len(_DEVICE_LISTS) > 64:
+            _DEVICE_LISTS.clear()
+        _DEVICE_LISTS[key] = hit
+    return hit
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# FlexAttention BlockMask, built from the classification (no create_block_mask, no L x L work)
+# ----------------------------------------------------------------------------------------------------------------------
+_BLOCK_MASKS: dict = {}
+
+
+def _kv_blocks(classes: np.ndarray, kind: int, device):
+    sel = classes == kind
+    num = sel.sum(-1).astype(np.int32)
+    # Selected block indices first (ascending), the rest after: a stable argsort of "not selected".
+    order = np.argsort(~sel, axis=-1, kind="stable").astype(np.int32)
+    to = lambda a: torch.from_numpy(np.ascontiguousarray(a)).to(device)[None, None]  # noqa: E731
+    return to(num), to(order)
+
+
+def pattern_block_mask(pattern: PPAPattern, q_len: int, kv_len: int, device, q_start: int | None = None,
+                       k_start: int = 0, max_distance: int | None = None, block_size: int = 128):
+    """A FlexAttention ``BlockMask`` of one unpadded sequence (shared by batch and heads), cached.
+
+    Built with ``BlockMask.from_kv_blocks`` from :func:`tile_classes`: FULL tiles run without the mask_mod,
+    PARTIAL ones with it, EMPTY ones are skipped.
+    """
+    from torch.nn.attention.flex_attention import BlockMask
+
+    if q_start is None:
+        q_start = kv_len - q_len + k_start
+    key = (pattern, q_len, kv_len, str(device), q_start, k_start, max_distance, block_size)
+    if key in _BLOCK_MASKS:
+        return _BLOCK_MASKS[key]
+    classes = tile_classes(pattern, q_len, kv_len, block_size, block_size, q_start, k_start, max_distance,
+                           ragged_partial=False)  # FlexAttention masks the overhang itself
+    kv_num, kv_idx = _kv_blocks(classes, PARTIAL, device)
+    full_num, full_idx = _kv_blocks(classes, FULL, device)
+    tables = pattern.tables(max(q_start + q_len, k_start + kv_len, 1), device)
+    qs, ks = int(q_start), int(k_start)
+
+    def mask_mod(b, h, q_idx, kv_idx):
+        return pattern.keep(q_idx + qs, kv_idx + ks, tables=tables, max_distance=max_distance)
+
+    mask_mod.__name__ = f"{pattern.name}_analytic"
+    bm = BlockMask.from_kv_blocks(kv_num, kv_idx, full_num, full_idx, BLOCK_SIZE=block_size, mask_mod=mask_mod,
+                                  seq_lengths=(q_len, kv_len))
+    if len(_BLOCK_MASKS) > 32:
+        _BLOCK_MASKS.clear()
+    _BLOCK_MASKS[key] = bm
+    return bm
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Layout checks: when may the single-sequence fast paths serve a layout?
+# ----------------------------------------------------------------------------------------------------------------------
+def simple_layout(layout) -> tuple[int, int, torch.Tensor | None] | None:
+    """``(q_start, k_start, q_valid)`` when every row of ``layout`` is one sequence starting at kv index 0
+    (no padding, or right padding only), so a token's position equals its kv index; else ``None``.
+
+    ``q_valid`` is ``[B, Q]`` bool when some queries are padding (their output must be zeroed), else ``None``.
+    Cached on the layout (one host sync per forward pass).
+    """
+    key = ("simple_layout",)
+    if key not in layout.cache:
+        result = None
+        q_index = layout.q_index
+        Q = int(q_index.numel())
+        if layout.contiguous and Q > 0:
+            q0 = int(q_index[0])
+            ok = bool((layout.row_start == 0).all()) and bool(
+                (q_index == torch.arange(q0, q0 + Q, device=q_index.device)).all())
+            if ok:
+                q_seg = layout.q_seg()
+                q_valid = q_seg >= 0
+                result = (q0, layout.kv_offset, None if bool(q_valid.all()) else q_valid)
+        layout.cache[key] = result
+    return layout.cache[key]

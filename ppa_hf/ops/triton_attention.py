@@ -1,0 +1,535 @@
+"""Triton block-sparse PPA attention: forward and backward for training / prefill, and a fused gather decode kernel.
+
+Training / prefill (:func:`triton_ppa_attention`): a FlashAttention-style kernel that walks, for each query tile,
+the list of key tiles that :func:`~ppa_hf.ops.block_sparse.tile_classes` derives from the pattern's tables: first
+the FULL tiles (dense, no per-element mask), then the PARTIAL ones (the pattern evaluated per element from the
+token / block offset tables); EMPTY tiles are never touched. The backward pass runs two kernels: dK/dV per key
+tile over the transposed list (the query heads of one KV group looped inside, so GQA needs neither repeated K/V
+nor atomics), and dQ per query tile. One unpadded sequence per batch row (or right padding), any length.
+
+Decoding (:func:`triton_decode_attention`): each query reads only its attended key rows through an index list
+(``w + T**p`` rows, not ``T``), gather + scores + softmax + PV fused in one kernel, split over the rows
+(split-K) so that batch 1 fills the GPU, then a small combine kernel.
+
+Both run on CUDA (bf16 / fp16 / fp32) and, for tests, on CPU under ``TRITON_INTERPRET=1``.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover - triton is optional
+    triton = tl = None
+
+from ..pattern import PPAPattern
+from .block_sparse import device_lists
+
+LOG2E = 1.4426950408889634
+SUPPORTED_HEAD_DIMS = (16, 32, 64, 128, 256)
+
+
+def triton_available(device=None) -> bool:
+    """Triton importable, and either a CUDA device or the interpreter (``TRITON_INTERPRET=1``)."""
+    if triton is None:
+        return False
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        return True
+    return device is None or torch.device(device).type == "cuda"
+
+
+def supports(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> bool:
+    """Shapes/dtypes the kernels handle (else callers fall back to FlexAttention or the dense path)."""
+    return (triton_available(query.device) and query.shape[-1] in SUPPORTED_HEAD_DIMS
+            and value.shape[-1] == query.shape[-1] and query.dtype in (torch.float16, torch.bfloat16, torch.float32)
+            and key.dtype == query.dtype and value.dtype == query.dtype and query.shape[1] % key.shape[1] == 0)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Configs (overridable for tuning: PPA_TRITON_FWD="BM,BN,warps,stages", PPA_TRITON_DKDV=..., PPA_TRITON_DQ=...)
+# ----------------------------------------------------------------------------------------------------------------------
+def _cfg(name, default):
+    raw = os.environ.get(name)
+    return tuple(int(x) for x in raw.split(",")) if raw else default
+
+
+def _configs(head_dim: int, dtype: torch.dtype, device):
+    if os.environ.get("TRITON_INTERPRET") == "1" or torch.device(device).type != "cuda":
+        small = (16, 16, 4, 1)
+        return small, small, small
+    big = head_dim > 128 or dtype == torch.float32
+    fwd = _cfg("PPA_TRITON_FWD", (64, 64, 4, 2) if big else (128, 64, 8, 3))
+    dkdv = _cfg("PPA_TRITON_DKDV", (32, 64, 4, 2) if big else (64, 128, 8, 2))
+    dq = _cfg("PPA_TRITON_DQ", (64, 32, 4, 2) if big else (128, 64, 8, 2))
+    return fwd, dkdv, dq
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Pattern tables as int8 device tensors (cached)
+# ----------------------------------------------------------------------------------------------------------------------
+_TABLES: dict = {}
+
+
+def _pattern_tables(pattern: PPAPattern, length: int, device):
+    key = (pattern, length, str(device))
+    hit = _TABLES.get(key)
+    if hit is None:
+        tok, blk = pattern.tables(length + 1, device)
+        tok = tok.to(torch.int8).contiguous()
+        blk = (blk if blk is not None else torch.ones(1, dtype=torch.bool, device=device)).to(torch.int8).contiguous()
+        if len(_TABLES) > 64:
+            _TABLES.clear()
+        hit = _TABLES[key] = (tok, blk)
+    return hit
+
+
+if triton is not None:
+
+    @triton.jit
+    def _tile_mask(qpos, kpos, kv_end, TOK, tok_len, BLK, blk_len, block_size, sinks, max_distance,
+                   GRAN_BLOCK: tl.constexpr, HAS_SINKS: tl.constexpr, HAS_MD: tl.constexpr):
+        """``[len(qpos), len(kpos)]`` bool: the PPA predicate (same rule as PPAPattern.keep)."""
+        d = qpos[:, None] - kpos[None, :]
+        ok = (d >= 0) & (kpos[None, :] < kv_end)
+        hit = tl.load(TOK + tl.minimum(tl.maximum(d, 0), tok_len - 1)) != 0
+        if GRAN_BLOCK:
+            db = qpos[:, None] // block_size - kpos[None, :] // block_size
+            hit = hit | (tl.load(BLK + tl.minimum(tl.maximum(db, 0), blk_len - 1)) != 0)
+        if HAS_SINKS:
+            hit = hit | (kpos[None, :] < sinks)
+        if HAS_MD:
+            ok = ok & (d < max_distance)
+        return ok & hit
+
+    @triton.jit
+    def _fwd_kernel(Q, K, V, O, LSE, scale_log2,
+                    sqb, sqh, sqm, skb, skh, skn, svb, svh, svn, sob, soh, som,
+                    H, G, q_len, kv_len, q_start, k_start, lse_stride,
+                    FPTR, FIDX, PPTR, PIDX, TOK, tok_len, BLK, blk_len, block_size, sinks, max_distance,
+                    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                    GRAN_BLOCK: tl.constexpr, HAS_SINKS: tl.constexpr, HAS_MD: tl.constexpr):
+        pid_m = tl.program_id(0)
+        pid_bh = tl.program_id(1)
+        b = pid_bh // H
+        h = pid_bh % H
+        hk = h // G
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_n = tl.arange(0, BLOCK_N)
+        offs_d = tl.arange(0, HEAD_DIM)
+        q_ptr = Q + b.to(tl.int64) * sqb + h.to(tl.int64) * sqh
+        q = tl.load(q_ptr + offs_m[:, None].to(tl.int64) * sqm + offs_d[None, :], mask=offs_m[:, None] < q_len,
+                    other=0.0)
+        k_ptr = K + b.to(tl.int64) * skb + hk.to(tl.int64) * skh
+        v_ptr = V + b.to(tl.int64) * svb + hk.to(tl.int64) * svh
+        m_i = tl.full([BLOCK_M], -1.0e30, dtype=tl.float32)
+        l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+        acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+        qpos = q_start + offs_m
+        kv_end = k_start + kv_len
+
+        # FULL tiles: dense, no mask (always inside [0, kv_len)).
+        start = tl.load(FPTR + pid_m)
+        end = tl.load(FPTR + pid_m + 1)
+        for it in range(start, end):
+            kb = tl.load(FIDX + it)
+            cols = kb * BLOCK_N + offs_n
+            k = tl.load(k_ptr + cols[None, :].to(tl.int64) * skn + offs_d[:, None])
+            s = tl.dot(q, k) * scale_log2
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            p = tl.exp2(s - m_new[:, None])
+            alpha = tl.exp2(m_i - m_new)
+            l_i = l_i * alpha + tl.sum(p, 1)
+            acc = acc * alpha[:, None]
+            v = tl.load(v_ptr + cols[:, None].to(tl.int64) * svn + offs_d[None, :])
+            acc = tl.dot(p.to(v.dtype), v, acc)
+            m_i = m_new
+
+        # PARTIAL tiles: the pattern per element.
+        start = tl.load(PPTR + pid_m)
+        end = tl.load(PPTR + pid_m + 1)
+        for it in range(start, end):
+            kb = tl.load(PIDX + it)
+            cols = kb * BLOCK_N + offs_n
+            inb = cols < kv_len
+            k = tl.load(k_ptr + cols[None, :].to(tl.int64) * skn + offs_d[:, None], mask=inb[None, :], other=0.0)
+            mask = _tile_mask(qpos, k_start + cols, kv_end, TOK, tok_len, BLK, blk_len, block_size, sinks,
+                              max_distance, GRAN_BLOCK, HAS_SINKS, HAS_MD)
+            s = tl.dot(q, k) * scale_log2
+            s = tl.where(mask, s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            p = tl.exp2(s - m_new[:, None])
+            alpha = tl.exp2(m_i - m_new)
+            l_i = l_i * alpha + tl.sum(p, 1)
+            acc = acc * alpha[:, None]
+            v = tl.load(v_ptr + cols[:, None].to(tl.int64) * svn + offs_d[None, :], mask=inb[:, None], other=0.0)
+            acc = tl.dot(p.to(v.dtype), v, acc)
+            m_i = m_new
+
+        empty = l_i == 0.0
+        out = acc / tl.where(empty, 1.0, l_i)[:, None]
+        lse = tl.where(empty, float("inf"), m_i + tl.log2(tl.where(empty, 1.0, l_i)))
+        tl.store(LSE + pid_bh.to(tl.int64) * lse_stride + offs_m, lse)
+        o_ptr = O + b.to(tl.int64) * sob + h.to(tl.int64) * soh
+        tl.store(o_ptr + offs_m[:, None].to(tl.int64) * som + offs_d[None, :], out.to(O.dtype.element_ty),
+                 mask=offs_m[:, None] < q_len)
+
+    @triton.jit
+    def _dkdv_tile(k, v, q_ptr, do_ptr, lse_ptr, delta_ptr, rows, offs_d, sqm, sdom, q_len, scale_log2,
+                   mask, dk, dv, MASKED: tl.constexpr):
+        rmask = rows < q_len
+        qT = tl.load(q_ptr + rows[None, :].to(tl.int64) * sqm + offs_d[:, None], mask=rmask[None, :], other=0.0)
+        lse = tl.load(lse_ptr + rows)
+        sT = tl.dot(k, qT) * scale_log2
+        pT = tl.exp2(sT - lse[None, :])
+        if MASKED:
+            pT = tl.where(mask, pT, 0.0)
+        do = tl.load(do_ptr + rows[:, None].to(tl.int64) * sdom + offs_d[None, :], mask=rmask[:, None], other=0.0)
+        dv += tl.dot(pT.to(do.dtype), do)
+        delta = tl.load(delta_ptr + rows)
+        dpT = tl.dot(v, tl.trans(do))
+        dsT = pT * (dpT - delta[None, :])
+        dk += tl.dot(dsT.to(qT.dtype), tl.trans(qT))
+        return dk, dv
+
+    @triton.jit
+    def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, scale_log2, sm_scale,
+                         sqb, sqh, sqm, skb, skh, skn, svb, svh, svn, sdob, sdoh, sdom,
+                         sdkb, sdkh, sdkn, sdvb, sdvh, sdvn,
+                         H, HKV, G, q_len, kv_len, q_start, k_start, lse_stride,
+                         FPTR, FIDX, PPTR, PIDX, TOK, tok_len, BLK, blk_len, block_size, sinks, max_distance,
+                         HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                         GRAN_BLOCK: tl.constexpr, HAS_SINKS: tl.constexpr, HAS_MD: tl.constexpr):
+        pid_n = tl.program_id(0)
+        pid_bh = tl.program_id(1)
+        b = pid_bh // HKV
+        hk = pid_bh % HKV
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        offs_m = tl.arange(0, BLOCK_M)
+        offs_d = tl.arange(0, HEAD_DIM)
+        nmask = offs_n < kv_len
+        k = tl.load(K + b.to(tl.int64) * skb + hk.to(tl.int64) * skh + offs_n[:, None].to(tl.int64) * skn
+                    + offs_d[None, :], mask=nmask[:, None], other=0.0)
+        v = tl.load(V + b.to(tl.int64) * svb + hk.to(tl.int64) * svh + offs_n[:, None].to(tl.int64) * svn
+                    + offs_d[None, :], mask=nmask[:, None], other=0.0)
+        dk = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
+        dv = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
+        kpos = k_start + offs_n
+        kv_end = k_start + kv_len
+        fstart = tl.load(FPTR + pid_n)
+        fend = tl.load(FPTR + pid_n + 1)
+        pstart = tl.load(PPTR + pid_n)
+        pend = tl.load(PPTR + pid_n + 1)
+        for g in range(G):
+            h = hk * G + g
+            q_ptr = Q + b.to(tl.int64) * sqb + h.to(tl.int64) * sqh
+            do_ptr = DO + b.to(tl.int64) * sdob + h.to(tl.int64) * sdoh
+            lse_ptr = LSE + (b * H + h).to(tl.int64) * lse_stride
+            delta_ptr = DELTA + (b * H + h).to(tl.int64) * lse_stride
+            for it in range(fstart, fend):
+                qb = tl.load(FIDX + it)
+                rows = qb * BLOCK_M + offs_m
+                dk, dv = _dkdv_tile(k, v, q_ptr, do_ptr, lse_ptr, delta_ptr, rows, offs_d, sqm, sdom, q_len,
+                                    scale_log2, None, dk, dv, False)
+            for it in range(pstart, pend):
+                qb = tl.load(PIDX + it)
+                rows = qb * BLOCK_M + offs_m
+                maskT = tl.trans(_tile_mask(q_start + rows, kpos, kv_end, TOK, tok_len, BLK, blk_len, block_size,
+                                            sinks, max_distance, GRAN_BLOCK, HAS_SINKS, HAS_MD))
+                dk, dv = _dkdv_tile(k, v, q_ptr, do_ptr, lse_ptr, delta_ptr, rows, offs_d, sqm, sdom, q_len,
+                                    scale_log2, maskT, dk, dv, True)
+        dk = dk * sm_scale
+        tl.store(DK + b.to(tl.int64) * sdkb + hk.to(tl.int64) * sdkh + offs_n[:, None].to(tl.int64) * sdkn
+                 + offs_d[None, :], dk.to(DK.dtype.element_ty), mask=nmask[:, None])
+        tl.store(DV + b.to(tl.int64) * sdvb + hk.to(tl.int64) * sdvh + offs_n[:, None].to(tl.int64) * sdvn
+                 + offs_d[None, :], dv.to(DV.dtype.element_ty), mask=nmask[:, None])
+
+    @triton.jit
+    def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, scale_log2, sm_scale,
+                       sqb, sqh, sqm, skb, skh, skn, svb, svh, svn, sdob, sdoh, sdom, sdqb, sdqh, sdqm,
+                       H, G, q_len, kv_len, q_start, k_start, lse_stride,
+                       FPTR, FIDX, PPTR, PIDX, TOK, tok_len, BLK, blk_len, block_size, sinks, max_distance,
+                       HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                       GRAN_BLOCK: tl.constexpr, HAS_SINKS: tl.constexpr, HAS_MD: tl.constexpr):
+        pid_m = tl.program_id(0)
+        pid_bh = tl.program_id(1)
+        b = pid_bh // H
+        h = pid_bh % H
+        hk = h // G
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_n = tl.arange(0, BLOCK_N)
+        offs_d = tl.arange(0, HEAD_DIM)
+        rmask = offs_m < q_len
+        q = tl.load(Q + b.to(tl.int64) * sqb + h.to(tl.int64) * sqh + offs_m[:, None].to(tl.int64) * sqm
+                    + offs_d[None, :], mask=rmask[:, None], other=0.0)
+        do = tl.load(DO + b.to(tl.int64) * sdob + h.to(tl.int64) * sdoh + offs_m[:, None].to(tl.int64) * sdom
+                     + offs_d[None, :], mask=rmask[:, None], other=0.0)
+        lse = tl.load(LSE + pid_bh.to(tl.int64) * lse_stride + offs_m)
+        delta = tl.load(DELTA + pid_bh.to(tl.int64) * lse_stride + offs_m)
+        k_ptr = K + b.to(tl.int64) * skb + hk.to(tl.int64) * skh
+        v_ptr = V + b.to(tl.int64) * svb + hk.to(tl.int64) * svh
+        dq = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+        qpos = q_start + offs_m
+        kv_end = k_start + kv_len
+        start = tl.load(FPTR + pid_m)
+        end = tl.load(FPTR + pid_m + 1)
+        for it in range(start, end):
+            kb = tl.load(FIDX + it)
+            cols = kb * BLOCK_N + offs_n
+            kT = tl.load(k_ptr + cols[None, :].to(tl.int64) * skn + offs_d[:, None])
+            vT = tl.load(v_ptr + cols[None, :].to(tl.int64) * svn + offs_d[:, None])
+            p = tl.exp2(tl.dot(q, kT) * scale_log2 - lse[:, None])
+            dp = tl.dot(do, vT)
+            ds = p * (dp - delta[:, None])
+            dq = tl.dot(ds.to(kT.dtype), tl.trans(kT), dq)
+        start = tl.load(PPTR + pid_m)
+        end = tl.load(PPTR + pid_m + 1)
+        for it in range(start, end):
+            kb = tl.load(PIDX + it)
+            cols = kb * BLOCK_N + offs_n
+            inb = cols < kv_len
+            kT = tl.load(k_ptr + cols[None, :].to(tl.int64) * skn + offs_d[:, None], mask=inb[None, :], other=0.0)
+            vT = tl.load(v_ptr + cols[None, :].to(tl.int64) * svn + offs_d[:, None], mask=inb[None, :], other=0.0)
+            mask = _tile_mask(qpos, k_start + cols, kv_end, TOK, tok_len, BLK, blk_len, block_size, sinks,
+                              max_distance, GRAN_BLOCK, HAS_SINKS, HAS_MD)
+            p = tl.exp2(tl.dot(q, kT) * scale_log2 - lse[:, None])
+            p = tl.where(mask, p, 0.0)
+            dp = tl.dot(do, vT)
+            ds = p * (dp - delta[:, None])
+            dq = tl.dot(ds.to(kT.dtype), tl.trans(kT), dq)
+        dq = dq * sm_scale
+        tl.store(DQ + b.to(tl.int64) * sdqb + h.to(tl.int64) * sdqh + offs_m[:, None].to(tl.int64) * sdqm
+                 + offs_d[None, :], dq.to(DQ.dtype.element_ty), mask=rmask[:, None])
+
+
+def _last_contiguous(x):
+    return x if x.stride(-1) == 1 else x.contiguous()
+
+
+class _Ctx:
+    """Everything a launch needs that follows from (pattern, shapes, offsets)."""
+
+    def __init__(self, pattern, q, k, q_start, k_start, max_distance):
+        self.pattern = pattern
+        self.B, self.H, self.Lq, self.D = q.shape
+        self.Hkv, self.Lk = k.shape[1], k.shape[2]
+        self.G = self.H // self.Hkv
+        self.q_start, self.k_start = int(q_start), int(k_start)
+        self.max_distance = max_distance
+        length = max(self.q_start + self.Lq, self.k_start + self.Lk, 1)
+        self.tok, self.blk = _pattern_tables(pattern, length, q.device)
+        self.fwd_cfg, self.dkdv_cfg, self.dq_cfg = _configs(self.D, q.dtype, q.device)
+        self.flags = dict(GRAN_BLOCK=pattern.granularity == "block", HAS_SINKS=pattern.sink_tokens > 0,
+                          HAS_MD=max_distance is not None)
+        self.device = q.device
+
+    def lists(self, bm, bn, transpose=False):
+        return device_lists(self.pattern, self.Lq, self.Lk, bm, bn, self.q_start, self.k_start, self.max_distance,
+                            self.device, transpose)
+
+    def pattern_args(self):
+        return (self.tok, self.tok.numel(), self.blk, self.blk.numel(), self.pattern.block_size,
+                self.pattern.sink_tokens, self.max_distance if self.max_distance is not None else 0)
+
+
+def _forward(ctx: _Ctx, q, k, v, scale):
+    bm, bn, warps, stages = ctx.fwd_cfg
+    nq = triton.cdiv(ctx.Lq, bm)
+    lse_len = triton.cdiv(ctx.Lq, 128) * 128
+    lse_len = max(lse_len, nq * bm)
+    o = torch.empty_like(q)
+    lse = torch.full((ctx.B, ctx.H, lse_len), float("inf"), device=q.device, dtype=torch.float32)
+    fp, fi, pp, pi = ctx.lists(bm, bn)
+    _fwd_kernel[(nq, ctx.B * ctx.H)](
+        q, k, v, o, lse, scale * LOG2E,
+        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2), o.stride(0), o.stride(1), o.stride(2),
+        ctx.H, ctx.G, ctx.Lq, ctx.Lk, ctx.q_start, ctx.k_start, lse_len,
+        fp, fi, pp, pi, *ctx.pattern_args(),
+        HEAD_DIM=ctx.D, BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages, **ctx.flags)
+    return o, lse
+
+
+def _backward(ctx: _Ctx, q, k, v, o, lse, do, scale):
+    do = _last_contiguous(do)
+    lse_len = lse.shape[-1]
+    delta = torch.zeros((ctx.B, ctx.H, lse_len), device=q.device, dtype=torch.float32)
+    delta[..., : ctx.Lq] = (o.float() * do.float()).sum(-1)
+    # Rows past q_len: LSE stays +inf (p = 0). Make sure padding rows of every block are covered.
+    dq = torch.empty_like(q)
+    dk = torch.empty_like(k)
+    dv = torch.empty_like(v)
+    args = (*ctx.pattern_args(),)
+    bm, bn, warps, stages = ctx.dkdv_cfg
+    assert lse_len >= triton.cdiv(ctx.Lq, bm) * bm
+    fp, fi, pp, pi = ctx.lists(bm, bn, transpose=True)
+    _bwd_dkdv_kernel[(triton.cdiv(ctx.Lk, bn), ctx.B * ctx.Hkv)](
+        q, k, v, do, lse, delta, dk, dv, scale * LOG2E, scale,
+        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2), do.stride(0), do.stride(1), do.stride(2),
+        dk.stride(0), dk.stride(1), dk.stride(2), dv.stride(0), dv.stride(1), dv.stride(2),
+        ctx.H, ctx.Hkv, ctx.G, ctx.Lq, ctx.Lk, ctx.q_start, ctx.k_start, lse_len,
+        fp, fi, pp, pi, *args,
+        HEAD_DIM=ctx.D, BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages, **ctx.flags)
+    bm, bn, warps, stages = ctx.dq_cfg
+    assert lse_len >= triton.cdiv(ctx.Lq, bm) * bm
+    fp, fi, pp, pi = ctx.lists(bm, bn)
+    _bwd_dq_kernel[(triton.cdiv(ctx.Lq, bm), ctx.B * ctx.H)](
+        q, k, v, do, lse, delta, dq, scale * LOG2E, scale,
+        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2), do.stride(0), do.stride(1), do.stride(2),
+        dq.stride(0), dq.stride(1), dq.stride(2),
+        ctx.H, ctx.G, ctx.Lq, ctx.Lk, ctx.q_start, ctx.k_start, lse_len,
+        fp, fi, pp, pi, *args,
+        HEAD_DIM=ctx.D, BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages, **ctx.flags)
+    return dq, dk, dv
+
+
+class _PPAFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(fctx, q, k, v, pattern, q_start, k_start, max_distance, scale):
+        q, k, v = _last_contiguous(q), _last_contiguous(k), _last_contiguous(v)
+        ctx = _Ctx(pattern, q, k, q_start, k_start, max_distance)
+        o, lse = _forward(ctx, q, k, v, scale)
+        fctx.save_for_backward(q, k, v, o, lse)
+        fctx.ppa, fctx.scale = ctx, scale
+        return o
+
+    @staticmethod
+    def backward(fctx, do):
+        q, k, v, o, lse = fctx.saved_tensors
+        dq, dk, dv = _backward(fctx.ppa, q, k, v, o, lse, do, fctx.scale)
+        return dq, dk, dv, None, None, None, None, None
+
+
+def triton_ppa_attention(query, key, value, pattern: PPAPattern, q_start: int | None = None, k_start: int = 0,
+                         max_distance: int | None = None, scale: float | None = None) -> torch.Tensor:
+    """PPA attention of one unpadded sequence per batch row. ``query [B, H, Q, D]``, ``key``/``value
+    [B, Hkv, K, D]`` -> ``[B, H, Q, D]``; query row ``r`` sits at position ``q_start + r`` (default: the last
+    ``Q`` of the keys), key ``c`` at ``k_start + c``. Differentiable (Triton backward)."""
+    if q_start is None:
+        q_start = key.shape[2] - query.shape[2] + k_start
+    scale = 1.0 / math.sqrt(query.shape[-1]) if scale is None else float(scale)
+    return _PPAFunction.apply(query, key, value, pattern, int(q_start), int(k_start), max_distance, scale)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Decoding: fused gather + attention over an index list, split-K, then combine
+# ----------------------------------------------------------------------------------------------------------------------
+if triton is not None:
+
+    @triton.jit
+    def _decode_kernel(Q, K, V, IDX, CNT, OP, MP, LP, scale_log2,
+                       sqb, sqh, sqm, skb, skh, skn, svb, svh, svn, sib, siq, scb,
+                       HKV, G, NQ, n_split, chunk,
+                       HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, GP: tl.constexpr):
+        pid = tl.program_id(0)
+        split = tl.program_id(1)
+        qi = pid % NQ
+        hk = (pid // NQ) % HKV
+        b = pid // (NQ * HKV)
+        offs_g = tl.arange(0, GP)
+        offs_d = tl.arange(0, HEAD_DIM)
+        offs_n = tl.arange(0, BLOCK_N)
+        gmask = offs_g < G
+        heads = hk * G + offs_g
+        q = tl.load(Q + b.to(tl.int64) * sqb + heads[:, None].to(tl.int64) * sqh + qi * sqm + offs_d[None, :],
+                    mask=gmask[:, None], other=0.0)
+        n = tl.load(CNT + b * scb + qi)
+        lo = split * chunk
+        hi = tl.minimum(lo + chunk, n)
+        m_i = tl.full([GP], -1.0e30, dtype=tl.float32)
+        l_i = tl.zeros([GP], dtype=tl.float32)
+        acc = tl.zeros([GP, HEAD_DIM], dtype=tl.float32)
+        k_ptr = K + b.to(tl.int64) * skb + hk.to(tl.int64) * skh
+        v_ptr = V + b.to(tl.int64) * svb + hk.to(tl.int64) * svh
+        idx_ptr = IDX + b.to(tl.int64) * sib + qi * siq
+        for start in range(lo, hi, BLOCK_N):
+            offs = start + offs_n
+            valid = offs < hi
+            j = tl.load(idx_ptr + offs, mask=valid, other=0).to(tl.int64)
+            k = tl.load(k_ptr + j[:, None] * skn + offs_d[None, :], mask=valid[:, None], other=0.0)
+            s = tl.dot(q, tl.trans(k)) * scale_log2
+            s = tl.where(valid[None, :], s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            p = tl.exp2(s - m_new[:, None])
+            alpha = tl.exp2(m_i - m_new)
+            l_i = l_i * alpha + tl.sum(p, 1)
+            v = tl.load(v_ptr + j[:, None] * svn + offs_d[None, :], mask=valid[:, None], other=0.0)
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+            m_i = m_new
+        row = (b * HKV * G + heads) * NQ + qi  # [GP] flat (b, h, q)
+        tl.store(OP + (row[:, None] * n_split + split).to(tl.int64) * HEAD_DIM + offs_d[None, :], acc,
+                 mask=gmask[:, None])
+        tl.store(MP + row * n_split + split, m_i, mask=gmask)
+        tl.store(LP + row * n_split + split, l_i, mask=gmask)
+
+    @triton.jit
+    def _combine_kernel(OP, MP, LP, O, n_split, H, NQ, sob, soh, som,
+                        HEAD_DIM: tl.constexpr, SPLITS: tl.constexpr):
+        row = tl.program_id(0)  # flat (b, h, q)
+        qi = row % NQ
+        h = (row // NQ) % H
+        b = row // (NQ * H)
+        offs_s = tl.arange(0, SPLITS)
+        smask = offs_s < n_split
+        offs_d = tl.arange(0, HEAD_DIM)
+        m = tl.load(MP + row * n_split + offs_s, mask=smask, other=-1.0e30)
+        l = tl.load(LP + row * n_split + offs_s, mask=smask, other=0.0)
+        m_max = tl.max(m, 0)
+        w = tl.exp2(m - m_max)
+        w = tl.where(smask, w, 0.0)
+        acc = tl.load(OP + (row * n_split + offs_s[:, None]).to(tl.int64) * HEAD_DIM + offs_d[None, :],
+                      mask=smask[:, None], other=0.0)
+        num = tl.sum(acc * w[:, None], 0)
+        den = tl.sum(l * w, 0)
+        out = num / tl.where(den == 0.0, 1.0, den)
+        tl.store(O + b.to(tl.int64) * sob + h.to(tl.int64) * soh + qi * som + offs_d, out.to(O.dtype.element_ty))
+
+
+def _num_sms(device) -> int:
+    if torch.device(device).type != "cuda":
+        return 4
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def triton_decode_attention(query, key, value, index: torch.Tensor, count: torch.Tensor,
+                            scale: float | None = None, block_n: int = 64, splits: int | None = None) -> torch.Tensor:
+    """``query [B, H, Q, D]`` against ``key``/``value [B, Hkv, T, D]`` (a KV cache) reading only the rows
+    ``index [B or 1, Q, N]`` (int32/int64 kv indices; the first ``count [B or 1, Q]`` of each row are used).
+    Returns ``[B, H, Q, D]``; a query with ``count == 0`` gets zeros."""
+    B, H, NQ, D = query.shape
+    Hkv = key.shape[1]
+    G = H // Hkv
+    key, value, query = _last_contiguous(key), _last_contiguous(value), _last_contiguous(query)
+    index = index.to(torch.int32) if index.dtype != torch.int32 else index
+    count = count.to(torch.int32)
+    N = index.shape[-1]
+    scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        block_n = 16
+    if splits is None:
+        want = 2 * _num_sms(query.device)
+        splits = max(1, min(-(-want // (B * Hkv * NQ)), -(-N // block_n), 64))
+    chunk = -(-max(N, 1) // splits)
+    chunk = -(-chunk // block_n) * block_n
+    splits = max(1, -(-max(N, 1) // chunk))
+    rows = B * H * NQ
+    op = torch.empty((rows, splits, D), device=query.device, dtype=torch.float32)
+    mp = torch.empty((rows, splits), device=query.device, dtype=torch.float32)
+    lp = torch.empty((rows, splits), device=query.device, dtype=torch.float32)
+    gp = max(16, triton.next_power_of_2(G))
+    _decode_kernel[(B * Hkv * NQ, splits)](
+        query, key, value, index, count, op, mp, lp, scale * LOG2E,
+        query.stride(0), query.stride(1), query.stride(2), key.stride(0), key.stride(1), key.stride(2),
+        value.stride(0), value.stride(1), value.stride(2),
+        index.stride(0) if index.shape[0] > 1 else 0, index.stride(1), count.stride(0) if count.shape[0] > 1 else 0,
+        Hkv, G, NQ, splits, chunk, HEAD_DIM=D, BLOCK_N=block_n, GP=gp, num_warps=4, num_stages=3)
+    out = torch.empty_like(query)
+    _combine_kernel[(rows,)](op, mp, lp, out, splits, H, NQ, out.stride(0), out.stride(1), out.stride(2),
+                             HEAD_DIM=D, SPLITS=max(2, triton.next_power_of_2(splits)), num_warps=4)
+    return out
