@@ -114,7 +114,7 @@ def ppa_mask_interface(batch_size: int, q_length: int, kv_length: int, q_offset=
                        config=None, **kwargs) -> PPALayout:
     """Build the :class:`PPALayout` of this forward pass (signature of Transformers' mask interfaces)."""
     if config is not None:
-        read_settings(config, None if isinstance(getattr(config, "ppa_p", None), list) else 0)  # fail early
+        read_settings(config, 0)  # fail early on a missing or invalid setting, before any layer runs
         fill_defaults(config)
     total = int(kv_offset) + int(kv_length)
     if attention_mask is None:
