@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 
 from ..masking import PPALayout
-from ..pattern import PPAPattern
+from ..pattern import PPAPattern, offset_table
 from .naive import layout_keep
 
 
@@ -32,6 +33,58 @@ def gather_indices(layout: PPALayout, pattern: PPAPattern, max_distance: int | N
     return layout.cache[key]
 
 
+def _attended_offsets(pattern: PPAPattern, length: int) -> np.ndarray:
+    """Sorted attended token offsets (window and far) below ``length`` (rounded up to a power of two, cached)."""
+    size = 1 << max(0, int(length) - 1).bit_length()
+    key = (pattern.p, pattern.window, pattern.granularity, size)
+    if key not in _OFFSETS:
+        table = offset_table(pattern.p if pattern.granularity == "token" else 0.0, pattern.window, size)
+        _OFFSETS[key] = np.flatnonzero(table)
+    return _OFFSETS[key]
+
+
+_OFFSETS: dict = {}
+
+
+def host_decode_index(pattern: PPAPattern, q_start: int, q_len: int, k_start: int, kv_len: int,
+                      max_distance: int | None, device):
+    """Attended kv indices of queries at positions ``q_start ..`` against keys at positions ``k_start ..``, built
+    on the host from the pattern's offset / block tables (no GPU work, no device sync): ``(index [1, Q, N] int32,
+    count [1, Q] int32)`` on ``device``. Same set as :meth:`PPAPattern.keep` (tests compare them)."""
+    t_end = q_start + q_len
+    offs = _attended_offsets(pattern, t_end + 1)
+    rows = []
+    blk = pattern.block_table(t_end + 1).numpy() if pattern.granularity == "block" else None
+    for t in range(q_start, t_end):
+        o = offs[: np.searchsorted(offs, t, side="right")]
+        keys = t - o  # window (and far token offsets)
+        if blk is not None:
+            bs = pattern.block_size
+            tb = t // bs
+            keys = keys[~blk[tb - keys // bs]]  # window keys outside attended blocks
+            dbs = np.flatnonzero(blk[: tb + 1])
+            kb = tb - dbs
+            blocks = (kb[:, None] * bs + np.arange(bs)[None, :]).ravel()
+            keys = np.concatenate([blocks[blocks <= t], keys])
+        if pattern.sink_tokens:
+            sinks = np.arange(min(pattern.sink_tokens, t + 1))
+            hit = np.zeros(sinks.size, dtype=bool)
+            hit |= np.isin(sinks, keys)
+            keys = np.concatenate([keys, sinks[~hit]])
+        if max_distance is not None:
+            keys = keys[t - keys < max_distance]
+        keys = keys[(keys >= k_start) & (keys < k_start + kv_len)] - k_start
+        rows.append(keys)
+    n = max(max((r.size for r in rows), default=0), 1)
+    index = np.zeros((1, q_len, n), dtype=np.int32)
+    count = np.zeros((1, q_len), dtype=np.int32)
+    for i, r in enumerate(rows):
+        index[0, i, : r.size] = r
+        count[0, i] = r.size
+    return (torch.from_numpy(index).to(device, non_blocking=True),
+            torch.from_numpy(count).to(device, non_blocking=True))
+
+
 def decode_index(layout: PPALayout, pattern: PPAPattern, max_distance: int | None = None):
     """``(index [B or 1, Q, N] int32, count [B or 1, Q] int32)`` for the fused Triton decode kernel, cached on the
     layout (built once per forward pass, shared by every layer).
@@ -39,6 +92,8 @@ def decode_index(layout: PPALayout, pattern: PPAPattern, max_distance: int | Non
     When every row is one unpadded sequence starting at kv index 0 (the usual ``generate`` cache) the list is
     built once for the whole batch from :meth:`PPAPattern.keep` on the positions (``[Q, K]`` work, no sort);
     otherwise from the layout's own keep mask (:func:`gather_indices`).
+
+    The simple case is built on the host (:func:`host_decode_index`), so decoding needs no device sync here.
     """
     key = ("decode_index", pattern, max_distance)
     if key not in layout.cache:
@@ -48,15 +103,7 @@ def decode_index(layout: PPALayout, pattern: PPAPattern, max_distance: int | Non
         if simple is not None and simple[2] is None:
             q0, k0, _ = simple
             Q, K = int(layout.q_index.numel()), layout.kv_length
-            dev = layout.device
-            keep = pattern.keep(torch.arange(q0, q0 + Q, device=dev)[:, None], torch.arange(k0, k0 + K, device=dev)[None],
-                                length=max(q0 + Q, k0 + K), max_distance=max_distance)
-            count = keep.sum(-1, dtype=torch.int32)
-            n = max(int(count.max()), 1)
-            slot = torch.where(keep, keep.cumsum(-1) - 1, n)  # kept keys to their rank, the rest to a spare column
-            index = torch.zeros(Q, n + 1, dtype=torch.int32, device=dev)
-            index.scatter_(-1, slot, torch.arange(K, dtype=torch.int32, device=dev).expand(Q, K).contiguous())
-            layout.cache[key] = (index[None, :, :n].contiguous(), count[None])
+            layout.cache[key] = host_decode_index(pattern, q0, Q, k0, K, max_distance, layout.device)
         else:
             order, valid = gather_indices(layout, pattern, max_distance)
             layout.cache[key] = (order.to(torch.int32).contiguous(), valid.sum(-1, dtype=torch.int32))

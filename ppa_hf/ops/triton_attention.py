@@ -88,7 +88,79 @@ def _pattern_tables(pattern: PPAPattern, length: int, device):
     return hit
 
 
+WORD_OFFSET = 256  # word tables start at offset -WORD_OFFSET (partial tiles reach d >= -(BM + BN))
+_WORDS: dict = {}
+
+
+def _word_tables(pattern: PPAPattern, tok: torch.Tensor):
+    """Two int64 tables that turn the token offset table into 64-bit row masks (one load per tile row instead of
+    one per element): ``fwd[x + OFF]`` has bit ``c`` = ``tok[x - c]`` (rows = queries, columns = keys: a row's
+    column ``c`` has offset ``x - c``), ``bwd[x + OFF]`` has bit ``c`` = ``tok[x + c]`` (rows = keys, columns =
+    queries). Offsets outside ``[0, len(tok))`` read as not attended."""
+    key = (pattern, tok.numel(), str(tok.device))
+    hit = _WORDS.get(key)
+    if hit is None:
+        import numpy as np
+
+        t = tok.cpu().numpy().astype(bool)
+        n = t.size
+        padded = np.zeros(n + 2 * WORD_OFFSET + 128, dtype=np.uint64)
+        padded[WORD_OFFSET + 64: WORD_OFFSET + 64 + n] = t  # padded[i] = tok[i - OFF - 64]
+        size = n + WORD_OFFSET + 64
+        x = np.arange(size) - WORD_OFFSET  # x + OFF = table index
+        fwd = np.zeros(size, dtype=np.uint64)
+        bwd = np.zeros(size, dtype=np.uint64)
+        for c in range(64):
+            fwd |= padded[x - c + WORD_OFFSET + 64] << np.uint64(c)
+            bwd |= padded[np.minimum(x + c + WORD_OFFSET + 64, padded.size - 1)] << np.uint64(c)
+        to = lambda a: torch.from_numpy(a.view(np.int64)).to(tok.device)  # noqa: E731
+        hit = _WORDS[key] = (to(fwd), to(bwd))
+        if len(_WORDS) > 32:
+            _WORDS.clear()
+    return hit
+
+
 if triton is not None:
+
+    @triton.jit
+    def _word_mask(WORDS, n_words, x, ncols: tl.constexpr):
+        """``[len(x), ncols]`` bool: bit ``c`` of ``WORDS[x + OFF]`` (``ncols <= 64``)."""
+        w = tl.load(WORDS + tl.minimum(tl.maximum(x + 256, 0), n_words - 1))
+        c = tl.arange(0, ncols).to(tl.int64)
+        return ((w[:, None] >> c[None, :]) & 1) != 0
+
+    @triton.jit
+    def _tile_mask_w(qpos, kpos, kv_end, WORDS, n_words, BLK, blk_len, block_size, sinks, max_distance,
+                     BLOCK_N: tl.constexpr, GRAN_BLOCK: tl.constexpr, HAS_SINKS: tl.constexpr, HAS_MD: tl.constexpr):
+        """Rows = queries, columns = ``BLOCK_N <= 64`` consecutive keys; token part from the word table."""
+        d = qpos[:, None] - kpos[None, :]
+        ok = (d >= 0) & (kpos[None, :] < kv_end)
+        hit = _word_mask(WORDS, n_words, qpos - tl.min(kpos, 0), BLOCK_N)
+        if GRAN_BLOCK:
+            db = qpos[:, None] // block_size - kpos[None, :] // block_size
+            hit = hit | (tl.load(BLK + tl.minimum(tl.maximum(db, 0), blk_len - 1)) != 0)
+        if HAS_SINKS:
+            hit = hit | (kpos[None, :] < sinks)
+        if HAS_MD:
+            ok = ok & (d < max_distance)
+        return ok & hit
+
+    @triton.jit
+    def _tile_mask_wT(qpos, kpos, kv_end, WORDS, n_words, BLK, blk_len, block_size, sinks, max_distance,
+                      BLOCK_M: tl.constexpr, GRAN_BLOCK: tl.constexpr, HAS_SINKS: tl.constexpr,
+                      HAS_MD: tl.constexpr):
+        """Rows = keys, columns = ``BLOCK_M <= 64`` consecutive queries; token part from the word table."""
+        d = qpos[None, :] - kpos[:, None]
+        ok = (d >= 0) & (kpos[:, None] < kv_end)
+        hit = _word_mask(WORDS, n_words, tl.min(qpos, 0) - kpos, BLOCK_M)
+        if GRAN_BLOCK:
+            db = qpos[None, :] // block_size - kpos[:, None] // block_size
+            hit = hit | (tl.load(BLK + tl.minimum(tl.maximum(db, 0), blk_len - 1)) != 0)
+        if HAS_SINKS:
+            hit = hit | (kpos[:, None] < sinks)
+        if HAS_MD:
+            ok = ok & (d < max_distance)
+        return ok & hit
 
     @triton.jit
     def _tile_mask(qpos, kpos, kv_end, TOK, tok_len, BLK, blk_len, block_size, sinks, max_distance,
@@ -110,9 +182,10 @@ if triton is not None:
     def _fwd_kernel(Q, K, V, O, LSE, scale_log2,
                     sqb, sqh, sqm, skb, skh, skn, svb, svh, svn, sob, soh, som,
                     H, G, q_len, kv_len, q_start, k_start, lse_stride,
-                    FPTR, FIDX, PPTR, PIDX, TOK, tok_len, BLK, blk_len, block_size, sinks, max_distance,
+                    FPTR, FIDX, PPTR, PIDX, TOK, tok_len, BLK, blk_len, block_size, sinks, max_distance, WF, WB, n_words,
                     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                    GRAN_BLOCK: tl.constexpr, HAS_SINKS: tl.constexpr, HAS_MD: tl.constexpr):
+                    GRAN_BLOCK: tl.constexpr, HAS_SINKS: tl.constexpr, HAS_MD: tl.constexpr,
+                    USE_WORDS: tl.constexpr):
         pid_m = tl.program_id(0)
         pid_bh = tl.program_id(1)
         b = pid_bh // H
@@ -157,8 +230,12 @@ if triton is not None:
             cols = kb * BLOCK_N + offs_n
             inb = cols < kv_len
             k = tl.load(k_ptr + cols[None, :].to(tl.int64) * skn + offs_d[:, None], mask=inb[None, :], other=0.0)
-            mask = _tile_mask(qpos, k_start + cols, kv_end, TOK, tok_len, BLK, blk_len, block_size, sinks,
-                              max_distance, GRAN_BLOCK, HAS_SINKS, HAS_MD)
+            if USE_WORDS:
+                mask = _tile_mask_w(qpos, k_start + cols, kv_end, WF, n_words, BLK, blk_len, block_size, sinks,
+                                    max_distance, BLOCK_N, GRAN_BLOCK, HAS_SINKS, HAS_MD)
+            else:
+                mask = _tile_mask(qpos, k_start + cols, kv_end, TOK, tok_len, BLK, blk_len, block_size, sinks,
+                                  max_distance, GRAN_BLOCK, HAS_SINKS, HAS_MD)
             s = tl.dot(q, k) * scale_log2
             s = tl.where(mask, s, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -201,9 +278,10 @@ if triton is not None:
                          sqb, sqh, sqm, skb, skh, skn, svb, svh, svn, sdob, sdoh, sdom,
                          sdkb, sdkh, sdkn, sdvb, sdvh, sdvn,
                          H, HKV, G, q_len, kv_len, q_start, k_start, lse_stride,
-                         FPTR, FIDX, PPTR, PIDX, TOK, tok_len, BLK, blk_len, block_size, sinks, max_distance,
+                         FPTR, FIDX, PPTR, PIDX, TOK, tok_len, BLK, blk_len, block_size, sinks, max_distance, WF, WB, n_words,
                          HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                         GRAN_BLOCK: tl.constexpr, HAS_SINKS: tl.constexpr, HAS_MD: tl.constexpr):
+                         GRAN_BLOCK: tl.constexpr, HAS_SINKS: tl.constexpr, HAS_MD: tl.constexpr,
+                    USE_WORDS: tl.constexpr):
         pid_n = tl.program_id(0)
         pid_bh = tl.program_id(1)
         b = pid_bh // HKV
@@ -238,8 +316,12 @@ if triton is not None:
             for it in range(pstart, pend):
                 qb = tl.load(PIDX + it)
                 rows = qb * BLOCK_M + offs_m
-                maskT = tl.trans(_tile_mask(q_start + rows, kpos, kv_end, TOK, tok_len, BLK, blk_len, block_size,
-                                            sinks, max_distance, GRAN_BLOCK, HAS_SINKS, HAS_MD))
+                if USE_WORDS:
+                    maskT = _tile_mask_wT(q_start + rows, kpos, kv_end, WB, n_words, BLK, blk_len, block_size,
+                                          sinks, max_distance, BLOCK_M, GRAN_BLOCK, HAS_SINKS, HAS_MD)
+                else:
+                    maskT = tl.trans(_tile_mask(q_start + rows, kpos, kv_end, TOK, tok_len, BLK, blk_len,
+                                                block_size, sinks, max_distance, GRAN_BLOCK, HAS_SINKS, HAS_MD))
                 dk, dv = _dkdv_tile(k, v, q_ptr, do_ptr, lse_ptr, delta_ptr, rows, offs_d, sqm, sdom, q_len,
                                     scale_log2, maskT, dk, dv, True)
         dk = dk * sm_scale
@@ -252,9 +334,10 @@ if triton is not None:
     def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, scale_log2, sm_scale,
                        sqb, sqh, sqm, skb, skh, skn, svb, svh, svn, sdob, sdoh, sdom, sdqb, sdqh, sdqm,
                        H, G, q_len, kv_len, q_start, k_start, lse_stride,
-                       FPTR, FIDX, PPTR, PIDX, TOK, tok_len, BLK, blk_len, block_size, sinks, max_distance,
+                       FPTR, FIDX, PPTR, PIDX, TOK, tok_len, BLK, blk_len, block_size, sinks, max_distance, WF, WB, n_words,
                        HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                       GRAN_BLOCK: tl.constexpr, HAS_SINKS: tl.constexpr, HAS_MD: tl.constexpr):
+                       GRAN_BLOCK: tl.constexpr, HAS_SINKS: tl.constexpr, HAS_MD: tl.constexpr,
+                    USE_WORDS: tl.constexpr):
         pid_m = tl.program_id(0)
         pid_bh = tl.program_id(1)
         b = pid_bh // H
@@ -294,8 +377,12 @@ if triton is not None:
             inb = cols < kv_len
             kT = tl.load(k_ptr + cols[None, :].to(tl.int64) * skn + offs_d[:, None], mask=inb[None, :], other=0.0)
             vT = tl.load(v_ptr + cols[None, :].to(tl.int64) * svn + offs_d[:, None], mask=inb[None, :], other=0.0)
-            mask = _tile_mask(qpos, k_start + cols, kv_end, TOK, tok_len, BLK, blk_len, block_size, sinks,
-                              max_distance, GRAN_BLOCK, HAS_SINKS, HAS_MD)
+            if USE_WORDS:
+                mask = _tile_mask_w(qpos, k_start + cols, kv_end, WF, n_words, BLK, blk_len, block_size, sinks,
+                                    max_distance, BLOCK_N, GRAN_BLOCK, HAS_SINKS, HAS_MD)
+            else:
+                mask = _tile_mask(qpos, k_start + cols, kv_end, TOK, tok_len, BLK, blk_len, block_size, sinks,
+                                  max_distance, GRAN_BLOCK, HAS_SINKS, HAS_MD)
             p = tl.exp2(tl.dot(q, kT) * scale_log2 - lse[:, None])
             p = tl.where(mask, p, 0.0)
             dp = tl.dot(do, vT)
@@ -322,6 +409,7 @@ class _Ctx:
         self.max_distance = max_distance
         length = max(self.q_start + self.Lq, self.k_start + self.Lk, 1)
         self.tok, self.blk = _pattern_tables(pattern, length, q.device)
+        self.words = _word_tables(pattern, self.tok) if os.environ.get("PPA_TRITON_WORDS", "1") == "1" else None
         self.fwd_cfg, self.dkdv_cfg, self.dq_cfg = _configs(self.D, q.dtype, q.device)
         self.flags = dict(GRAN_BLOCK=pattern.granularity == "block", HAS_SINKS=pattern.sink_tokens > 0,
                           HAS_MD=max_distance is not None)
@@ -332,8 +420,13 @@ class _Ctx:
                             self.device, transpose)
 
     def pattern_args(self):
+        wf, wb = self.words if self.words is not None else (self.tok, self.tok)
         return (self.tok, self.tok.numel(), self.blk, self.blk.numel(), self.pattern.block_size,
-                self.pattern.sink_tokens, self.max_distance if self.max_distance is not None else 0)
+                self.pattern.sink_tokens, self.max_distance if self.max_distance is not None else 0,
+                wf, wb, wf.numel())
+
+    def use_words(self, ncols):
+        return self.words is not None and ncols <= 64
 
 
 def _forward(ctx: _Ctx, q, k, v, scale):
@@ -350,7 +443,8 @@ def _forward(ctx: _Ctx, q, k, v, scale):
         v.stride(0), v.stride(1), v.stride(2), o.stride(0), o.stride(1), o.stride(2),
         ctx.H, ctx.G, ctx.Lq, ctx.Lk, ctx.q_start, ctx.k_start, lse_len,
         fp, fi, pp, pi, *ctx.pattern_args(),
-        HEAD_DIM=ctx.D, BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages, **ctx.flags)
+        HEAD_DIM=ctx.D, BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages, USE_WORDS=ctx.use_words(bn),
+        **ctx.flags)
     return o, lse
 
 
@@ -374,7 +468,8 @@ def _backward(ctx: _Ctx, q, k, v, o, lse, do, scale):
         dk.stride(0), dk.stride(1), dk.stride(2), dv.stride(0), dv.stride(1), dv.stride(2),
         ctx.H, ctx.Hkv, ctx.G, ctx.Lq, ctx.Lk, ctx.q_start, ctx.k_start, lse_len,
         fp, fi, pp, pi, *args,
-        HEAD_DIM=ctx.D, BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages, **ctx.flags)
+        HEAD_DIM=ctx.D, BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages, USE_WORDS=ctx.use_words(bm),
+        **ctx.flags)
     bm, bn, warps, stages = ctx.dq_cfg
     assert lse_len >= triton.cdiv(ctx.Lq, bm) * bm
     fp, fi, pp, pi = ctx.lists(bm, bn)
@@ -385,7 +480,8 @@ def _backward(ctx: _Ctx, q, k, v, o, lse, do, scale):
         dq.stride(0), dq.stride(1), dq.stride(2),
         ctx.H, ctx.G, ctx.Lq, ctx.Lk, ctx.q_start, ctx.k_start, lse_len,
         fp, fi, pp, pi, *args,
-        HEAD_DIM=ctx.D, BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages, **ctx.flags)
+        HEAD_DIM=ctx.D, BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages, USE_WORDS=ctx.use_words(bn),
+        **ctx.flags)
     return dq, dk, dv
 
 

@@ -1,0 +1,85 @@
+"""CPU checks of the block-sparse machinery: tile classes, BlockMask lists and decode index lists are built from
+the pattern's tables only, and must agree with the dense predicate PPAPattern.keep on awkward shapes."""
+
+import numpy as np
+import pytest
+import torch
+
+from ppa_hf.ops.block_sparse import EMPTY, FULL, PARTIAL, csr_lists, tile_classes
+from ppa_hf.ops.decode import host_decode_index
+from ppa_hf.pattern import PPAPattern
+
+PATTERNS = [PPAPattern(0.75), PPAPattern(0.5, 16, 3), PPAPattern(0.25, 8), PPAPattern(0.0, 20), PPAPattern(1.0),
+            PPAPattern(0.875, 64), PPAPattern(0.75, 64, 0, "block", 32), PPAPattern(0.5, 16, 2, "block", 16),
+            PPAPattern(0.875, 5, 0, "block", 64)]
+SHAPES = [(1000, 1000, 32, 64, None), (777, 777, 64, 32, None), (300, 1001, 32, 32, None), (999, 999, 16, 16, 100)]
+
+
+def _keep(pattern, q_len, kv_len, md):
+    q = torch.arange(kv_len - q_len, kv_len)[:, None]
+    k = torch.arange(kv_len)[None]
+    return pattern.keep(q, k, length=kv_len + 1, max_distance=md).numpy()
+
+
+@pytest.mark.parametrize("pattern", PATTERNS, ids=lambda p: p.name)
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+def test_tile_classes_exact_for_empty_and_full(pattern, shape):
+    q_len, kv_len, bm, bn, md = shape
+    classes = tile_classes(pattern, q_len, kv_len, bm, bn, max_distance=md)
+    keep = _keep(pattern, q_len, kv_len, md)
+    nq, nk = classes.shape
+    assert (nq, nk) == (-(-q_len // bm), -(-kv_len // bn))
+    wasted = 0
+    for a in range(nq):
+        for b in range(nk):
+            tile = keep[a * bm:(a + 1) * bm, b * bn:(b + 1) * bn]
+            c = classes[a, b]
+            if c == EMPTY:
+                assert not tile.any()
+            elif c == FULL:
+                assert tile.all() and tile.shape[1] == bn
+            else:
+                wasted += (not tile.any()) or bool(tile.all())
+    assert wasted <= 0.02 * classes.size  # PARTIAL is exact up to a few straddling tiles
+
+
+def test_block_granular_skips_most_tiles_at_length():
+    pat = PPAPattern(0.75, 64, 0, "block", 128)
+    classes = tile_classes(pat, 32768, 32768, 128, 128)
+    causal = 256 * 257 // 2
+    kept = int((classes != EMPTY).sum())
+    assert kept < 0.2 * causal  # the spec's "skips 85% of tiles at 32k"
+    assert int((classes == PARTIAL).sum()) <= 2 * 256  # diagonal and window tiles only
+
+
+def test_csr_lists_roundtrip():
+    classes = tile_classes(PPAPattern(0.5, 16), 500, 500, 32, 32)
+    for kind in (FULL, PARTIAL):
+        for transpose in (False, True):
+            ptr, idx = csr_lists(classes, kind, transpose)
+            c = classes.T if transpose else classes
+            for r in range(c.shape[0]):
+                assert idx[ptr[r]:ptr[r + 1]].tolist() == np.flatnonzero(c[r] == kind).tolist()
+
+
+@pytest.mark.parametrize("pattern", PATTERNS + [PPAPattern(0.75, 64, 5, "block", 128), PPAPattern(0.5, 8, 7)],
+                         ids=lambda p: p.name)
+@pytest.mark.parametrize("md", [None, 200])
+def test_host_decode_index_matches_keep(pattern, md):
+    kv_len, q_len = 3001, 3
+    index, count = host_decode_index(pattern, kv_len - q_len, q_len, 0, kv_len, md, "cpu")
+    keep = _keep(pattern, q_len, kv_len, md)
+    for i in range(q_len):
+        got = sorted(index[0, i, : count[0, i]].tolist())
+        assert got == np.flatnonzero(keep[i]).tolist()
+
+
+def test_flex_blockmask_lists_match_classes():
+    pytest.importorskip("torch.nn.attention.flex_attention")
+    from ppa_hf.ops.block_sparse import pattern_block_mask
+
+    pat = PPAPattern(0.75, 64, 0, "block", 128)
+    bm = pattern_block_mask(pat, 1000, 1000, "cpu")
+    classes = tile_classes(pat, 1000, 1000, 128, 128, ragged_partial=False)
+    assert bm.kv_num_blocks[0, 0].tolist() == (classes == PARTIAL).sum(-1).tolist()
+    assert bm.full_kv_num_blocks[0, 0].tolist() == (classes == FULL).sum(-1).tolist()
