@@ -11,6 +11,8 @@ import sys
 SUBCOMMAND_MODULES = [
     "ppa_hf.cli_mask",
     "ppa_hf.demo",
+    "ppa_hf.cli_eval",
+    "ppa_hf.cli_sweep",
 ]
 
 

@@ -1,0 +1,310 @@
+"""Evaluation behind ``ppa-hf eval``: few-shot GSM8K / MATH-500 with batched greedy generation, and strided
+perplexity.
+
+    from ppa_hf.evaluation import run_eval
+    summary = run_eval(task="gsm8k", data="../shared/data/gsm8k/test.jsonl", p=0.75, limit=20,
+                       output="out/gsm8k.json")
+
+Outputs: ``output`` (JSON summary) and, for generation tasks, ``<output stem>.samples.jsonl`` (one line per
+problem: prompt, generation, extracted answer, gold, correct). Both are written to temporary names and renamed
+only when the run finishes, so an interrupted or failed run leaves nothing that looks complete.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import platform
+import time
+
+TASKS = ("gsm8k", "math500", "perplexity")
+DATA_KINDS = {"gsm8k": "gsm8k", "math500": "math"}
+
+
+# ---------------------------------------------------------------------------------------------- models
+
+
+def load_eval_model(model: str | None = None, gguf_file: str | None = None, p=None, window: int | None = None,
+                    sink_tokens: int | None = None, dtype: str = "float32", device: str | None = None):
+    """``(model, tokenizer)`` with PPA on. ``p=None`` keeps the ``ppa_p`` saved in the model's config (an error
+    when it has none). ``window``/``sink_tokens`` of ``None`` keep the saved values (or the defaults)."""
+    import torch
+
+    import ppa_hf
+    from .models import load_model
+    from .settings import DEFAULTS
+
+    if model is not None and not os.path.exists(model) and os.path.sep in model:
+        raise FileNotFoundError(f"--model={model!r}: no such directory or file")
+    lm, tokenizer = load_model(model, gguf_file, dtype=dtype)
+    saved_p = getattr(lm.config, "ppa_p", None)
+    if p is None and saved_p is None:
+        raise ValueError(f"--p is not given and the model {model or 'SmolLM2 (embedded)'} has no saved ppa_p; "
+                         "pass --p in [0, 1] (1 = full attention)")
+    ppa_hf.apply(
+        lm,
+        p=saved_p if p is None else p,
+        window=window if window is not None else (getattr(lm.config, "ppa_window", None) or DEFAULTS["ppa_window"]),
+        sink_tokens=sink_tokens if sink_tokens is not None else (getattr(lm.config, "ppa_sink_tokens", None) or 0),
+        backend=getattr(lm.config, "ppa_backend", None) or "auto",
+        granularity=getattr(lm.config, "ppa_granularity", None) or "token",
+        block_size=getattr(lm.config, "ppa_block_size", None) or DEFAULTS["ppa_block_size"],
+    )
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    lm.to(device).eval()
+    tokenizer.padding_side = "left"
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return lm, tokenizer
+
+
+def ppa_summary(config) -> dict:
+    return {k: getattr(config, k, None) for k in ("ppa_p", "ppa_window", "ppa_sink_tokens", "ppa_granularity")}
+
+
+# ------------------------------------------------------------------------------------------ generation
+
+
+def build_prompts(task: str, records: list[dict], shots: int, fewshot_records: list[dict] | None) -> list[str]:
+    from .data import fewshot_prefix, math_exemplars, prompt_of
+
+    kind = DATA_KINDS[task]
+    if shots < 0:
+        raise ValueError(f"--shots={shots}; --shots must be an integer >= 0")
+    if kind == "gsm8k":
+        exemplars = (fewshot_records or [])[:shots]
+        if len(exemplars) < shots:
+            raise ValueError(f"--shots={shots} but only {len(exemplars)} GSM8K exemplars are available")
+    else:
+        exemplars = math_exemplars(shots)
+    prefix = fewshot_prefix(kind, exemplars)
+    return [prefix + prompt_of(r, kind) for r in records]
+
+
+def gold_of(task: str, record: dict) -> str:
+    from .answers import gsm8k_gold, math_gold
+
+    return gsm8k_gold(record["answer"]) if task == "gsm8k" else math_gold(record)
+
+
+def generate(model, tokenizer, prompts: list[str], batch_size: int = 8, max_new_tokens: int = 256,
+             stop_strings=("Question:", "Problem:"), progress: bool = True, desc: str = "generate") -> list[str]:
+    """Batched greedy generation with left padding; each text stops at the first stop string."""
+    import torch
+    from tqdm.auto import tqdm
+
+    from .answers import truncate_at_stop
+
+    tokenizer.padding_side = "left"
+    device = next(model.parameters()).device
+    outputs = []
+    # longest prompts first: less padding per batch; results are put back in order
+    order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
+    texts = [None] * len(prompts)
+    for start in tqdm(range(0, len(order), batch_size), desc=desc, disable=not progress, leave=False):
+        idx = order[start: start + batch_size]
+        batch = tokenizer([prompts[i] for i in idx], return_tensors="pt", padding=True, add_special_tokens=False)
+        batch = {k: v.to(device) for k, v in batch.items()}
+        with torch.no_grad():
+            out = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
+                                 pad_token_id=tokenizer.pad_token_id, stop_strings=list(stop_strings),
+                                 tokenizer=tokenizer)
+        new = out[:, batch["input_ids"].shape[1]:]
+        for row, i in enumerate(idx):
+            texts[i] = truncate_at_stop(tokenizer.decode(new[row], skip_special_tokens=True), stop_strings)
+    outputs.extend(texts)
+    return outputs
+
+
+def evaluate_generation(model, tokenizer, task: str, records: list[dict], shots: int = 4,
+                        fewshot_records: list[dict] | None = None, batch_size: int = 8, max_new_tokens: int = 256,
+                        strict: bool = False, progress: bool = True) -> tuple[dict, list[dict]]:
+    """``(metrics, samples)`` of a generation task on ``records``. Scoring goes through the shipped ``evaluate``
+    metric ``ppa_math_accuracy``; per-sample correctness uses the same extraction functions."""
+    from .answers import extract_gsm8k, extract_math, gsm8k_equal, math_equal
+    from .metrics import load_metric
+
+    prompts = build_prompts(task, records, shots, fewshot_records)
+    golds = [gold_of(task, r) for r in records]
+    generations = generate(model, tokenizer, prompts, batch_size, max_new_tokens, progress=progress, desc=task)
+    samples = []
+    for prompt, generation, gold, record in zip(prompts, generations, golds, records):
+        if task == "gsm8k":
+            answer = extract_gsm8k(generation, strict=strict)
+            row_strict = extract_gsm8k(generation, strict=True)
+            sample = {"answer": answer, "correct": gsm8k_equal(answer, gold),
+                      "correct_strict": gsm8k_equal(row_strict, gold), "correct_flexible":
+                      gsm8k_equal(extract_gsm8k(generation), gold)}
+        else:
+            answer = extract_math(generation)
+            sample = {"answer": answer, "correct": math_equal(answer, gold)}
+        samples.append({"prompt": prompt, "generation": generation, "gold": gold, **sample,
+                        **({"unique_id": record["unique_id"]} if "unique_id" in record else {})})
+    metrics = {}
+    configs = {"gsm8k": ["gsm8k", "gsm8k_strict"], "math500": ["math"]}[task]
+    for config in configs:
+        result = load_metric(config).compute(predictions=generations, references=golds)
+        key = {"gsm8k": "flexible", "gsm8k_strict": "strict", "math": "boxed"}[config]
+        metrics[f"accuracy_{key}"] = result["accuracy"]
+        metrics[f"extracted_{key}"] = result["extracted"]
+    metrics["accuracy"] = metrics["accuracy_strict" if (task == "gsm8k" and strict) else
+                                  ("accuracy_flexible" if task == "gsm8k" else "accuracy_boxed")]
+    per_sample = sum(s["correct"] for s in samples) / len(samples)
+    if abs(per_sample - metrics["accuracy"]) > 1e-9:  # the metric and the per-sample rows must agree
+        raise RuntimeError(f"metric accuracy {metrics['accuracy']} != per-sample accuracy {per_sample}")
+    metrics["correct"] = sum(s["correct"] for s in samples)
+    metrics["total"] = len(samples)
+    return metrics, samples
+
+
+# ------------------------------------------------------------------------------------------ perplexity
+
+
+def strided_perplexity(model, tokenizer, text: str, context: int = 1024, stride: int | None = None,
+                       max_windows: int | None = None, batch_size: int = 1, progress: bool = False) -> dict:
+    """Per-token loss over ``text`` in windows of ``context`` tokens starting every ``stride`` tokens; each
+    token is scored once, in the first window whose end covers it (so with ``stride < context`` every scored
+    token but those of the first window sees at least ``context - stride`` tokens before it).
+    ``stride=None`` (or ``= context``) is :func:`ppa_hf.perplexity.perplexity` (non-overlapping windows)."""
+    import torch
+    from tqdm.auto import tqdm
+
+    from .pattern import check_int
+    from .perplexity import perplexity
+
+    context = check_int(context, "--context", 2)
+    if stride is None or stride == context:
+        return {**perplexity(model, tokenizer, text, context, max_windows, batch_size, progress), "stride": context}
+    stride = check_int(stride, "--stride", 1)
+    if stride > context:
+        raise ValueError(f"--stride={stride} is larger than --context={context}; stride must be in [1, context]")
+    ids = tokenizer(text, return_tensors="pt", add_special_tokens=False).input_ids[0]
+    if ids.numel() < context:
+        raise ValueError(f"the text has {ids.numel()} tokens, fewer than one window of --context={context}")
+    device = next(model.parameters()).device
+    starts = list(range(0, ids.numel() - context + 1, stride))
+    if max_windows is not None:
+        starts = starts[:max_windows]
+    total, count, prev_end = 0.0, 0, 0
+    with torch.no_grad():
+        for start in tqdm(starts, desc="ppl", disable=not progress, leave=False):
+            end = start + context
+            window = ids[start:end].unsqueeze(0).to(device)
+            first_scored = max(prev_end, start + 1)  # positions [first_scored, end) are new targets
+            logits = model(input_ids=window, use_cache=False).logits[0, :-1].float()
+            targets = window[0, 1:]
+            keep = slice(first_scored - start - 1, None)
+            loss = torch.nn.functional.cross_entropy(logits[keep], targets[keep], reduction="sum")
+            total += float(loss)
+            count += targets[keep].numel()
+            prev_end = end
+    nll = total / count
+    return {"nll": nll, "ppl": math.exp(nll), "tokens": count, "windows": len(starts), "context": context,
+            "stride": stride}
+
+
+# ----------------------------------------------------------------------------------------------- driver
+
+
+def _atomic_write_text(path: str, text: str) -> None:
+    tmp = path + ".partial"
+    with open(tmp, "w", encoding="utf-8") as handle:
+        handle.write(text)
+    os.replace(tmp, path)
+
+
+def samples_path(output: str) -> str:
+    root = output[:-5] if output.endswith(".json") else output
+    return root + ".samples.jsonl"
+
+
+def check_eval_args(task: str, data: str | None, shots: int, limit: int | None, batch_size: int,
+                    max_new_tokens: int, p=None):
+    """Validate before anything is loaded (errors name the option, the value and what is allowed)."""
+    from .pattern import check_int, check_p
+
+    if task not in TASKS:
+        raise ValueError(f"--task={task!r} is not known; --task must be one of {', '.join(TASKS)}")
+    if p is not None:
+        check_p(p, "--p")
+    check_int(shots, "--shots", 0)
+    check_int(batch_size, "--batch-size", 1)
+    check_int(max_new_tokens, "--max-new-tokens", 1)
+    if limit is not None:
+        check_int(limit, "--limit", 1)
+    if data is not None and task != "perplexity" and not os.path.isfile(data):
+        raise FileNotFoundError(f"--data={data!r}: file does not exist (a local JSONL file is expected)")
+
+
+def default_data_path(task: str) -> str | None:
+    """``../shared/data`` beside the checkout when it exists (the offline copies), else ``None`` (the Hub)."""
+    here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    path = os.path.join(os.path.dirname(here), "shared", "data",
+                        {"gsm8k": "gsm8k/test.jsonl", "math500": "math500/test.jsonl"}[task])
+    return path if os.path.isfile(path) else None
+
+
+def run_eval(task: str, model: str | None = None, gguf_file: str | None = None, p=None, window=None,
+             sink_tokens=None, data: str | None = None, fewshot_data: str | None = None, shots: int = 4,
+             limit: int | None = None, batch_size: int = 8, max_new_tokens: int = 256, strict: bool = False,
+             output: str | None = None, context: int = 1024, stride: int | None = None,
+             max_windows: int | None = None, progress: bool = True, loaded=None, dtype: str = "float32") -> dict:
+    """Evaluate one model on one task; returns the summary dict (also written to ``output`` when given).
+
+    ``loaded=(model, tokenizer)`` reuses a loaded model (its PPA settings are then set from ``p``/... if
+    given)."""
+    import torch
+
+    check_eval_args(task, data, shots, limit, batch_size, max_new_tokens, p)
+    started = time.time()
+    records = fewshot_records = None
+    if task != "perplexity":  # read and check the data before loading the model
+        from .data import load_records
+
+        kind = DATA_KINDS[task]
+        data = data or default_data_path(task)
+        records, _ = load_records(data, kind, split="test", limit=limit, name="--data")
+        if kind == "gsm8k" and shots > 0:
+            train = fewshot_data or (os.path.join(os.path.dirname(data), "train.jsonl") if data else None)
+            if train is not None and not os.path.isfile(train):
+                raise FileNotFoundError(f"--fewshot-data={train!r}: file does not exist (GSM8K exemplars come from "
+                                        "the train split; pass --fewshot-data or --shots 0)")
+            fewshot_records, _ = load_records(train, "gsm8k", split="train", limit=shots, name="--fewshot-data")
+    if output:
+        os.makedirs(os.path.dirname(os.path.abspath(output)) or ".", exist_ok=True)
+    if loaded is None:
+        lm, tokenizer = load_eval_model(model, gguf_file, p, window, sink_tokens, dtype=dtype)
+    else:
+        import ppa_hf
+
+        lm, tokenizer = loaded
+        if p is not None:
+            ppa_hf.apply(lm, p=p, window=window if window is not None else (lm.config.ppa_window or 64),
+                         sink_tokens=sink_tokens if sink_tokens is not None else (lm.config.ppa_sink_tokens or 0))
+    summary = {"task": task, "model": model or "SmolLM2-135M-Instruct (embedded GGUF)", **ppa_summary(lm.config)}
+    if task == "perplexity":
+        from .perplexity import load_text
+
+        text = load_text(data)
+        result = strided_perplexity(lm, tokenizer, text, context, stride, max_windows, progress=progress)
+        summary.update({"data": data or "pydoc", **result})
+        samples = None
+    else:
+        metrics, samples = evaluate_generation(lm, tokenizer, task, records, shots, fewshot_records, batch_size,
+                                               max_new_tokens, strict, progress)
+        summary.update({"data": data or "hub", "shots": shots, "limit": limit, "max_new_tokens": max_new_tokens,
+                        "strict": strict, **metrics})
+    summary.update({"seconds": round(time.time() - started, 1), "machine": platform.machine(),
+                    "torch": torch.__version__, "threads": torch.get_num_threads(),
+                    "date": time.strftime("%Y-%m-%d %H:%M:%S %Z")})
+    if output:
+        if samples is not None:
+            from .data import write_jsonl
+
+            spath = samples_path(output)
+            write_jsonl(spath + ".partial", samples)
+            os.replace(spath + ".partial", spath)
+            summary["samples_file"] = spath
+        _atomic_write_text(output, json.dumps(summary, indent=2) + "\n")  # the summary last: marks completion
+    return summary

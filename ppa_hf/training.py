@@ -1,0 +1,428 @@
+"""Supervised fine-tuning with PPA through Accelerate (and PEFT LoRA): the library behind examples/finetune.py.
+
+Run ``accelerate launch examples/finetune.py ...`` (any number of processes) or ``python examples/finetune.py``.
+
+Data order does not depend on the number of processes: one seeded permutation of the examples (a new one
+each epoch); optimizer step ``k`` consumes examples ``[k*G, (k+1)*G)`` of that stream, where the global batch
+``G = batch_size * grad_accum * num_processes``, each process taking its own slice. So a run stopped at step
+``N`` resumes at step ``N`` on another number of processes and, with the same ``G``, sees the same examples.
+
+Output directory::
+
+    config.json / model.safetensors / tokenizer*   the final model (LoRA merged), config carries ppa_* fields
+    adapter/                                      the LoRA adapter alone (when --lora-r > 0)
+    checkpoints/step-N/                           accelerate state (model, optimizer, scheduler, RNG) +
+                                                  trainer_state.json {"step", "examples_seen", ...}
+    train_log.jsonl                               one line per optimizer step: loss, lr, tokens/s, memory
+    run_args.json                                 the arguments of the (last) run
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import shutil
+import time
+
+MODEL_CONFIGS = {
+    # random-init shapes for throughput runs (no weights are downloaded)
+    "tiny-llama": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                       num_key_value_heads=2),
+    "llama-1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
+                     num_key_value_heads=8, rope_theta=500000.0, tie_word_embeddings=True),
+}
+LOG_NAME = "train_log.jsonl"
+STATE_NAME = "trainer_state.json"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description="Fine-tune a causal LM with Power-based Partial Attention.")
+    add = parser.add_argument
+    add("--model", default=None, help="model directory or Hub id (default: the embedded SmolLM2-135M-Instruct)")
+    add("--gguf-file", default=None, help="GGUF file inside --model")
+    add("--model-config", default=None, choices=sorted(MODEL_CONFIGS),
+        help="random-init model of this shape instead of --model (throughput runs)")
+    add("--tokenizer", default=None, help="tokenizer for --model-config (default: the SmolLM2 tokenizer)")
+    add("--p", default="0.75", help="PPA power p in [0, 1] (float or fraction; 1 = full attention)")
+    add("--window", type=int, default=64, help="PPA local window w")
+    add("--sink-tokens", type=int, default=0, help="PPA sink tokens")
+    add("--granularity", default="token", choices=["token", "block"])
+    add("--train-file", default=None, help="local JSONL of GSM8K or MATH records (default: Hub GSM8K train)")
+    add("--synthetic-data", action="store_true", help="random token sequences of --seq-len (throughput runs)")
+    add("--output-dir", required=True)
+    add("--max-steps", type=int, default=100, help="optimizer steps")
+    add("--seq-len", type=int, default=512, help="longest example in tokens (longer ones are cut)")
+    add("--batch-size", type=int, default=4, help="examples per process per micro-step")
+    add("--grad-accum", type=int, default=1, help="micro-steps per optimizer step")
+    add("--lr", type=float, default=1e-4)
+    add("--weight-decay", type=float, default=0.0)
+    add("--warmup-steps", type=int, default=0)
+    add("--lora-r", type=int, default=16, help="LoRA rank; 0 = full fine-tune")
+    add("--lora-alpha", type=int, default=32)
+    add("--lora-dropout", type=float, default=0.0)
+    add("--seed", type=int, default=0)
+    add("--resume-from", default=None, help="checkpoint folder, or 'latest' (newest in --output-dir/checkpoints)")
+    add("--save-every", type=int, default=0, help="checkpoint every N steps (0: only at the end)")
+    add("--keep-checkpoints", type=int, default=2, help="newest N checkpoints kept")
+    add("--stop-after", type=int, default=None, help="stop (checkpointed) after this step, as if interrupted")
+    add("--mixed-precision", default=None, choices=["no", "fp16", "bf16"],
+        help="default: accelerate's config / launch flag")
+    add("--gradient-checkpointing", action="store_true")
+    add("--cpu", action="store_true", help="run on CPU even when a GPU is present (several processes: gloo)")
+    add("--limit", type=int, default=None, help="use the first N training records only")
+    add("--no-merge", action="store_true", help="LoRA: save only the adapter, not the merged model")
+    add("--no-progress", action="store_true")
+    return parser
+
+
+def check_args(args) -> None:
+    """Validate every option before anything heavy happens (errors name option, value, allowed range)."""
+    from .pattern import check_int, check_p
+
+    args.p = check_p(args.p, "--p")
+    for name, minimum in [("window", 1), ("sink_tokens", 0), ("max_steps", 1), ("seq_len", 8), ("batch_size", 1),
+                          ("grad_accum", 1), ("lora_r", 0), ("save_every", 0), ("keep_checkpoints", 1)]:
+        setattr(args, name, check_int(getattr(args, name), "--" + name.replace("_", "-"), minimum))
+    if args.stop_after is not None:
+        check_int(args.stop_after, "--stop-after", 1)
+    if args.limit is not None:
+        check_int(args.limit, "--limit", 1)
+    if not (args.lr > 0 and math.isfinite(args.lr)):
+        raise ValueError(f"--lr={args.lr} is not allowed; --lr must be a positive number")
+    if args.train_file is not None and not os.path.isfile(args.train_file):
+        raise FileNotFoundError(f"--train-file={args.train_file!r}: file does not exist (a local JSONL file)")
+    if args.model is not None and args.model_config is not None:
+        raise ValueError("--model and --model-config exclude each other; give one")
+    if args.resume_from not in (None, "latest") and not os.path.isdir(args.resume_from):
+        raise FileNotFoundError(f"--resume-from={args.resume_from!r}: no such checkpoint folder")
+
+
+# --------------------------------------------------------------------------------------------- building
+
+
+def load_tokenizer(args):
+    from transformers import AutoTokenizer
+
+    from .models import default_gguf
+
+    if args.model is not None and args.model_config is None:
+        kwargs = {"gguf_file": args.gguf_file} if args.gguf_file else {}
+        tok = AutoTokenizer.from_pretrained(args.model, **kwargs)
+    elif args.tokenizer is not None:
+        tok = AutoTokenizer.from_pretrained(args.tokenizer)
+    else:
+        folder, gguf = default_gguf()
+        tok = AutoTokenizer.from_pretrained(folder, gguf_file=gguf)
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def build_model(args, tokenizer):
+    import torch
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    import ppa_hf
+    from .models import default_gguf
+
+    if args.model_config is not None:
+        config = LlamaConfig(vocab_size=len(tokenizer), max_position_embeddings=max(4096, args.seq_len),
+                             bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                             pad_token_id=tokenizer.pad_token_id, **MODEL_CONFIGS[args.model_config])
+        torch.manual_seed(args.seed)
+        model = AutoModelForCausalLM.from_config(config)
+    else:
+        path, gguf = (args.model, args.gguf_file) if args.model is not None else default_gguf()
+        kwargs = {"gguf_file": gguf} if gguf else {}
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, **kwargs)
+    ppa_hf.apply(model, p=args.p, window=args.window, sink_tokens=args.sink_tokens, granularity=args.granularity)
+    if args.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.config.use_cache = False
+    if args.lora_r > 0:
+        from peft import LoraConfig, get_peft_model
+
+        targets = [n for n in ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+                   if any(name.endswith(n) for name, _ in model.named_modules())] or "all-linear"
+        lora = LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
+                          target_modules=targets, task_type="CAUSAL_LM")
+        if args.gradient_checkpointing:
+            model.enable_input_require_grads()
+        model = get_peft_model(model, lora)
+    return model
+
+
+def build_features(args, tokenizer, is_main: bool):
+    from .data import load_records, to_pairs, tokenize_pairs
+
+    if args.synthetic_data:
+        import torch
+
+        g = torch.Generator().manual_seed(args.seed)
+        n = max(64, args.batch_size * args.grad_accum * 16)
+        ids = torch.randint(0, len(tokenizer), (n, args.seq_len), generator=g).tolist()
+        return [{"input_ids": row, "labels": row} for row in ids]
+    records, kind = load_records(args.train_file, None, split="train", limit=args.limit)
+    features = tokenize_pairs(to_pairs(records, kind), tokenizer, args.seq_len)
+    if is_main:
+        print(f"data: {len(features)} {kind} examples from {args.train_file or 'the Hub'}", flush=True)
+    return features
+
+
+class StepSchedule:
+    """The process-count-independent data order: example indices of (step, micro-step, rank)."""
+
+    def __init__(self, n_examples: int, seed: int, batch_size: int, grad_accum: int, num_processes: int):
+        self.n, self.seed = n_examples, seed
+        self.bs, self.ga, self.np = batch_size, grad_accum, num_processes
+        self.global_batch = batch_size * grad_accum * num_processes
+        self._perms = {}
+
+    def _perm(self, epoch: int):
+        import torch
+
+        if epoch not in self._perms:
+            self._perms = {epoch: torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed + epoch))}
+        return self._perms[epoch]
+
+    def indices(self, step: int, micro: int, rank: int) -> list[int]:
+        start = step * self.global_batch + (micro * self.np + rank) * self.bs
+        out = []
+        for pos in range(start, start + self.bs):
+            out.append(int(self._perm(pos // self.n)[pos % self.n]))
+        return out
+
+
+# ------------------------------------------------------------------------------------------ checkpoints
+
+
+def checkpoint_dirs(output_dir: str) -> list[str]:
+    root = os.path.join(output_dir, "checkpoints")
+    if not os.path.isdir(root):
+        return []
+    found = [d for d in os.listdir(root) if d.startswith("step-") and d[5:].isdigit()
+             and os.path.isfile(os.path.join(root, d, STATE_NAME))]
+    return [os.path.join(root, d) for d in sorted(found, key=lambda d: int(d[5:]))]
+
+
+def save_checkpoint(accelerator, output_dir: str, step: int, state: dict, keep: int) -> str:
+    """Accelerate state into ``checkpoints/step-N``; ``trainer_state.json`` is written last (it marks a
+    complete checkpoint: folders without it are ignored on resume)."""
+    path = os.path.join(output_dir, "checkpoints", f"step-{step}")
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process and os.path.isdir(path):
+        shutil.rmtree(path)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(path)
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        with open(os.path.join(path, STATE_NAME + ".partial"), "w") as handle:
+            json.dump(state, handle, indent=2)
+        os.replace(os.path.join(path, STATE_NAME + ".partial"), os.path.join(path, STATE_NAME))
+        for old in checkpoint_dirs(output_dir)[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    return path
+
+
+def trim_log(path: str, step: int) -> None:
+    """Keep the log lines of steps <= ``step`` (after a resume the later ones are redone)."""
+    if not os.path.isfile(path):
+        return
+    with open(path) as handle:
+        rows = [line for line in handle if line.strip() and json.loads(line)["step"] <= step]
+    with open(path, "w") as handle:
+        handle.writelines(rows)
+
+
+# --------------------------------------------------------------------------------------------- training
+
+
+def train(args) -> dict:
+    """Run the fine-tune described by ``args`` (see :func:`build_parser`); returns a summary dict."""
+    import torch
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+    from tqdm.auto import tqdm
+
+    from .data import collate
+
+    check_args(args)
+    # torchrun-style launch (accelerate's multi-process launcher) on a machine without GPUs: DDP over gloo
+    cpu = args.cpu or (not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1)
+    accelerator = Accelerator(mixed_precision=args.mixed_precision, cpu=cpu)
+    set_seed(args.seed)
+    is_main = accelerator.is_main_process
+    resume = args.resume_from
+    if resume == "latest":
+        found = checkpoint_dirs(args.output_dir)
+        if not found:
+            raise FileNotFoundError(f"--resume-from=latest: no checkpoint in {args.output_dir}/checkpoints")
+        resume = found[-1]
+    if resume is not None and not os.path.isfile(os.path.join(resume, STATE_NAME)):
+        raise FileNotFoundError(f"--resume-from={resume!r}: not a complete checkpoint (no {STATE_NAME})")
+
+    tokenizer = load_tokenizer(args)
+    features = build_features(args, tokenizer, is_main)
+    model = build_model(args, tokenizer)
+    params = [p for p in model.parameters() if p.requires_grad]
+    if is_main:
+        trainable = sum(p.numel() for p in params)
+        total = sum(p.numel() for p in model.parameters())
+        print(f"model: {total / 1e6:.1f}M parameters, {trainable / 1e6:.2f}M trainable; PPA p={args.p} "
+              f"w={args.window} sinks={args.sink_tokens}; {accelerator.num_processes} process(es), "
+              f"mixed precision {accelerator.mixed_precision}, device {accelerator.device}", flush=True)
+    optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
+    warmup = args.warmup_steps
+
+    def lr_lambda(step):
+        if warmup and step < warmup:
+            return (step + 1) / warmup
+        return max(0.0, 1.0 - (step - warmup) / max(1, args.max_steps - warmup)) * 0.9 + 0.1
+
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda)
+    # the scheduler is stepped once per optimizer step whatever the process count (the data schedule is
+    # global), so it is not prepared (accelerate would step it num_processes times); it is still checkpointed
+    model, optimizer = accelerator.prepare(model, optimizer)
+    accelerator.register_for_checkpointing(scheduler)
+
+    step, examples_seen, tokens_seen = 0, 0, 0
+    if resume is not None:
+        accelerator.load_state(resume)
+        with open(os.path.join(resume, STATE_NAME)) as handle:
+            state = json.load(handle)
+        step, examples_seen, tokens_seen = state["step"], state["examples_seen"], state.get("tokens_seen", 0)
+        if is_main:
+            print(f"resumed from {resume} at step {step} (saved by {state.get('num_processes')} process(es))",
+                  flush=True)
+    schedule = StepSchedule(len(features), args.seed, args.batch_size, args.grad_accum, accelerator.num_processes)
+    if resume is not None and examples_seen != step * schedule.global_batch and is_main:
+        print(f"note: the global batch changed ({examples_seen // max(step, 1)} -> {schedule.global_batch}); "
+              "the data stream continues from the same step index", flush=True)
+
+    log_path = os.path.join(args.output_dir, LOG_NAME)
+    if is_main:
+        os.makedirs(args.output_dir, exist_ok=True)
+        trim_log(log_path, step) if resume is not None else (os.path.exists(log_path) and os.remove(log_path))
+        with open(os.path.join(args.output_dir, "run_args.json"), "w") as handle:
+            json.dump({**vars(args), "num_processes": accelerator.num_processes,
+                       "global_batch": schedule.global_batch}, handle, indent=2, default=str)
+    accelerator.wait_for_everyone()
+
+    last = min(args.max_steps, args.stop_after) if args.stop_after else args.max_steps
+    bar = tqdm(total=args.max_steps, initial=step, desc="fine-tune", disable=not is_main or args.no_progress,
+               dynamic_ncols=True)
+    device = accelerator.device
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    model.train()
+    started = time.time()
+    while step < last:
+        t0 = time.time()
+        loss_sum = torch.zeros((), device=device)
+        tokens = torch.zeros((), device=device, dtype=torch.long)
+        for micro in range(args.grad_accum):
+            batch = collate([features[i] for i in schedule.indices(step, micro, accelerator.process_index)],
+                            tokenizer.pad_token_id)
+            batch = {k: v.to(device) for k, v in batch.items()}
+            sync = micro == args.grad_accum - 1
+            ctx = accelerator.no_sync(model) if not sync and accelerator.num_processes > 1 else _null()
+            with ctx, accelerator.autocast():
+                out = model(**batch, use_cache=False)
+                loss = out.loss / args.grad_accum
+                accelerator.backward(loss)
+            loss_sum += loss.detach()
+            tokens += batch["attention_mask"].sum()
+        if accelerator.sync_gradients:
+            accelerator.clip_grad_norm_(params if args.lora_r > 0 else model.parameters(), 1.0)
+        step_lr = scheduler.get_last_lr()[0]
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
+        examples_seen += schedule.global_batch
+        mean_loss = float(accelerator.reduce(loss_sum, reduction="mean"))
+        step_tokens = int(accelerator.reduce(tokens, reduction="sum"))
+        tokens_seen += step_tokens
+        dt = time.time() - t0
+        row = {"step": step, "loss": round(mean_loss, 6), "lr": step_lr, "tokens": step_tokens,
+               "tokens_per_s": round(step_tokens / dt, 1), "step_s": round(dt, 3),
+               "elapsed_s": round(time.time() - started, 2), "num_processes": accelerator.num_processes,
+               "global_batch": schedule.global_batch}
+        if device.type == "cuda":
+            row["peak_mem_gb"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 3)
+        if is_main:
+            with open(log_path, "a") as handle:
+                handle.write(json.dumps(row) + "\n")
+            bar.set_postfix(loss=f"{mean_loss:.4f}", tok_s=f"{row['tokens_per_s']:.0f}")
+            bar.update(1)
+        state = {"step": step, "examples_seen": examples_seen, "tokens_seen": tokens_seen,
+                 "num_processes": accelerator.num_processes, "global_batch": schedule.global_batch, "p": args.p}
+        if (args.save_every and step % args.save_every == 0) or step == last:
+            save_checkpoint(accelerator, args.output_dir, step, state, args.keep_checkpoints)
+    bar.close()
+
+    finished = step >= args.max_steps
+    if finished:
+        save_final(accelerator, model, tokenizer, args)
+    accelerator.wait_for_everyone()
+    summary = {"step": step, "finished": finished, "output_dir": args.output_dir,
+               "seconds": round(time.time() - started, 1), "num_processes": accelerator.num_processes}
+    if is_main:
+        print(json.dumps(summary), flush=True)
+    accelerator.end_training() if hasattr(accelerator, "end_training") else None
+    return summary
+
+
+class _null:
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *exc):
+        return False
+
+
+def save_final(accelerator, model, tokenizer, args) -> None:
+    """The final model (LoRA merged unless --no-merge; the adapter also in ``adapter/``) with PPA in its config.
+    Written to ``<output>/.final.partial`` and moved into place, so a crash leaves no half-written model."""
+    accelerator.wait_for_everyone()
+    unwrapped = accelerator.unwrap_model(model)
+    state_dict = accelerator.get_state_dict(model)
+    if not accelerator.is_main_process:
+        return
+    tmp = os.path.join(args.output_dir, ".final.partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    if args.lora_r > 0:
+        unwrapped.save_pretrained(os.path.join(tmp, "adapter"), state_dict=state_dict)
+        if not args.no_merge:
+            merged = unwrapped.merge_and_unload()
+            merged.save_pretrained(tmp)
+    else:
+        unwrapped.save_pretrained(tmp, state_dict=state_dict)
+    tokenizer.save_pretrained(tmp)
+    for name in os.listdir(tmp):  # move into place, config.json last
+        if name != "config.json":
+            target = os.path.join(args.output_dir, name)
+            if os.path.isdir(target):
+                shutil.rmtree(target)
+            os.replace(os.path.join(tmp, name), target)
+    if os.path.exists(os.path.join(tmp, "config.json")):
+        os.replace(os.path.join(tmp, "config.json"), os.path.join(args.output_dir, "config.json"))
+    shutil.rmtree(tmp, ignore_errors=True)
+    print(f"saved the final model to {args.output_dir}", flush=True)
+
+
+def main(argv=None) -> int:
+    import sys
+
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        summary = train(args)
+    except (ValueError, FileNotFoundError) as err:
+        print(f"finetune: error: {err}", file=sys.stderr)
+        return 2
+    return 0 if summary["step"] > 0 else 1
