@@ -7,7 +7,7 @@ setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     packages=find_packages(include=["ppa_hf", "ppa_hf.*"]),
-    package_data={"ppa_hf": ["metrics/*.py", "lm_eval_tasks/*.yaml", "lm_eval_tasks/*.py"]},
+    package_data={"ppa_hf": ["metrics/*.py", "metrics/*/*.py", "lm_eval_tasks/*.yaml", "lm_eval_tasks/*.py"]},
     python_requires=">=3.10",
     install_requires=[
         "torch>=2.5",
@@ -28,6 +28,7 @@ setup(
     entry_points={
         "console_scripts": [
             "ppa-hf=ppa_hf.cli:main",
+            "ppa-lm-eval=ppa_hf.lm_eval_main:main",
         ]
     },
 )
