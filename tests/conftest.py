@@ -25,3 +25,35 @@ def _seed():
 
 
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+
+# --- workflow tests (fine-tune / eval / sweep / lm-eval): a saved tiny model, and subprocess helpers ---------
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    """A saved tiny random Llama with the real SmolLM2 tokenizer (vocab 49152), built once per session."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from ppa_hf.models import default_gguf, tiny_config
+
+    folder = tmp_path_factory.mktemp("tiny_llama")
+    path, gguf = default_gguf()
+    tok = AutoTokenizer.from_pretrained(path, gguf_file=gguf)
+    config = tiny_config("llama", vocab_size=len(tok), bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(config).save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return folder
+
+
+def subprocess_env() -> dict:
+    """Environment for running the package's commands from the checkout in a subprocess."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(REPO_ROOT) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    env.setdefault("OMP_NUM_THREADS", "1")
+    env["HF_HUB_OFFLINE"] = "1"
+    env["HF_DATASETS_OFFLINE"] = "1"
+    env["TOKENIZERS_PARALLELISM"] = "false"
+    return env

@@ -1,0 +1,146 @@
+"""`ppa-hf eval`: GSM8K / MATH-500 on 20 problems (tiny model; one run on the real SmolLM2), strided
+perplexity, the shipped `evaluate` metric, and bad input."""
+
+import json
+import math
+import subprocess
+import sys
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+import ppa_hf
+from conftest import REPO_ROOT, shared_data, subprocess_env
+from ppa_hf.evaluation import run_eval, samples_path, strided_perplexity
+
+
+def cli(*args, timeout=600):
+    return subprocess.run([sys.executable, "-m", "ppa_hf.cli", "eval", *map(str, args)], capture_output=True,
+                          text=True, env=subprocess_env(), cwd=REPO_ROOT, timeout=timeout)
+
+
+def check_outputs(output, task, n):
+    summary = json.loads(output.read_text())
+    rows = [json.loads(line) for line in open(samples_path(str(output)))]
+    assert len(rows) == n == summary["total"]
+    for row in rows:
+        assert set(row) >= {"prompt", "generation", "answer", "gold", "correct"}
+        assert isinstance(row["correct"], bool)
+        marker = "Question:" if task == "gsm8k" else "Problem:"
+        assert row["prompt"].count(marker) == 5  # 4 shots + the problem
+        assert marker not in row["generation"]  # generation stops at the next question
+    assert summary["accuracy"] == pytest.approx(sum(r["correct"] for r in rows) / n)
+    assert 0 <= summary["accuracy"] <= 1
+    return summary, rows
+
+
+@pytest.mark.parametrize("task,data", [("gsm8k", ("gsm8k", "test.jsonl")), ("math500", ("math500", "test.jsonl"))])
+def test_eval_cli_20_problems_tiny_model(task, data, tiny_model_dir, tmp_path):
+    output = tmp_path / f"{task}.json"
+    result = cli("--model", tiny_model_dir, "--p", "0.5", "--task", task, "--data", shared_data(*data),
+                 "--limit", 20, "--batch-size", 10, "--max-new-tokens", 6, "--output", output)
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary, rows = check_outputs(output, task, 20)
+    assert summary["ppa_p"] == 0.5 and summary["shots"] == 4
+    assert '"accuracy"' in result.stdout
+    golds = [r["gold"] for r in rows]
+    assert golds[0] == ("18" if task == "gsm8k" else r"\left( 3, \frac{\pi}{2} \right)")  # first test problems
+    assert not any(g is None or g == "" for g in golds)
+
+
+def test_eval_real_smollm2_gsm8k(tmp_path):
+    """The embedded SmolLM2-135M-Instruct, p = 0.75, 20 GSM8K problems (few new tokens: CI time)."""
+    output = tmp_path / "real.json"
+    summary = run_eval(task="gsm8k", p=0.75, data=str(shared_data("gsm8k", "test.jsonl")), limit=20,
+                       batch_size=10, max_new_tokens=8, output=str(output), progress=False)
+    check_outputs(output, "gsm8k", 20)
+    assert summary["model"].startswith("SmolLM2")
+    # after 4 shots a real model answers with text and numbers, not padding garbage
+    rows = [json.loads(line) for line in open(samples_path(str(output)))]
+    assert sum(r["answer"] is not None for r in rows) >= 10, [r["generation"] for r in rows]
+
+
+def test_metric_module_offline():
+    from ppa_hf.metrics import load_metric
+
+    math_metric = load_metric("math")
+    result = math_metric.compute(predictions=[r"so $\boxed{\dfrac{1}{2}}$", r"\boxed{3}", "no idea"],
+                                 references=[r"\frac12", "4", "5"])
+    assert result == {"accuracy": pytest.approx(1 / 3), "correct": 1, "total": 3, "extracted": pytest.approx(2 / 3)}
+    gsm = load_metric("gsm8k_strict").compute(predictions=["so 5\n#### 5", "5 apples"], references=["#### 5", "5"])
+    assert gsm["correct"] == 1
+    with pytest.raises(ValueError, match="gsm8k, gsm8k_strict, math"):
+        load_metric("mmlu")
+
+
+def _tiny(tiny_model_dir, p=0.5):
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+    ppa_hf.apply(model, p=p, window=16)
+    return model, tok
+
+
+def test_strided_perplexity(tiny_model_dir):
+    from ppa_hf.perplexity import perplexity
+
+    model, tok = _tiny(tiny_model_dir)
+    text = "def f(x):\n    return x * 2\n" * 40
+    n = tok(text, add_special_tokens=False, return_tensors="pt").input_ids.shape[1]
+    plain = strided_perplexity(model, tok, text, context=64, stride=None)
+    same = perplexity(model, tok, text, context=64)
+    assert plain["nll"] == pytest.approx(same["nll"]) and plain["stride"] == 64
+    strided = strided_perplexity(model, tok, text, context=64, stride=16)
+    windows = (n - 64) // 16 + 1
+    assert strided["windows"] == windows
+    assert strided["tokens"] == 63 + 16 * (windows - 1)  # every token scored once
+    assert math.isfinite(strided["nll"]) and strided["ppl"] == pytest.approx(math.exp(strided["nll"]))
+    with pytest.raises(ValueError, match="--stride"):
+        strided_perplexity(model, tok, text, context=64, stride=65)
+
+
+def test_perplexity_cli(tiny_model_dir, tmp_path):
+    text = tmp_path / "text.txt"
+    text.write_text("The quick brown fox jumps over the lazy dog. " * 60)
+    output = tmp_path / "ppl.json"
+    result = cli("--model", tiny_model_dir, "--p", 0.75, "--task", "perplexity", "--data", text, "--context", 128,
+                 "--stride", 64, "--output", output)
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = json.loads(output.read_text())
+    assert summary["stride"] == 64 and summary["context"] == 128 and summary["tokens"] > 0
+    assert summary["ppl"] > 1 and not (tmp_path / "ppl.samples.jsonl").exists()
+
+
+def test_saved_p_used_when_p_omitted(tiny_model_dir, tmp_path):
+    model, tok = _tiny(tiny_model_dir, p=0.25)
+    model.save_pretrained(tmp_path / "m")
+    tok.save_pretrained(tmp_path / "m")
+    summary = run_eval(task="gsm8k", model=str(tmp_path / "m"), data=str(shared_data("gsm8k", "test.jsonl")),
+                       limit=2, max_new_tokens=2, progress=False)
+    assert summary["ppa_p"] == 0.25 and summary["ppa_window"] == 16
+    with pytest.raises(ValueError, match="--p"):
+        run_eval(task="gsm8k", model=str(tiny_model_dir), data=str(shared_data("gsm8k", "test.jsonl")), limit=2)
+
+
+@pytest.mark.parametrize("case", ["missing_data", "wrong_fields", "p_2", "unknown_task", "fields_of_other_task"])
+def test_bad_input(case, tiny_model_dir, tmp_path):
+    output = tmp_path / "out" / "r.json"
+    args = ["--model", tiny_model_dir, "--p", "0.5", "--task", "gsm8k", "--limit", 2, "--output", output,
+            "--data", shared_data("gsm8k", "test.jsonl")]
+    if case == "missing_data":
+        args[-1], expect = tmp_path / "none.jsonl", "--data"
+    elif case == "wrong_fields":
+        bad = tmp_path / "bad.jsonl"
+        bad.write_text('{"q": 1, "a": 2}\n')
+        args[-1], expect = bad, "fields"
+    elif case == "p_2":
+        args[args.index("--p") + 1], expect = "2", "--p=2"
+    elif case == "unknown_task":
+        args[args.index("--task") + 1], expect = "mmlu", "--task='mmlu'"
+    else:
+        args[args.index("--task") + 1], expect = "math500", "math records were expected"
+    result = cli(*args)
+    assert result.returncode == 2
+    lines = [line for line in result.stderr.splitlines() if line.strip() and "Warning" not in line]
+    assert len(lines) == 1 and expect in lines[0], result.stderr[-2000:]
+    assert not output.exists() and not (tmp_path / "out" / "r.samples.jsonl").exists()

@@ -1,0 +1,105 @@
+"""examples/finetune.py: a short fine-tune through `accelerate launch`, resume, and bad input (tiny models)."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from conftest import REPO_ROOT, shared_data, subprocess_env
+
+FINETUNE = str(REPO_ROOT / "examples" / "finetune.py")
+CPU_1 = str(REPO_ROOT / "examples" / "accelerate_configs" / "cpu_1proc.yaml")
+
+
+def run_finetune(args, launcher=("python",), timeout=300):
+    if launcher[0] == "accelerate":
+        cmd = [sys.executable, "-m", "accelerate.commands.launch", *launcher[1:], FINETUNE, *args]
+    else:
+        cmd = [sys.executable, FINETUNE, *args]
+    return subprocess.run(cmd, capture_output=True, text=True, env=subprocess_env(), timeout=timeout,
+                          cwd=REPO_ROOT)
+
+
+def common(model, out, **extra):
+    args = ["--model", str(model), "--train-file", str(shared_data("gsm8k", "train.jsonl")), "--output-dir",
+            str(out), "--seq-len", "96", "--batch-size", "2", "--limit", "48", "--no-progress", "--p", "0.5",
+            "--window", "16"]
+    for key, value in extra.items():
+        args += [f"--{key.replace('_', '-')}", str(value)]
+    return args
+
+
+def log_rows(out):
+    with open(out / "train_log.jsonl") as handle:
+        return [json.loads(line) for line in handle]
+
+
+def test_three_steps_through_accelerate_launch(tiny_model_dir, tmp_path):
+    out = tmp_path / "ft"
+    result = run_finetune(common(tiny_model_dir, out, max_steps=3, lora_r=0, lr=1e-3),
+                          launcher=("accelerate", "--config_file", CPU_1))
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = log_rows(out)
+    assert [r["step"] for r in rows] == [1, 2, 3]
+    assert all(r["loss"] > 0 and r["tokens_per_s"] > 0 for r in rows)
+    model = AutoModelForCausalLM.from_pretrained(out, attn_implementation="ppa")
+    assert model.config.ppa_p == 0.5 and model.config.ppa_window == 16
+    assert model.config._attn_implementation == "ppa"
+    before = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    changed = [n for n, p in model.named_parameters() if not torch.equal(p, dict(before.named_parameters())[n])]
+    assert changed, "fine-tuning changed no weight"
+    ids = torch.randint(0, 1000, (1, 40))
+    assert torch.isfinite(model(ids).logits).all()
+
+
+def test_resume_continues_step_count_and_matches_uninterrupted_run(tiny_model_dir, tmp_path):
+    straight, broken = tmp_path / "straight", tmp_path / "broken"
+    assert run_finetune(common(tiny_model_dir, straight, max_steps=4, lora_r=4, lr=1e-2)).returncode == 0
+    first = run_finetune(common(tiny_model_dir, broken, max_steps=4, lora_r=4, lr=1e-2, stop_after=2))
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert not (broken / "config.json").exists(), "an interrupted run must not write a final model"
+    assert (broken / "checkpoints" / "step-2" / "trainer_state.json").exists()
+    second = run_finetune(common(tiny_model_dir, broken, max_steps=4, lora_r=4, lr=1e-2, resume_from="latest"))
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert "at step 2" in second.stdout
+    rows = log_rows(broken)
+    assert [r["step"] for r in rows] == [1, 2, 3, 4]
+    reference = log_rows(straight)
+    for a, b in zip(rows, reference):  # same data order, optimizer, scheduler and RNG state after resume
+        assert a["loss"] == pytest.approx(b["loss"], abs=1e-5), (a, b)
+        assert a["lr"] == pytest.approx(b["lr"])
+    assert (broken / "adapter" / "adapter_config.json").exists()
+    model = AutoModelForCausalLM.from_pretrained(broken, attn_implementation="ppa")
+    assert model.config.ppa_p == 0.5
+    resumed = dict(model.named_parameters())
+    for name, param in AutoModelForCausalLM.from_pretrained(straight).named_parameters():
+        assert torch.allclose(param, resumed[name], atol=1e-5), name
+
+
+@pytest.mark.parametrize("case", ["missing_file", "wrong_fields", "p_out_of_range", "bad_steps"])
+def test_bad_input_one_line_nonzero_nothing_written(case, tiny_model_dir, tmp_path):
+    out = tmp_path / "out"
+    args = common(tiny_model_dir, out, max_steps=2)
+    if case == "missing_file":
+        args[args.index("--train-file") + 1] = str(tmp_path / "nope.jsonl")
+        expect = "--train-file"
+    elif case == "wrong_fields":
+        bad = tmp_path / "bad.jsonl"
+        bad.write_text('{"prompt": "a", "completion": "b"}\n')
+        args[args.index("--train-file") + 1] = str(bad)
+        expect = "fields"
+    elif case == "p_out_of_range":
+        args[args.index("--p") + 1] = "2"
+        expect = "--p=2"
+    else:
+        args += ["--max-steps", "0"]
+        expect = "--max-steps"
+    result = run_finetune(args)
+    assert result.returncode == 2
+    errors = [line for line in result.stderr.splitlines() if "error" in line.lower()]
+    assert len(errors) == 1 and expect in errors[0], result.stderr[-2000:]
+    assert "Traceback" not in result.stderr
+    assert not (out / "config.json").exists() and not (out / "checkpoints").exists()

@@ -1,0 +1,67 @@
+"""`ppa-hf sweep`: a 3-point sweep writes its CSV and S-curve plot, resumes, refuses changed settings."""
+
+import csv
+import subprocess
+import sys
+
+from conftest import REPO_ROOT, shared_data, subprocess_env
+
+
+def sweep(*args):
+    return subprocess.run([sys.executable, "-m", "ppa_hf.cli", "sweep", *map(str, args)], capture_output=True,
+                          text=True, env=subprocess_env(), cwd=REPO_ROOT, timeout=600)
+
+
+def read_csv(path):
+    with open(path) as handle:
+        return list(csv.DictReader(handle))
+
+
+def test_three_point_sweep_csv_plot_and_resume(tiny_model_dir, tmp_path):
+    out = tmp_path / "sweep"
+    base = ["--ps", "0", "0.5", "1", "--model", tiny_model_dir, "--task", "gsm8k", "--limit", 4,
+            "--max-new-tokens", 4, "--batch-size", 4, "--window", 8, "--data", shared_data("gsm8k", "test.jsonl"),
+            "--out-dir", out]
+    result = sweep(*base)
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = read_csv(out / "sweep.csv")
+    assert [float(r["p"]) for r in rows] == [0.0, 0.5, 1.0]
+    assert all(r["total"] == "4" and 0 <= float(r["accuracy"]) <= 1 and r["window"] == "8" for r in rows)
+    png = (out / "sweep.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
+    # interrupted sweep: one point and the CSV missing -> only that point is recomputed
+    (out / "points" / "p=0.5.json").unlink()
+    (out / "sweep.csv").unlink()
+    again = sweep(*base)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert again.stdout.count("done before") == 2 and "p=0.5: accuracy=" in again.stdout
+    assert [float(r["p"]) for r in read_csv(out / "sweep.csv")] == [0.0, 0.5, 1.0]
+    # the budget of a sweep is fixed
+    changed = sweep(*[a if a != 4 else 5 for a in base])
+    assert changed.returncode == 2 and "limit=4" in changed.stderr and "limit=5" in changed.stderr
+
+
+def test_sweep_with_short_finetune_per_point(tiny_model_dir, tmp_path):
+    text = tmp_path / "t.txt"
+    text.write_text("Numbers: " + " ".join(str(i % 17) for i in range(600)))
+    out = tmp_path / "ft_sweep"
+    result = sweep("--ps", "0.25", "1", "--model", tiny_model_dir, "--task", "perplexity", "--data", text,
+                   "--context", 64, "--max-windows", 4, "--finetune-steps", 2, "--train-file",
+                   shared_data("gsm8k", "train.jsonl"), "--seq-len", 64, "--train-batch-size", 2, "--lr", "1e-3",
+                   "--out-dir", out)
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = read_csv(out / "sweep.csv")
+    assert [float(r["p"]) for r in rows] == [0.25, 1.0] and all(float(r["ppl"]) > 1 for r in rows)
+    for p in ("0.25", "1"):
+        config = (out / "finetune" / f"p={p}" / "config.json").read_text()
+        assert f'"ppa_p": {p}' in config
+
+
+def test_sweep_bad_input(tmp_path):
+    bad_p = sweep("--ps", "0.5", "2", "--task", "gsm8k", "--out-dir", tmp_path / "a")
+    assert bad_p.returncode == 2 and "--ps=2" in bad_p.stderr
+    bad_task = sweep("--ps", "0.5", "--task", "nope", "--out-dir", tmp_path / "b")
+    assert bad_task.returncode == 2 and "--task='nope'" in bad_task.stderr
+    missing = sweep("--ps", "0.5", "--task", "gsm8k", "--data", tmp_path / "x.jsonl", "--out-dir", tmp_path / "c")
+    assert missing.returncode == 2 and "--data" in missing.stderr
+    assert not (tmp_path / "a" / "sweep.csv").exists() and not (tmp_path / "c" / "sweep.csv").exists()
