@@ -254,6 +254,9 @@ def train(args) -> dict:
     cpu = args.cpu or (not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1)
     accelerator = Accelerator(mixed_precision=args.mixed_precision, cpu=cpu)
     set_seed(args.seed)
+    if accelerator.distributed_type.name == "DEEPSPEED" and args.grad_accum != 1:
+        raise ValueError(f"--grad-accum={args.grad_accum} with DeepSpeed: DeepSpeed steps the optimizer itself; use "
+                         "--grad-accum 1 and set gradient_accumulation_steps in the DeepSpeed config")
     is_main = accelerator.is_main_process
     resume = args.resume_from
     if resume == "latest":
@@ -319,8 +322,14 @@ def train(args) -> dict:
         torch.cuda.reset_peak_memory_stats(device)
     model.train()
     started = time.time()
+    # the loss of a step is the mean over every answer token of the global batch, whatever the process count:
+    # each process backpropagates (its token-loss sum) * num_processes / (global answer tokens), and DDP averages
+    n_targets = [sum(1 for label in f["labels"][1:] if label != -100) for f in features]
     while step < last:
         t0 = time.time()
+        global_targets = sum(n_targets[i] for micro in range(args.grad_accum)
+                             for rank in range(accelerator.num_processes)
+                             for i in schedule.indices(step, micro, rank))
         loss_sum = torch.zeros((), device=device)
         tokens = torch.zeros((), device=device, dtype=torch.long)
         for micro in range(args.grad_accum):
@@ -330,10 +339,13 @@ def train(args) -> dict:
             sync = micro == args.grad_accum - 1
             ctx = accelerator.no_sync(model) if not sync and accelerator.num_processes > 1 else _null()
             with ctx, accelerator.autocast():
-                out = model(**batch, use_cache=False)
-                loss = out.loss / args.grad_accum
-                accelerator.backward(loss)
-            loss_sum += loss.detach()
+                logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                               use_cache=False).logits[:, :-1].float()
+                token_loss = torch.nn.functional.cross_entropy(
+                    logits.reshape(-1, logits.shape[-1]), batch["labels"][:, 1:].reshape(-1), ignore_index=-100,
+                    reduction="sum")
+                accelerator.backward(token_loss * accelerator.num_processes / global_targets)
+            loss_sum += token_loss.detach()
             tokens += batch["attention_mask"].sum()
         if accelerator.sync_gradients:
             accelerator.clip_grad_norm_(params if args.lora_r > 0 else model.parameters(), 1.0)
@@ -343,7 +355,7 @@ def train(args) -> dict:
         optimizer.zero_grad(set_to_none=True)
         step += 1
         examples_seen += schedule.global_batch
-        mean_loss = float(accelerator.reduce(loss_sum, reduction="mean"))
+        mean_loss = float(accelerator.reduce(loss_sum, reduction="sum")) / global_targets
         step_tokens = int(accelerator.reduce(tokens, reduction="sum"))
         tokens_seen += step_tokens
         dt = time.time() - t0
