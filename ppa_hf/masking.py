@@ -45,6 +45,10 @@ class PPALayout:
         return (self.seg.shape[0], 1, int(self.q_index.numel()), self.kv_length)
 
     @property
+    def ndim(self):
+        return 4
+
+    @property
     def device(self):
         return self.seg.device
 
@@ -113,6 +117,8 @@ def ppa_mask_interface(batch_size: int, q_length: int, kv_length: int, q_offset=
                        mask_function=None, attention_mask: torch.Tensor | None = None, device="cpu",
                        config=None, **kwargs) -> PPALayout:
     """Build the :class:`PPALayout` of this forward pass (signature of Transformers' mask interfaces)."""
+    if isinstance(attention_mask, PPALayout):  # prepared ahead, e.g. by generate() with a static cache
+        return attention_mask
     if config is not None:
         read_settings(config, 0)  # fail early on a missing or invalid setting, before any layer runs
         fill_defaults(config)

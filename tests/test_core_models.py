@@ -208,3 +208,18 @@ def test_training_step_has_gradients_on_cpu():
     loss.backward()
     grads = [p.grad for p in model.parameters() if p.requires_grad]
     assert all(g is not None and torch.isfinite(g).all() for g in grads)
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_static_cache_generation_matches_dynamic(family):
+    # generate() with a static cache prepares the mask ahead of the forward pass: the layout passes through
+    model = tiny(family)
+    ppa_hf.apply(model, p=0.5, window=8, sink_tokens=2)
+    x = ids(2, 20)
+    mask = torch.ones_like(x)
+    mask[1, :5] = 0
+    kw = dict(max_new_tokens=30, min_new_tokens=30, do_sample=False, pad_token_id=0, attention_mask=mask)
+    with torch.no_grad():
+        dynamic = model.generate(x, **kw)
+        static = model.generate(x, cache_implementation="static", **kw)
+    assert torch.equal(dynamic, static)
