@@ -57,6 +57,16 @@ def load_records(path: str | None, kind: str | None = None, split: str = "train"
     """
     import datasets
 
+    bars = datasets.is_progress_bar_enabled()
+    datasets.disable_progress_bars()  # errors must stay one line; loading a local file needs no bar
+    try:
+        return _load_records(datasets, path, kind, split, limit, name)
+    finally:
+        if bars:
+            datasets.enable_progress_bars()
+
+
+def _load_records(datasets, path, kind, split, limit, name):
     if path is None:
         kind = kind or "gsm8k"
         hub, config = HUB_DATASETS[kind]

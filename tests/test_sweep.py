@@ -57,11 +57,14 @@ def test_sweep_with_short_finetune_per_point(tiny_model_dir, tmp_path):
         assert f'"ppa_p": {p}' in config
 
 
-def test_sweep_bad_input(tmp_path):
-    bad_p = sweep("--ps", "0.5", "2", "--task", "gsm8k", "--out-dir", tmp_path / "a")
-    assert bad_p.returncode == 2 and "--ps=2" in bad_p.stderr
-    bad_task = sweep("--ps", "0.5", "--task", "nope", "--out-dir", tmp_path / "b")
-    assert bad_task.returncode == 2 and "--task='nope'" in bad_task.stderr
-    missing = sweep("--ps", "0.5", "--task", "gsm8k", "--data", tmp_path / "x.jsonl", "--out-dir", tmp_path / "c")
-    assert missing.returncode == 2 and "--data" in missing.stderr
-    assert not (tmp_path / "a" / "sweep.csv").exists() and not (tmp_path / "c" / "sweep.csv").exists()
+def test_sweep_bad_input(tmp_path, capsys):
+    from ppa_hf.cli import main
+
+    cases = [(["--ps", "0.5", "2", "--task", "gsm8k"], "--ps=2"), (["--ps", "0.5", "--task", "nope"], "--task='nope'"),
+             (["--ps", "0.5", "--task", "gsm8k", "--data", str(tmp_path / "x.jsonl")], "--data"),
+             (["--ps", "0.5", "0.5", "--task", "gsm8k"], "repeats")]
+    for i, (args, expect) in enumerate(cases):
+        assert main(["sweep", *args, "--out-dir", str(tmp_path / str(i))]) == 2
+        lines = capsys.readouterr().err.strip().splitlines()
+        assert len(lines) == 1 and expect in lines[0], lines
+        assert not (tmp_path / str(i) / "sweep.csv").exists()
