@@ -235,6 +235,8 @@ def check_eval_args(task: str, data: str | None, shots: int, limit: int | None, 
         check_int(limit, "--limit", 1)
     if data is not None and task != "perplexity" and not os.path.isfile(data):
         raise FileNotFoundError(f"--data={data!r}: file does not exist (a local JSONL file is expected)")
+    if task == "perplexity" and data not in (None, "pydoc", "stdlib") and not os.path.isfile(data):
+        raise FileNotFoundError(f"--data={data!r}: file does not exist (a text file, 'pydoc' or 'stdlib')")
 
 
 def default_data_path(task: str) -> str | None:

@@ -93,6 +93,8 @@ def check_args(args) -> None:
         raise ValueError(f"--lr={args.lr} is not allowed; --lr must be a positive number")
     if args.train_file is not None and not os.path.isfile(args.train_file):
         raise FileNotFoundError(f"--train-file={args.train_file!r}: file does not exist (a local JSONL file)")
+    if args.model is not None and os.path.sep in args.model and not os.path.exists(args.model):
+        raise FileNotFoundError(f"--model={args.model!r}: no such model folder")
     if args.model is not None and args.model_config is not None:
         raise ValueError("--model and --model-config exclude each other; give one")
     if args.resume_from not in (None, "latest") and not os.path.isdir(args.resume_from):

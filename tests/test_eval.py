@@ -122,7 +122,8 @@ def test_saved_p_used_when_p_omitted(tiny_model_dir, tmp_path):
         run_eval(task="gsm8k", model=str(tiny_model_dir), data=str(shared_data("gsm8k", "test.jsonl")), limit=2)
 
 
-@pytest.mark.parametrize("case", ["missing_data", "wrong_fields", "p_2", "unknown_task", "fields_of_other_task"])
+@pytest.mark.parametrize("case", ["missing_data", "wrong_fields", "p_2", "unknown_task", "fields_of_other_task",
+                                  "missing_text"])
 def test_bad_input(case, tiny_model_dir, tmp_path, capsys):
     output = tmp_path / "out" / "r.json"
     args = ["--model", tiny_model_dir, "--p", "0.5", "--task", "gsm8k", "--limit", 2, "--output", output,
@@ -137,6 +138,9 @@ def test_bad_input(case, tiny_model_dir, tmp_path, capsys):
         args[args.index("--p") + 1], expect = "2", "--p=2"
     elif case == "unknown_task":
         args[args.index("--task") + 1], expect = "mmlu", "--task='mmlu'"
+    elif case == "missing_text":
+        args[args.index("--task") + 1] = "perplexity"
+        args[-1], expect = tmp_path / "none.txt", "--data"
     else:
         args[args.index("--task") + 1], expect = "math500", "math records were expected"
     if case == "p_2":  # one case through a real subprocess: the exit code of the command itself
