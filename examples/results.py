@@ -41,12 +41,17 @@ def _device():
 
 
 def _append_csv(path, row):
-    new = not os.path.exists(path)
-    with open(path, "a", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=list(row))
-        if new:
-            writer.writeheader()
-        writer.writerow(row)
+    """Append ``row``; the header is the union of all rows' fields (rows of other runs may lack some)."""
+    rows = []
+    if os.path.exists(path):
+        with open(path) as handle:
+            rows = list(csv.DictReader(handle))
+    rows.append(row)
+    fields = list(dict.fromkeys(k for r in rows for k in r))
+    with open(path, "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=fields, restval="")
+        writer.writeheader()
+        writer.writerows(rows)
 
 
 def _done(path, key_fields, row):
@@ -249,6 +254,22 @@ def plot_scurve(path, out_dir):
                          logy=metric == "heldout_ppl")
 
 
+# ------------------------------------------------------------------------------------------------------ collect
+def collect(args) -> int:
+    """Rebuild zeroshot.csv / scurve.csv and their plots from run logs (one JSON object per result line)."""
+    for log in args.logs:
+        with open(log) as handle:
+            for line in handle:
+                if line.startswith("{"):
+                    row = json.loads(line)
+                    name = "scurve.csv" if "task" in row else "zeroshot.csv"
+                    _append_csv(os.path.join(args.out_dir, name), row)
+    for name, plot in [("zeroshot.csv", plot_zeroshot), ("scurve.csv", plot_scurve)]:
+        if os.path.exists(os.path.join(args.out_dir, name)):
+            plot(os.path.join(args.out_dir, name), args.out_dir)
+    return 0
+
+
 # ---------------------------------------------------------------------------------------------------------- cli
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -284,6 +305,9 @@ def main(argv=None) -> int:
     s.add_argument("--gsm8k-max-new-tokens", type=int, default=192)
     s.add_argument("--data-dir", default=os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data"))
     s.set_defaults(func=scurve)
+    c = sub.add_parser("collect", parents=[common], help="rebuild CSVs and plots from run logs")
+    c.add_argument("logs", nargs="+")
+    c.set_defaults(func=collect)
     args = parser.parse_args(argv)
     args.ps = [check_p(p, "--ps") for p in args.ps]
     os.makedirs(args.out_dir, exist_ok=True)
