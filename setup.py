@@ -23,7 +23,7 @@ setup(
     extras_require={
         "gguf": ["gguf>=0.10"],
         "lm-eval": ["lm-eval>=0.4.5"],
-        "dev": ["pytest>=7", "gguf>=0.10", "lm-eval>=0.4.5"],
+        "dev": ["pytest>=7", "gguf>=0.10", "lm-eval>=0.4.5", "triton>=3.0; platform_system == 'Linux'"],
     },
     entry_points={
         "console_scripts": [

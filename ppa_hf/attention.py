@@ -32,39 +32,40 @@ def _refuse(module, is_causal, kwargs):
             raise ValueError(f"attn_implementation='ppa' does not support {what} ({key!r}, used by {name})")
 
 
-def choose_backend(settings: PPASettings, query: torch.Tensor, key: torch.Tensor, layout: PPALayout,
-                   dropout: float) -> str:
-    """The path for this call: the configured ``ppa_backend``, or for ``auto``: gathered decoding for a few
-    queries against a long cache (a fused Triton kernel on CUDA), the block-sparse Triton kernel on CUDA when
-    every row is one sequence from kv index 0 (no or right padding) and the head size is supported,
-    FlexAttention on CUDA otherwise, else the dense-mask SDPA path (exact, trains on CPU).
+def choose_backend(settings: PPASettings, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                   layout: PPALayout, dropout: float) -> str:
+    """The path for this call. An explicit ``ppa_backend`` is obeyed or refused with a ``ValueError``; for ``auto``:
+    gathered decoding for a few queries against a long cache (a fused Triton kernel on CUDA), the block-sparse
+    Triton kernel on CUDA when every row is one sequence from kv index 0 (no or right padding) and the head size
+    is supported, FlexAttention on CUDA otherwise, else the dense-mask SDPA path (exact, trains on CPU).
 
-    ``ppa_backend='triton'`` asks for the Triton kernels (decode kernel for a few queries against a long cache);
-    a call they cannot serve (CPU without the interpreter, left padding or packed sequences, an unsupported
-    head size) falls back to FlexAttention on CUDA and to the dense path elsewhere."""
-    if settings.backend != "auto":
-        if dropout > 0 and settings.backend != "naive":
-            raise ValueError(
-                f"ppa_backend={settings.backend!r} has no attention dropout (got dropout={dropout}); "
-                "use ppa_backend='naive' or 'auto', or set the model's attention dropout to 0"
-            )
-        if settings.backend != "triton":
-            return settings.backend
+    ``ppa_backend='triton'`` uses the Triton kernels: the fused decode kernel for a few queries against a long
+    cache, the block-sparse kernel otherwise; a call the kernels cannot serve (no Triton for this device, left
+    padding or packed sequences, an unsupported head size or dtype) raises instead of switching kernels."""
+    if dropout > 0 and settings.backend not in ("auto", "naive"):
+        raise ValueError(
+            f"ppa_backend={settings.backend!r} has no attention dropout (got dropout={dropout}); "
+            "use ppa_backend='naive' or 'auto', or set the model's attention dropout to 0"
+        )
+    if settings.backend not in ("auto", "triton"):
+        return settings.backend
     q_len, kv_len = query.shape[2], key.shape[2]
     if dropout > 0:
         return "naive"
     if q_len <= DECODE_MAX_QUERIES and kv_len >= DECODE_MIN_KEYS and not settings.pattern.is_full:
         return "decode"
-    if _tri.supports(query, key, value_like(query, key)) and simple_layout(layout) is not None:
+    triton_ok = _tri.supports(query, key, value)
+    if triton_ok and simple_layout(layout) is not None:
         return "triton"
+    if settings.backend == "triton":
+        why = ("Triton cannot run these inputs here (device, dtype or head size "
+               f"{query.shape[-1]} not supported)" if not triton_ok else
+               "the block-sparse kernel needs every row to be one sequence starting at kv index 0 "
+               "(no left padding, no packed sequences)")
+        raise ValueError(f"ppa_backend='triton' cannot serve this call: {why}; use ppa_backend='auto'")
     if query.device.type == "cuda" and flex_available():
         return "flex"
     return "naive"
-
-
-def value_like(query, key):
-    """Stand-in for the value tensor in :func:`choose_backend` (its signature has no value): same shape as key."""
-    return key
 
 
 def ppa_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
@@ -84,7 +85,7 @@ def ppa_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: tor
         raise ValueError(f"PPA layout covers {layout.kv_length} keys but attention got {key.shape[2]}")
     max_distance = kwargs.get("sliding_window")  # the model's own sliding window, intersected with PPA
     pattern = settings.pattern
-    backend = choose_backend(settings, query, key, layout, dropout)
+    backend = choose_backend(settings, query, key, value, layout, dropout)
     if backend == "decode":
         out = decode_attention(query, key, value, layout, pattern, scaling, max_distance)
     elif backend == "triton":

@@ -125,3 +125,11 @@ def test_explicit_backend_refuses_dropout():
     ppa_hf.apply(model, p=0.5, backend="decode")
     with pytest.raises(ValueError, match="no attention dropout"):
         model(torch.randint(0, 100, (1, 20)))
+
+
+def test_explicit_triton_backend_that_cannot_run_is_refused(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)  # CPU without the interpreter: no Triton kernels
+    model = tiny_llama()
+    ppa_hf.apply(model, p=0.5, backend="triton")
+    with pytest.raises(ValueError, match="ppa_backend='triton' cannot serve this call"):
+        model(torch.randint(0, 100, (1, 20)))
