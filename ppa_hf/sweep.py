@@ -133,7 +133,7 @@ def run_sweep(args) -> dict:
     png_path = os.path.join(out_dir, PNG_NAME)
     model_name = os.path.basename(str(args.model).rstrip("/")) if args.model else "SmolLM2-135M-Instruct"
     budget = f"fine-tuned {args.finetune_steps} steps" if args.finetune_steps else "zero-shot PPA"
-    plot_metric_vs_p(png_path + ".partial.png", {f"{args.task} {label}": [(r["p"], r[key]) for r in rows]},
+    plot_metric_vs_p(png_path + ".partial.png", {(label if args.task == "perplexity" else f"{args.task} {label}"): [(r["p"], r[key]) for r in rows]},
                      label, f"{model_name}, {budget}, {args.task}" +
                      (f", {args.limit} problems" if args.limit and args.task != "perplexity" else ""),
                      logy=key == "ppl")
