@@ -103,3 +103,16 @@ def test_bad_input_one_line_nonzero_nothing_written(case, tiny_model_dir, tmp_pa
     assert len(errors) == 1 and expect in errors[0], result.stderr[-2000:]
     assert "Traceback" not in result.stderr
     assert not (out / "config.json").exists() and not (out / "checkpoints").exists()
+
+
+def test_random_init_synthetic_gradient_checkpointing(tiny_model_dir, tmp_path):
+    """Throughput-run options: random-init model shape, synthetic data, activation checkpointing, grad accum."""
+    out = tmp_path / "syn"
+    result = run_finetune(["--model-config", "tiny-llama", "--tokenizer", str(tiny_model_dir), "--synthetic-data",
+                           "--seq-len", "64", "--batch-size", "2", "--grad-accum", "2", "--max-steps", "2",
+                           "--lora-r", "0", "--gradient-checkpointing", "--p", "0.25", "--output-dir", str(out),
+                           "--no-progress"])
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = log_rows(out)
+    assert [r["step"] for r in rows] == [1, 2] and all(r["tokens"] == 4 * 64 and r["global_batch"] == 4 for r in rows)
+    assert AutoModelForCausalLM.from_pretrained(out, attn_implementation="ppa").config.ppa_p == 0.25
