@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 from ..masking import PPALayout
-from ..pattern import PPAPattern, offset_table
+from ..pattern import PPAPattern
 from .naive import layout_keep
 
 
@@ -34,12 +34,12 @@ def gather_indices(layout: PPALayout, pattern: PPAPattern, max_distance: int | N
 
 
 def _attended_offsets(pattern: PPAPattern, length: int) -> np.ndarray:
-    """Sorted attended token offsets (window and far) below ``length`` (rounded up to a power of two, cached)."""
-    size = 1 << max(0, int(length) - 1).bit_length()
-    key = (pattern.p, pattern.window, pattern.granularity, size)
+    """Sorted token offsets of ``pattern.token_table`` (window, plus far offsets for the token granularity) below
+    ``length`` (the table's power-of-two size), cached so decoding step after step lists them once."""
+    table = pattern.token_table(length)
+    key = (pattern.p, pattern.window, pattern.granularity, table.numel())
     if key not in _OFFSETS:
-        table = offset_table(pattern.p if pattern.granularity == "token" else 0.0, pattern.window, size)
-        _OFFSETS[key] = np.flatnonzero(table)
+        _OFFSETS[key] = np.flatnonzero(table.numpy())
     return _OFFSETS[key]
 
 
@@ -68,9 +68,7 @@ def host_decode_index(pattern: PPAPattern, q_start: int, q_len: int, k_start: in
             keys = np.concatenate([blocks[blocks <= t], keys])
         if pattern.sink_tokens:
             sinks = np.arange(min(pattern.sink_tokens, t + 1))
-            hit = np.zeros(sinks.size, dtype=bool)
-            hit |= np.isin(sinks, keys)
-            keys = np.concatenate([keys, sinks[~hit]])
+            keys = np.concatenate([keys, sinks[~np.isin(sinks, keys)]])
         if max_distance is not None:
             keys = keys[t - keys < max_distance]
         keys = keys[(keys >= k_start) & (keys < k_start + kv_len)] - k_start
