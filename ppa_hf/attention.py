@@ -35,7 +35,8 @@ def _refuse(module, is_causal, kwargs):
 def choose_backend(settings: PPASettings, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                    layout: PPALayout, dropout: float) -> str:
     """The path for this call. An explicit ``ppa_backend`` is obeyed or refused with a ``ValueError``; for ``auto``:
-    gathered decoding for a few queries against a long cache (a fused Triton kernel on CUDA), the block-sparse
+    gathered decoding for a few queries against a long cache (a fused Triton kernel on CUDA), the dense-mask
+    path for a few queries against a short cache or under full attention, the block-sparse
     Triton kernel on CUDA when every row is one sequence from kv index 0 (no or right padding) and the head size
     is supported, FlexAttention on CUDA otherwise, else the dense-mask SDPA path (exact, trains on CPU).
 
@@ -54,6 +55,10 @@ def choose_backend(settings: PPASettings, query: torch.Tensor, key: torch.Tensor
         return "naive"
     if q_len <= DECODE_MAX_QUERIES and kv_len >= DECODE_MIN_KEYS and not settings.pattern.is_full:
         return "decode"
+    if q_len <= DECODE_MAX_QUERIES and settings.backend == "auto":
+        # A few queries against a short cache (or full attention): the dense mask is tiny. FlexAttention would
+        # recompile for every new cache length (it is compiled for static shapes), so it is not used here.
+        return "naive"
     triton_ok = _tri.supports(query, key, value)
     if triton_ok and simple_layout(layout) is not None:
         return "triton"

@@ -11,6 +11,12 @@ def add_eval_arguments(parser, with_p: bool = True, with_output: bool = True):
                             help="PPA power in [0, 1] (float or fraction); default: the model's saved ppa_p")
     parser.add_argument("--window", type=int, default=None, help="PPA window (default: saved, else 64)")
     parser.add_argument("--sink-tokens", type=int, default=None, help="sink tokens (default: saved, else 0)")
+    parser.add_argument("--backend", default=None, choices=["auto", "naive", "flex", "decode", "triton"],
+                        help="attention path (default: saved, else auto)")
+    parser.add_argument("--granularity", default=None, choices=["token", "block"],
+                        help="PPA pattern granularity (default: saved, else token)")
+    parser.add_argument("--block-size", type=int, default=None,
+                        help="block size of the block pattern (default: saved, else 128)")
     parser.add_argument("--task", default="gsm8k", help="gsm8k | math500 | perplexity")
     parser.add_argument("--data", default=None,
                         help="local JSONL (gsm8k/math500) or text file / 'pydoc' / 'stdlib' (perplexity); "
@@ -46,8 +52,9 @@ def run(args) -> int:
                        sink_tokens=args.sink_tokens, data=args.data, fewshot_data=args.fewshot_data,
                        shots=args.shots, limit=args.limit, batch_size=args.batch_size,
                        max_new_tokens=args.max_new_tokens, strict=args.strict, output=args.output,
-                       context=args.context, stride=args.stride, max_windows=args.max_windows, dtype=args.dtype)
-    keys = ["task", "ppa_p", "ppa_window", "ppa_sink_tokens"]
+                       context=args.context, stride=args.stride, max_windows=args.max_windows, dtype=args.dtype,
+                       backend=args.backend, granularity=args.granularity, block_size=args.block_size)
+    keys = ["task", "ppa_p", "ppa_window", "ppa_sink_tokens", "ppa_granularity"]
     keys += (["nll", "ppl", "tokens", "windows", "context", "stride"] if args.task == "perplexity"
              else ["accuracy", "correct", "total"] + [k for k in summary if k.startswith("accuracy_")])
     print(json.dumps({k: summary[k] for k in keys + ["seconds"] if k in summary}))

@@ -25,32 +25,45 @@ DATA_KINDS = {"gsm8k": "gsm8k", "math500": "math"}
 # ---------------------------------------------------------------------------------------------- models
 
 
+def apply_eval_settings(lm, p=None, window: int | None = None, sink_tokens: int | None = None,
+                        backend: str | None = None, granularity: str | None = None, block_size: int | None = None):
+    """Switch ``lm`` to PPA; each argument left ``None`` keeps the value saved in ``lm.config`` (else the default).
+    ``p=None`` with no saved ``ppa_p`` is an error (an evaluation never guesses p)."""
+    import ppa_hf
+    from .settings import DEFAULTS
+
+    def saved(name, given):
+        if given is not None:
+            return given
+        value = getattr(lm.config, name, None)
+        return DEFAULTS[name] if value is None else value
+
+    if p is None and getattr(lm.config, "ppa_p", None) is None:
+        raise ValueError(f"--p is not given and the model {getattr(lm.config, '_name_or_path', '') or 'SmolLM2'} "
+                         "has no saved ppa_p; pass --p in [0, 1] (1 = full attention)")
+    ppa_hf.apply(lm, p=saved("ppa_p", p), window=saved("ppa_window", window),
+                 sink_tokens=saved("ppa_sink_tokens", sink_tokens), backend=saved("ppa_backend", backend),
+                 granularity=saved("ppa_granularity", granularity), block_size=saved("ppa_block_size", block_size))
+    return lm
+
+
 def load_eval_model(model: str | None = None, gguf_file: str | None = None, p=None, window: int | None = None,
-                    sink_tokens: int | None = None, dtype: str = "float32", device: str | None = None):
+                    sink_tokens: int | None = None, dtype: str = "float32", device: str | None = None,
+                    backend: str | None = None, granularity: str | None = None, block_size: int | None = None):
     """``(model, tokenizer)`` with PPA on. ``p=None`` keeps the ``ppa_p`` saved in the model's config (an error
-    when it has none). ``window``/``sink_tokens`` of ``None`` keep the saved values (or the defaults)."""
+    when it has none). ``window``/``sink_tokens``/``backend``/``granularity``/``block_size`` of ``None`` keep the
+    saved values (or the defaults)."""
     import torch
 
-    import ppa_hf
     from .models import load_model
-    from .settings import DEFAULTS
 
     if model is not None and not os.path.exists(model) and os.path.sep in model:
         raise FileNotFoundError(f"--model={model!r}: no such directory or file")
     lm, tokenizer = load_model(model, gguf_file, dtype=dtype)
-    saved_p = getattr(lm.config, "ppa_p", None)
-    if p is None and saved_p is None:
+    if p is None and getattr(lm.config, "ppa_p", None) is None:
         raise ValueError(f"--p is not given and the model {model or 'SmolLM2 (embedded)'} has no saved ppa_p; "
                          "pass --p in [0, 1] (1 = full attention)")
-    ppa_hf.apply(
-        lm,
-        p=saved_p if p is None else p,
-        window=window if window is not None else (getattr(lm.config, "ppa_window", None) or DEFAULTS["ppa_window"]),
-        sink_tokens=sink_tokens if sink_tokens is not None else (getattr(lm.config, "ppa_sink_tokens", None) or 0),
-        backend=getattr(lm.config, "ppa_backend", None) or "auto",
-        granularity=getattr(lm.config, "ppa_granularity", None) or "token",
-        block_size=getattr(lm.config, "ppa_block_size", None) or DEFAULTS["ppa_block_size"],
-    )
+    apply_eval_settings(lm, p, window, sink_tokens, backend, granularity, block_size)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     lm.to(device).eval()
     tokenizer.padding_side = "left"
@@ -251,11 +264,13 @@ def run_eval(task: str, model: str | None = None, gguf_file: str | None = None, 
              sink_tokens=None, data: str | None = None, fewshot_data: str | None = None, shots: int = 4,
              limit: int | None = None, batch_size: int = 8, max_new_tokens: int = 256, strict: bool = False,
              output: str | None = None, context: int = 1024, stride: int | None = None,
-             max_windows: int | None = None, progress: bool = True, loaded=None, dtype: str = "float32") -> dict:
+             max_windows: int | None = None, progress: bool = True, loaded=None, dtype: str = "float32",
+             backend: str | None = None, granularity: str | None = None, block_size: int | None = None) -> dict:
     """Evaluate one model on one task; returns the summary dict (also written to ``output`` when given).
 
     ``loaded=(model, tokenizer)`` reuses a loaded model (its PPA settings are then set from ``p``/... if
-    given)."""
+    given; what is not given keeps the model's current value). ``backend``/``granularity``/``block_size`` of
+    ``None`` keep the saved values (else ``auto``/``token``/128)."""
     import torch
 
     check_eval_args(task, data, shots, limit, batch_size, max_new_tokens, p)
@@ -276,14 +291,12 @@ def run_eval(task: str, model: str | None = None, gguf_file: str | None = None, 
     if output:
         os.makedirs(os.path.dirname(os.path.abspath(output)) or ".", exist_ok=True)
     if loaded is None:
-        lm, tokenizer = load_eval_model(model, gguf_file, p, window, sink_tokens, dtype=dtype)
+        lm, tokenizer = load_eval_model(model, gguf_file, p, window, sink_tokens, dtype=dtype, backend=backend,
+                                        granularity=granularity, block_size=block_size)
     else:
-        import ppa_hf
-
         lm, tokenizer = loaded
-        if p is not None:
-            ppa_hf.apply(lm, p=p, window=window if window is not None else (lm.config.ppa_window or 64),
-                         sink_tokens=sink_tokens if sink_tokens is not None else (lm.config.ppa_sink_tokens or 0))
+        if any(v is not None for v in (p, window, sink_tokens, backend, granularity, block_size)):
+            apply_eval_settings(lm, p, window, sink_tokens, backend, granularity, block_size)
     summary = {"task": task, "model": model or "SmolLM2-135M-Instruct (embedded GGUF)", **ppa_summary(lm.config)}
     if task == "perplexity":
         from .perplexity import load_text

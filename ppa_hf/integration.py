@@ -59,7 +59,7 @@ def apply(model, p, window: int = 64, sink_tokens: int = 0, backend: str = "auto
         p: power in [0, 1], or a list with one value per layer (1 = full attention for that layer).
         window: local window ``w`` (the query itself included), integer >= 1.
         sink_tokens: the first ``s`` real tokens of each sequence are always attended, integer >= 0.
-        backend: ``auto`` | ``naive`` | ``flex`` | ``decode``.
+        backend: ``auto`` | ``naive`` | ``flex`` | ``decode`` | ``triton`` (see ``attention.choose_backend``).
         granularity: ``token`` (the paper's pattern) or ``block``.
         block_size: block size of the block-granular pattern.
     """

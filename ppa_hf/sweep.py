@@ -22,7 +22,7 @@ SETTINGS_NAME = "sweep_settings.json"
 # what must not change between an interrupted run and its resume
 _BUDGET_KEYS = ("task", "model", "gguf_file", "window", "sink_tokens", "data", "shots", "limit", "max_new_tokens",
                 "strict", "context", "stride", "max_windows", "finetune_steps", "train_file", "seq_len", "lr",
-                "lora_r", "train_batch_size", "seed", "dtype")
+                "lora_r", "train_batch_size", "seed", "dtype", "granularity", "block_size")
 
 
 def _point_name(p: float) -> str:
@@ -64,6 +64,8 @@ def finetune_point(args, p: float, out_dir: str) -> str:
         argv += ["--window", str(args.window)]
     if args.sink_tokens is not None:
         argv += ["--sink-tokens", str(args.sink_tokens)]
+    if args.granularity is not None:
+        argv += ["--granularity", args.granularity]
     if args.model is not None:
         argv += ["--model", args.model]
     if args.gguf_file is not None:
@@ -111,13 +113,16 @@ def run_sweep(args) -> dict:
                           max_windows=args.max_windows, progress=True)
             if args.finetune_steps > 0:
                 model_dir = finetune_point(args, p, out_dir)
-                summary = run_eval(model=model_dir, p=None, dtype=args.dtype, **common)
+                summary = run_eval(model=model_dir, p=None, dtype=args.dtype, backend=args.backend,
+                                   block_size=args.block_size, **common)
             else:
                 if loaded is None:  # one load for every point: apply() switches p in place
                     loaded = load_eval_model(args.model, args.gguf_file, p, args.window, args.sink_tokens,
-                                             dtype=args.dtype)
+                                             dtype=args.dtype, backend=args.backend, granularity=args.granularity,
+                                             block_size=args.block_size)
                 summary = run_eval(model=args.model, gguf_file=args.gguf_file, p=p, window=args.window,
-                                   sink_tokens=args.sink_tokens, loaded=loaded, **common)
+                                   sink_tokens=args.sink_tokens, loaded=loaded, backend=args.backend,
+                                   granularity=args.granularity, block_size=args.block_size, **common)
             print(f"p={p:g}: {key}={summary[key]:.4f} ({time.time() - started:.0f} s)", flush=True)
         rows.append({"p": p, key: summary[key], **({"correct": summary["correct"], "total": summary["total"]}
                                                    if key == "accuracy" else {"nll": summary["nll"],

@@ -155,3 +155,27 @@ def test_bad_input(case, tiny_model_dir, tmp_path, capsys):
     lines = [line for line in stderr.splitlines() if line.strip() and "Warning" not in line]
     assert len(lines) == 1 and expect in lines[0], stderr[-2000:]
     assert not output.exists() and not (tmp_path / "out" / "r.samples.jsonl").exists()
+
+
+def test_backend_and_granularity_flags(tiny_model_dir, tmp_path):
+    """--backend/--granularity reach the model; a loaded model re-applied at a new p keeps what it was given."""
+    from ppa_hf.cli import main
+    from ppa_hf.evaluation import load_eval_model
+
+    text = tmp_path / "text.txt"
+    text.write_text("The quick brown fox jumps over the lazy dog. " * 40)
+    output = tmp_path / "ppl.json"
+    assert main(["eval", "--model", str(tiny_model_dir), "--p", "0.5", "--task", "perplexity", "--data", str(text),
+                 "--context", "96", "--backend", "naive", "--granularity", "block", "--block-size", "16",
+                 "--output", str(output)]) == 0
+    summary = json.loads(output.read_text())
+    assert summary["ppa_granularity"] == "block"
+    loaded = load_eval_model(str(tiny_model_dir), p=0.5, backend="naive", granularity="block", block_size=16,
+                             device="cpu")
+    config = loaded[0].config
+    assert (config.ppa_backend, config.ppa_granularity, config.ppa_block_size) == ("naive", "block", 16)
+    again = run_eval(task="perplexity", data=str(text), p=0.75, context=96, loaded=loaded, progress=False)
+    assert again["ppa_p"] == 0.75 and again["ppa_granularity"] == "block"
+    assert (config.ppa_backend, config.ppa_block_size) == ("naive", 16)
+    with pytest.raises(ValueError, match="block_size"):
+        load_eval_model(str(tiny_model_dir), p=0.5, block_size=0, device="cpu")

@@ -149,3 +149,37 @@ def test_model_paths_agree_on_gpu():
     err = (step - full).abs().max().item()
     print(f"[model] cached decode step vs full forward: max |diff| {err:.3e}")
     assert err < 0.05 * full.abs().max().item()
+
+
+@cuda
+def test_left_padded_generation_auto_matches_naive_on_gpu():
+    """Batched, left-padded greedy generation on CUDA (prompts shorter than DECODE_MIN_KEYS, so the cache stays
+    short): 'auto' gives the same tokens as 'naive' in fp32, and routes short-cache decoding to the dense-mask
+    path rather than recompiling FlexAttention for every cache length."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    import ppa_hf
+    from ppa_hf.attention import choose_backend
+    from ppa_hf.settings import read_settings
+
+    cfg = LlamaConfig(vocab_size=512, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
+                      pad_token_id=0, eos_token_id=1, bos_token_id=2)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(cfg).cuda().eval()
+    ids = torch.randint(3, 512, (3, 301), device="cuda")
+    mask = torch.ones_like(ids)
+    mask[1, :120] = 0  # left padding
+    mask[2, :7] = 0
+    ids = ids.masked_fill(mask == 0, 0)
+    out = {}
+    for backend in ("naive", "auto"):
+        ppa_hf.apply(model, p=0.5, window=16, backend=backend)
+        with torch.no_grad():
+            out[backend] = model.generate(ids, attention_mask=mask, max_new_tokens=40, do_sample=False,
+                                          min_new_tokens=40)
+    assert torch.equal(out["auto"], out["naive"])
+    settings = read_settings(model.config, 0)
+    q = torch.randn(3, 4, 1, 32, device="cuda")
+    k = torch.randn(3, 2, 340, 32, device="cuda")
+    assert choose_backend(settings, q, k, k, None, 0.0) == "naive"

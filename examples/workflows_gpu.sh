@@ -1,0 +1,68 @@
+#!/usr/bin/env bash
+# The one-GPU timings of docs/evaluate.md and docs/finetune.md, as sent through the device tool (one H200).
+# The device image lacks datasets/evaluate/gguf/lm-eval: their wheels travel in .whl/ and .dev/lmw/ (git-ignored).
+# The 98 MB GGUF travels in two parts (see examples/results_gpu.sh for the split):
+#   call 1: carry .dev/smollm2.gguf.part_aa .dev/gguf-0.19.0-py3-none-any.whl .whl;  bash examples/workflows_gpu.sh stage
+#   call 2: carry .dev/smollm2.gguf.part_ab .dev/data;                              bash examples/workflows_gpu.sh main
+#   call 3: carry .dev/lmw .dev/data .dev/tok;                                       bash examples/workflows_gpu.sh extra
+# Every command's log and wall time are written straight to $OUT (timings.txt), so a call cut short keeps what ran.
+set -uo pipefail
+STAGE=/tmp/ppa_model
+mkdir -p "$STAGE"
+if [ "${1:-}" = stage ]; then
+  cp .dev/smollm2.gguf.part_aa .dev/gguf-*.whl "$STAGE"/ && cp -r .whl "$STAGE"/whl
+  python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site "$STAGE"/whl/*.whl "$STAGE"/gguf-*.whl
+  PYTHONPATH=/tmp/site python3 -c "import datasets, evaluate, gguf, pyarrow, fsspec; print('datasets', datasets.__version__, 'evaluate', evaluate.__version__, 'pyarrow', pyarrow.__version__, 'fsspec', fsspec.__version__)"
+  nvidia-smi -L; exit 0
+fi
+[ -f .dev/smollm2.gguf.part_ab ] && cp .dev/smollm2.gguf.part_ab "$STAGE"/
+[ -f "$STAGE/smollm2.gguf" ] || cat "$STAGE"/smollm2.gguf.part_aa "$STAGE"/smollm2.gguf.part_ab > "$STAGE/smollm2.gguf"
+if [ -d .dev/lmw ]; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .dev/lmw/*.whl || exit 1
+fi
+export PYTHONPATH=/tmp/site:$PWD PPA_HF_DEFAULT_GGUF="$STAGE/smollm2.gguf" PYTHONUNBUFFERED=1
+export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+D=$PWD/.dev/data
+E="python3 -m ppa_hf.cli"
+mkdir -p "$OUT/eval"
+{ python3 -c "import torch, transformers; print(torch.cuda.get_device_name(), 'torch', torch.__version__, 'transformers', transformers.__version__)"
+  git log -1 --format=%H 2>/dev/null; date -u; } >> "$OUT/machine.txt"
+
+step() {  # step NAME TIMEOUT_S COMMAND...: log to $OUT/NAME.log, wall time and exit code to $OUT/timings.txt
+  local name=$1 limit=$2; shift 2
+  local t0; t0=$(date +%s%N)
+  timeout "$limit" "$@" > "$OUT/$name.log" 2>&1
+  local rc=$?
+  local ms=$(( ($(date +%s%N) - t0) / 1000000 ))
+  printf '%s\trc=%s\twall_s=%d.%03d\t%s\n' "$name" "$rc" $((ms / 1000)) $((ms % 1000)) "$*" >> "$OUT/timings.txt"
+}
+
+case "${1:-}" in
+  main)
+    step gsm8k_p075 150 $E eval --p 0.75 --task gsm8k --data "$D/gsm8k/test.jsonl" --limit 200 --batch-size 50 \
+      --max-new-tokens 256 --output "$OUT/eval/gsm8k_p075.json"
+    step finetune_lora 170 accelerate launch --config_file examples/accelerate_configs/gpu_1.yaml examples/finetune.py \
+      --train-file "$D/gsm8k/train.jsonl" --p 0.75 --output-dir /tmp/ft_lora --max-steps 100 --seq-len 512 \
+      --batch-size 16 --lora-r 16 --lr 2e-4 --limit 1600 --no-progress
+    cp /tmp/ft_lora/train_log.jsonl "$OUT/ft_lora_train_log.jsonl" 2>/dev/null
+    step gsm8k_p075_finetuned 100 $E eval --model /tmp/ft_lora --task gsm8k --data "$D/gsm8k/test.jsonl" --limit 200 \
+      --batch-size 50 --max-new-tokens 256 --output "$OUT/eval/gsm8k_p075_finetuned.json"
+    step math500_p075 120 $E eval --p 0.75 --task math500 --data "$D/math500/test.jsonl" --limit 100 --batch-size 50 \
+      --max-new-tokens 512 --output "$OUT/eval/math500_p075.json"
+    step ppl_p075 60 $E eval --p 0.75 --task perplexity --data pydoc --context 2048 --max-windows 16 \
+      --output "$OUT/eval/ppl_p075.json" ;;
+  extra)
+    step gsm8k_p1 100 $E eval --p 1 --task gsm8k --data "$D/gsm8k/test.jsonl" --limit 200 --batch-size 50 \
+      --max-new-tokens 256 --output "$OUT/eval/gsm8k_p1.json"
+    step gsm8k_p075_naive 100 $E eval --p 0.75 --backend naive --task gsm8k --data "$D/gsm8k/test.jsonl" --limit 200 \
+      --batch-size 50 --max-new-tokens 256 --output "$OUT/eval/gsm8k_p075_naive.json"
+    step sweep_ppl 100 $E sweep --ps 0 0.25 0.5 0.75 0.875 1 --task perplexity --data pydoc --context 2048 \
+      --max-windows 16 --out-dir "$OUT/sweep_ppl"
+    PPA_HF_DATA_DIR=$D step lm_eval_gsm8k 150 python3 -m ppa_hf.lm_eval_main run --model ppa \
+      --model_args ppa_p=0.75 --tasks ppa_gsm8k --limit 200 --batch_size 50 --output_path "$OUT/lm_eval"
+    step finetune_full 120 accelerate launch --config_file examples/accelerate_configs/gpu_1.yaml examples/finetune.py \
+      --train-file "$D/gsm8k/train.jsonl" --p 0.75 --output-dir /tmp/ft_full --max-steps 100 --seq-len 512 \
+      --batch-size 16 --lora-r 0 --lr 2e-5 --limit 1600 --no-progress
+    cp /tmp/ft_full/train_log.jsonl "$OUT/ft_full_train_log.jsonl" 2>/dev/null ;;
+esac
+cat "$OUT/timings.txt"
