@@ -13,7 +13,10 @@ if [ "${1:-}" = stage ]; then
   cp .dev/smollm2.gguf.part_aa .dev/gguf-*.whl "$STAGE"/ && cp -r .whl "$STAGE"/whl
   python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site "$STAGE"/whl/*.whl "$STAGE"/gguf-*.whl
   PYTHONPATH=/tmp/site python3 -c "import datasets, evaluate, gguf, pyarrow, fsspec; print('datasets', datasets.__version__, 'evaluate', evaluate.__version__, 'pyarrow', pyarrow.__version__, 'fsspec', fsspec.__version__)"
-  nvidia-smi -L; exit 0
+  nvidia-smi -L
+  # the GPU correctness tests, while the machine is up (printed errors: -s)
+  PYTHONPATH=/tmp/site:$PWD timeout 400 python3 -m pytest -q -s -p no:cacheprovider tests/test_gpu_kernels.py \
+    > "$OUT/gpu_tests.log" 2>&1; echo "gpu tests rc=$?"; tail -3 "$OUT/gpu_tests.log"; exit 0
 fi
 [ -f .dev/smollm2.gguf.part_ab ] && cp .dev/smollm2.gguf.part_ab "$STAGE"/
 [ -f "$STAGE/smollm2.gguf" ] || cat "$STAGE"/smollm2.gguf.part_aa "$STAGE"/smollm2.gguf.part_ab > "$STAGE/smollm2.gguf"
