@@ -73,6 +73,20 @@ def choose_backend(settings: PPASettings, query: torch.Tensor, key: torch.Tensor
     return "naive"
 
 
+def common_dtype(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor):
+    """``query``/``key``/``value`` in one dtype. Under autocast that is the autocast dtype, as SDPA would use: the
+    rotary embedding leaves ``query``/``key`` in the fp32 of the weights while ``value`` comes out of an autocast
+    linear in bf16, and the fused kernels need one dtype. Outside autocast a mismatch is promoted."""
+    device_type = query.device.type
+    if torch.is_autocast_enabled(device_type):
+        dtype = torch.get_autocast_dtype(device_type)
+    elif query.dtype == key.dtype == value.dtype:
+        return query, key, value
+    else:
+        dtype = torch.promote_types(torch.promote_types(query.dtype, key.dtype), value.dtype)
+    return query.to(dtype), key.to(dtype), value.to(dtype)
+
+
 def ppa_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                           attention_mask, dropout: float = 0.0, scaling: float | None = None,
                           is_causal: bool | None = None, **kwargs):
@@ -90,6 +104,7 @@ def ppa_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: tor
         raise ValueError(f"PPA layout covers {layout.kv_length} keys but attention got {key.shape[2]}")
     max_distance = kwargs.get("sliding_window")  # the model's own sliding window, intersected with PPA
     pattern = settings.pattern
+    query, key, value = common_dtype(query, key, value)
     backend = choose_backend(settings, query, key, value, layout, dropout)
     if backend == "decode":
         out = decode_attention(query, key, value, layout, pattern, scaling, max_distance)

@@ -223,3 +223,29 @@ def test_static_cache_generation_matches_dynamic(family):
         dynamic = model.generate(x, **kw)
         static = model.generate(x, cache_implementation="static", **kw)
     assert torch.equal(dynamic, static)
+
+
+def test_autocast_gives_the_kernels_one_dtype(monkeypatch):
+    """Under autocast the rotary embedding leaves query/key in fp32 while value is bf16; PPA hands its kernels one
+    dtype (the autocast one, as SDPA uses) and at p = 1 matches stock SDPA under the same autocast."""
+    import ppa_hf.attention as attention
+
+    seen = []
+    real = attention.naive_attention
+
+    def spy(query, key, value, *args, **kwargs):
+        seen.append((query.dtype, key.dtype, value.dtype))
+        return real(query, key, value, *args, **kwargs)
+
+    monkeypatch.setattr(attention, "naive_attention", spy)
+    x = ids(2, 40)
+    stock = tiny("llama")
+    model = tiny("llama", attn="ppa", ppa_p=1.0, ppa_backend="naive")
+    model.load_state_dict(stock.state_dict())
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        want = stock(x).logits.float()
+        got = model(x).logits.float()
+    assert seen and set(seen) == {(torch.bfloat16,) * 3}, seen
+    err = (got - want).abs().max().item()
+    print(f"ppa p=1 vs sdpa under bf16 autocast: max |diff| {err:.3e}")
+    assert err < 0.05 * want.abs().max().item()

@@ -21,11 +21,14 @@ def flex_available() -> bool:
 
 
 def _flex_fn(device: torch.device):
-    # Compiled on CUDA (fused kernel); eager elsewhere (CPU: forward only, used for tests).
+    # Compiled on CUDA (fused kernel); eager elsewhere (CPU: forward only, used for tests). dynamic=None: the first
+    # shape is compiled static, and the first change of shape (a new batch length, padded prompts of another
+    # length) recompiles once with dynamic sizes instead of once per length (dynamic=False hit the recompile
+    # limit after 8 lengths and fell back to eager, unfused FlexAttention).
     if device.type != "cuda":
         return flex_attention
     if "cuda" not in _COMPILED:
-        _COMPILED["cuda"] = torch.compile(flex_attention, dynamic=False)
+        _COMPILED["cuda"] = torch.compile(flex_attention, dynamic=None)
     return _COMPILED["cuda"]
 
 
