@@ -15,8 +15,9 @@ if [ "${1:-}" = stage ]; then
   PYTHONPATH=/tmp/site python3 -c "import datasets, evaluate, gguf, pyarrow, fsspec; print('datasets', datasets.__version__, 'evaluate', evaluate.__version__, 'pyarrow', pyarrow.__version__, 'fsspec', fsspec.__version__)"
   nvidia-smi -L
   # the GPU correctness tests, while the machine is up (printed errors: -s)
-  PYTHONPATH=/tmp/site:$PWD timeout 400 python3 -m pytest -q -s -p no:cacheprovider tests/test_gpu_kernels.py \
-    > "$OUT/gpu_tests.log" 2>&1; echo "gpu tests rc=$?"; tail -3 "$OUT/gpu_tests.log"; exit 0
+  PYTHONPATH=/tmp/site:$PWD timeout 200 python3 -m pytest -q -s -p no:cacheprovider tests/test_gpu_kernels.py \
+    -k "model_paths or left_padded" > "$OUT/gpu_tests.log" 2>&1; echo "gpu tests rc=$?"; tail -3 "$OUT/gpu_tests.log"
+  exit 0
 fi
 [ -f .dev/smollm2.gguf.part_ab ] && cp .dev/smollm2.gguf.part_ab "$STAGE"/
 [ -f "$STAGE/smollm2.gguf" ] || cat "$STAGE"/smollm2.gguf.part_aa "$STAGE"/smollm2.gguf.part_ab > "$STAGE/smollm2.gguf"
@@ -42,18 +43,18 @@ step() {  # step NAME TIMEOUT_S COMMAND...: log to $OUT/NAME.log, wall time and 
 
 case "${1:-}" in
   main)
-    step gsm8k_p075 150 $E eval --p 0.75 --task gsm8k --data "$D/gsm8k/test.jsonl" --limit 200 --batch-size 50 \
+    step genprof 90 python3 benchmarks/generation_profile.py --attns sdpa ppa-auto --prompt-lengths 700 1000 \
+      --train-lengths 269 275 301 288 310 333 --out "$OUT/genprof.jsonl"
+    step gsm8k_p075 120 $E eval --p 0.75 --task gsm8k --data "$D/gsm8k/test.jsonl" --limit 200 --batch-size 50 \
       --max-new-tokens 256 --output "$OUT/eval/gsm8k_p075.json"
-    step finetune_lora 170 accelerate launch --config_file examples/accelerate_configs/gpu_1.yaml examples/finetune.py \
+    step finetune_lora 120 accelerate launch --config_file examples/accelerate_configs/gpu_1.yaml examples/finetune.py \
       --train-file "$D/gsm8k/train.jsonl" --p 0.75 --output-dir /tmp/ft_lora --max-steps 100 --seq-len 512 \
       --batch-size 16 --lora-r 16 --lr 2e-4 --limit 1600 --no-progress
     cp /tmp/ft_lora/train_log.jsonl "$OUT/ft_lora_train_log.jsonl" 2>/dev/null
-    step gsm8k_p075_finetuned 100 $E eval --model /tmp/ft_lora --task gsm8k --data "$D/gsm8k/test.jsonl" --limit 200 \
+    step gsm8k_p075_finetuned 90 $E eval --model /tmp/ft_lora --task gsm8k --data "$D/gsm8k/test.jsonl" --limit 200 \
       --batch-size 50 --max-new-tokens 256 --output "$OUT/eval/gsm8k_p075_finetuned.json"
-    step math500_p075 120 $E eval --p 0.75 --task math500 --data "$D/math500/test.jsonl" --limit 100 --batch-size 50 \
-      --max-new-tokens 512 --output "$OUT/eval/math500_p075.json"
-    step ppl_p075 60 $E eval --p 0.75 --task perplexity --data pydoc --context 2048 --max-windows 16 \
-      --output "$OUT/eval/ppl_p075.json" ;;
+    step math500_p075 100 $E eval --p 0.75 --task math500 --data "$D/math500/test.jsonl" --limit 100 --batch-size 50 \
+      --max-new-tokens 512 --output "$OUT/eval/math500_p075.json" ;;
   extra)
     step gsm8k_p1 100 $E eval --p 1 --task gsm8k --data "$D/gsm8k/test.jsonl" --limit 200 --batch-size 50 \
       --max-new-tokens 256 --output "$OUT/eval/gsm8k_p1.json"

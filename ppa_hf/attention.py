@@ -12,6 +12,10 @@ from .settings import PPASettings, read_settings
 
 DECODE_MAX_QUERIES = 16  # "a few new queries": above this the gathered path stops paying
 DECODE_MIN_KEYS = 1024  # below this the dense mask is as cheap as the index list
+# FlexAttention only above this many (query, key) entries per row: below it the dense-mask SDPA path is faster
+# (H200, SmolLM2 shape, 50 left-padded prompts of 700-1000 tokens: 0.4-0.6 s prefill against 2.5 s for Flex,
+# plus two Flex compilations of about 20 s; benchmarks/generation_profile.py).
+FLEX_MIN_ENTRIES = 4096 * 4096
 
 _UNSUPPORTED_KWARGS = {
     "softcap": "attention logit soft-capping",
@@ -38,7 +42,8 @@ def choose_backend(settings: PPASettings, query: torch.Tensor, key: torch.Tensor
     gathered decoding for a few queries against a long cache (a fused Triton kernel on CUDA), the dense-mask
     path for a few queries against a short cache or under full attention, the block-sparse
     Triton kernel on CUDA when every row is one sequence from kv index 0 (no or right padding) and the head size
-    is supported, FlexAttention on CUDA otherwise, else the dense-mask SDPA path (exact, trains on CPU).
+    is supported, FlexAttention on CUDA otherwise for long inputs (more than ``FLEX_MIN_ENTRIES`` query-key
+    pairs), else the dense-mask SDPA path (exact, trains on CPU).
 
     ``ppa_backend='triton'`` uses the Triton kernels: the fused decode kernel for a few queries against a long
     cache, the block-sparse kernel otherwise; a call the kernels cannot serve (no Triton for this device, left
@@ -68,7 +73,7 @@ def choose_backend(settings: PPASettings, query: torch.Tensor, key: torch.Tensor
                "the block-sparse kernel needs every row to be one sequence starting at kv index 0 "
                "(no left padding, no packed sequences)")
         raise ValueError(f"ppa_backend='triton' cannot serve this call: {why}; use ppa_backend='auto'")
-    if query.device.type == "cuda" and flex_available():
+    if query.device.type == "cuda" and flex_available() and q_len * kv_len > FLEX_MIN_ENTRIES:
         return "flex"
     return "naive"
 

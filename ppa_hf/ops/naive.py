@@ -48,11 +48,18 @@ def reference_attention(query, key, value, keep: torch.Tensor, scale: float | No
 def naive_attention(query, key, value, layout: PPALayout, pattern: PPAPattern, scale: float | None = None,
                     dropout: float = 0.0, max_distance: int | None = None) -> torch.Tensor:
     """PPA through SDPA with a dense ``[B, 1, Q, K]`` boolean mask. Exact on any device, with gradients."""
-    keep = layout_keep(layout, pattern, max_distance)
-    row_any = keep.any(-1, keepdim=True)
-    # A row with no key would give NaN in SDPA; let it see everything, then zero it.
-    attn_mask = keep | ~row_any
-    gqa = query.shape[1] != key.shape[1]
+    cache_key = ("sdpa_mask", pattern, max_distance)
+    if cache_key not in layout.cache:  # shared by the layers of one forward pass
+        keep = layout_keep(layout, pattern, max_distance)
+        row_any = keep.any(-1, keepdim=True)
+        # A row with no key would give NaN in SDPA; let it see everything, then zero it.
+        layout.cache[cache_key] = (keep | ~row_any, None if bool(row_any.all()) else row_any)
+    attn_mask, row_any = layout.cache[cache_key]
+    groups = query.shape[1] // key.shape[1]
+    if groups > 1 and query.device.type == "cuda":
+        # CUDA's fused SDPA kernels take a mask or GQA, not both (torch then falls back to the unfused math
+        # kernel): repeat the KV heads instead, as Transformers' own sdpa path does with a mask.
+        key, value = _expand_kv(key, groups), _expand_kv(value, groups)
     out = F.scaled_dot_product_attention(query, key, value, attn_mask=attn_mask, dropout_p=dropout, scale=scale,
-                                         enable_gqa=gqa)
-    return out * row_any.to(out.dtype)
+                                         enable_gqa=query.shape[1] != key.shape[1])
+    return out if row_any is None else out * row_any.to(out.dtype)
