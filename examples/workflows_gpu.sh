@@ -5,6 +5,8 @@
 #   call 1: carry .dev/smollm2.gguf.part_aa .dev/gguf-0.19.0-py3-none-any.whl .whl;  bash examples/workflows_gpu.sh stage
 #   call 2: carry .dev/smollm2.gguf.part_ab .dev/data;                              bash examples/workflows_gpu.sh main
 #   call 3: carry .dev/lmw .dev/data .dev/tok;                                       bash examples/workflows_gpu.sh extra
+# (as run on 2026-11-28 after the GGUF-save fix: call 1 with "stage --no-tests", call 2 carrying
+#  .dev/smollm2.gguf.part_ab .dev/data .dev/lmw: bash examples/workflows_gpu.sh final)
 # Every command's log and wall time are written straight to $OUT (timings.txt), so a call cut short keeps what ran.
 set -uo pipefail
 STAGE=/tmp/ppa_model
@@ -14,6 +16,7 @@ if [ "${1:-}" = stage ]; then
   python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site "$STAGE"/whl/*.whl "$STAGE"/gguf-*.whl
   PYTHONPATH=/tmp/site python3 -c "import datasets, evaluate, gguf, pyarrow, fsspec; print('datasets', datasets.__version__, 'evaluate', evaluate.__version__, 'pyarrow', pyarrow.__version__, 'fsspec', fsspec.__version__)"
   nvidia-smi -L
+  [ "${2:-}" = --no-tests ] && exit 0
   # the GPU correctness tests, while the machine is up (printed errors: -s)
   PYTHONPATH=/tmp/site:$PWD timeout 200 python3 -m pytest -q -s -p no:cacheprovider tests/test_gpu_kernels.py \
     -k "model_paths or left_padded" > "$OUT/gpu_tests.log" 2>&1; echo "gpu tests rc=$?"; tail -3 "$OUT/gpu_tests.log"
@@ -55,6 +58,17 @@ case "${1:-}" in
       --batch-size 50 --max-new-tokens 256 --output "$OUT/eval/gsm8k_p075_finetuned.json"
     step math500_p075 100 $E eval --p 0.75 --task math500 --data "$D/math500/test.jsonl" --limit 100 --batch-size 50 \
       --max-new-tokens 512 --output "$OUT/eval/math500_p075.json" ;;
+  final)  # after the GGUF-save fix: LoRA fine-tune + save, the saved model evaluated, lm-eval
+    step finetune_lora 75 accelerate launch --config_file examples/accelerate_configs/gpu_1.yaml examples/finetune.py \
+      --train-file "$D/gsm8k/train.jsonl" --p 0.75 --output-dir /tmp/ft_lora2 --max-steps 100 --seq-len 512 \
+      --batch-size 16 --lora-r 16 --lr 2e-4 --limit 1600 --no-progress
+    cp /tmp/ft_lora2/train_log.jsonl "$OUT/ft_lora_train_log.jsonl" 2>/dev/null
+    step gsm8k_p075_finetuned 65 $E eval --model /tmp/ft_lora2 --task gsm8k --data "$D/gsm8k/test.jsonl" --limit 200 \
+      --batch-size 50 --max-new-tokens 256
+    PPA_HF_DATA_DIR=$D step lm_eval_gsm8k 75 python3 -m ppa_hf.lm_eval_main run --model ppa \
+      --model_args ppa_p=0.75 --tasks ppa_gsm8k --limit 100 --batch_size 50
+    step gsm8k_p1 60 $E eval --p 1 --task gsm8k --data "$D/gsm8k/test.jsonl" --limit 200 --batch-size 50 \
+      --max-new-tokens 256 ;;
   extra)
     step gsm8k_p1 100 $E eval --p 1 --task gsm8k --data "$D/gsm8k/test.jsonl" --limit 200 --batch-size 50 \
       --max-new-tokens 256 --output "$OUT/eval/gsm8k_p1.json"

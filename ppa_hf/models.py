@@ -50,7 +50,33 @@ def load_model(model: str | None = None, gguf_file: str | None = None, dtype="fl
         tokenizer.pad_token = tokenizer.eos_token
     dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
     lm = AutoModelForCausalLM.from_pretrained(model, dtype=dtype, **tok_kwargs, **kwargs)
+    if gguf_file:
+        forget_dequantized_gguf(lm)
     return lm, tokenizer
+
+
+def forget_dequantized_gguf(model) -> bool:
+    """Let a model loaded from GGUF and de-quantized on load be saved and fine-tuned like a dense one.
+
+    Transformers keeps the GGUF quantizer on the model after loading even when every weight was turned into an
+    ordinary float tensor, and then refuses ``save_pretrained`` ("quantized with gguf and is not serializable"),
+    which made a fine-tuned SmolLM2 unsavable. When every parameter is a floating-point tensor the quantizer
+    has nothing left to describe and is dropped (returns ``True``); a model that kept packed GGUF blocks is
+    left as it is (``False``)."""
+    import torch
+
+    quantizer = getattr(model, "hf_quantizer", None)
+    if quantizer is None or "gguf" not in type(quantizer).__name__.lower():
+        return False
+    if not all(torch.is_floating_point(t) for t in model.state_dict().values()):
+        return False
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    for name in ("is_quantized", "quantization_method"):
+        if name in vars(model):
+            setattr(model, name, False if name == "is_quantized" else None)
+    return True
 
 
 def tiny_config(family: str, **overrides):

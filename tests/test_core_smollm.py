@@ -64,3 +64,20 @@ def test_generation_cache_and_left_padding(smollm):
             assert torch.equal(together[row, prompt_len : prompt_len + n_new], cached[0, -n_new:])
     assert batch.input_ids.shape[1] > 16 * 3  # the prompt alone is far past the window
     ppa_hf.apply(model, p=0.75)
+
+
+def test_saves_and_reloads_like_a_dense_model(smollm, tmp_path):
+    """Transformers keeps the GGUF quantizer on a de-quantized model and refuses to save it; load_model drops
+    it, so a (fine-tuned) SmolLM2 saves, and reloads with its PPA settings and the same logits."""
+    from transformers import AutoModelForCausalLM
+
+    model, tokenizer = smollm
+    ppa_hf.apply(model, p=0.75)
+    assert getattr(model, "hf_quantizer", None) is None
+    model.save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+    again = AutoModelForCausalLM.from_pretrained(tmp_path, attn_implementation="ppa").eval()
+    assert again.config.ppa_p == 0.75 and not hasattr(again.config, "quantization_config")
+    ids = tokenizer("def add(a, b):\n    return a + b\n", return_tensors="pt").input_ids
+    with torch.no_grad():
+        torch.testing.assert_close(again(ids).logits, model(ids).logits)

@@ -116,3 +116,17 @@ def test_random_init_synthetic_gradient_checkpointing(tiny_model_dir, tmp_path):
     rows = log_rows(out)
     assert [r["step"] for r in rows] == [1, 2] and all(r["tokens"] == 4 * 64 and r["global_batch"] == 4 for r in rows)
     assert AutoModelForCausalLM.from_pretrained(out, attn_implementation="ppa").config.ppa_p == 0.25
+
+
+def test_embedded_smollm2_lora_two_steps_saves_a_loadable_model(tmp_path):
+    """The default model (SmolLM2 from GGUF): LoRA, 2 steps, merged output loads with its p (the GGUF quantizer
+    used to make the fine-tuned model unsavable)."""
+    out = tmp_path / "ft"
+    args = ["--train-file", str(shared_data("gsm8k", "train.jsonl")), "--output-dir", str(out), "--seq-len", "64",
+            "--batch-size", "1", "--limit", "8", "--no-progress", "--p", "0.75", "--max-steps", "2",
+            "--lora-r", "4"]
+    result = run_finetune(args)
+    assert result.returncode == 0, result.stderr[-3000:]
+    model = AutoModelForCausalLM.from_pretrained(out, attn_implementation="ppa")
+    assert model.config.ppa_p == 0.75 and model.config.num_hidden_layers == 30
+    assert [r["step"] for r in log_rows(out)] == [1, 2]
