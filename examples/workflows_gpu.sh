@@ -7,6 +7,9 @@
 #   call 3: carry .dev/lmw .dev/data .dev/tok;                                       bash examples/workflows_gpu.sh extra
 # (as run on 2026-11-28 after the GGUF-save fix: call 1 with "stage --no-tests", call 2 carrying
 #  .dev/smollm2.gguf.part_ab .dev/data .dev/lmw: bash examples/workflows_gpu.sh final)
+# .dev/lmw holds lm_eval and its missing dependencies as wheels (pip download / pip wheel): lm_eval, more_itertools,
+# pytablewriter, DataProperty, mbstrdecoder, pathvalidate, tabledata, tcolorpy, typepy, chardet, nltk, defusedxml,
+# rouge_score, sqlitedict, word2number - and pytz, which the 2026-11-29 run lacked (lm-eval's table then failed).
 # Every command's log and wall time are written straight to $OUT (timings.txt), so a call cut short keeps what ran.
 set -uo pipefail
 STAGE=/tmp/ppa_model
