@@ -133,3 +133,24 @@ def test_explicit_triton_backend_that_cannot_run_is_refused(monkeypatch):
     ppa_hf.apply(model, p=0.5, backend="triton")
     with pytest.raises(ValueError, match="ppa_backend='triton' cannot serve this call"):
         model(torch.randint(0, 100, (1, 20)))
+
+
+def test_gguf_quantizer_kept_when_weights_stay_packed():
+    """forget_dequantized_gguf drops the GGUF quantizer only when every tensor is floating point; a model that
+    kept packed (integer) GGUF blocks keeps it, so Transformers still refuses to save it."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from ppa_hf.models import forget_dequantized_gguf, tiny_config
+
+    class GgufHfQuantizer:  # stands in for transformers' class of that name
+        pass
+
+    model = AutoModelForCausalLM.from_config(tiny_config("llama"))
+    model.hf_quantizer = GgufHfQuantizer()
+    model.register_buffer("packed_blocks", torch.zeros(4, dtype=torch.uint8))
+    assert forget_dequantized_gguf(model) is False and isinstance(model.hf_quantizer, GgufHfQuantizer)
+    del model.packed_blocks
+    assert forget_dequantized_gguf(model) is True and model.hf_quantizer is None
+    model.hf_quantizer = object()  # another quantizer: not ours to drop
+    assert forget_dequantized_gguf(model) is False
