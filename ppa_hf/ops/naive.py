@@ -26,7 +26,12 @@ def layout_keep(layout: PPALayout, pattern: PPAPattern, max_distance: int | None
 
 
 def _expand_kv(x: torch.Tensor, groups: int) -> torch.Tensor:
-    return x if groups == 1 else x.repeat_interleave(groups, dim=1)
+    """``[B, Hkv, K, D]`` -> ``[B, Hkv * groups, K, D]``, query head ``h`` reading KV head ``h // groups``
+    (the same as ``repeat_interleave(groups, dim=1)``, as one copy)."""
+    if groups == 1:
+        return x
+    B, H, K, D = x.shape
+    return x[:, :, None].expand(B, H, groups, K, D).reshape(B, H * groups, K, D)
 
 
 def reference_attention(query, key, value, keep: torch.Tensor, scale: float | None = None) -> torch.Tensor:
