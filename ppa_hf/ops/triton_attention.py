@@ -179,6 +179,28 @@ if triton is not None:
         return ok & hit
 
     @triton.jit
+    def _query_program(H, G, BLOCK_M: tl.constexpr):
+        """A query-tile program's (tile, batch*head, batch, head, KV head) and its query rows ``[BLOCK_M]``."""
+        pid_m = tl.program_id(0)
+        pid_bh = tl.program_id(1)
+        b = pid_bh // H
+        h = pid_bh % H
+        return pid_m, pid_bh, b, h, h // G, pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+
+    @triton.jit
+    def _query_tile_mask(qpos, kpos, kv_end, TOK, tok_len, WF, n_words, BLK, blk_len, block_size, sinks,
+                         max_distance, BLOCK_N: tl.constexpr, GRAN_BLOCK: tl.constexpr, HAS_SINKS: tl.constexpr,
+                         HAS_MD: tl.constexpr, USE_WORDS: tl.constexpr):
+        """``[BLOCK_M, BLOCK_N]`` mask of a partial tile, from the word table or the token table."""
+        if USE_WORDS:
+            mask = _tile_mask_w(qpos, kpos, kv_end, WF, n_words, BLK, blk_len, block_size, sinks, max_distance,
+                                BLOCK_N, GRAN_BLOCK, HAS_SINKS, HAS_MD)
+        else:
+            mask = _tile_mask(qpos, kpos, kv_end, TOK, tok_len, BLK, blk_len, block_size, sinks, max_distance,
+                              GRAN_BLOCK, HAS_SINKS, HAS_MD)
+        return mask
+
+    @triton.jit
     def _fwd_kernel(Q, K, V, O, LSE, scale_log2,
                     sqb, sqh, sqm, skb, skh, skn, svb, svh, svn, sob, soh, som,
                     H, G, q_len, kv_len, q_start, k_start, lse_stride,
@@ -186,12 +208,7 @@ if triton is not None:
                     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                     GRAN_BLOCK: tl.constexpr, HAS_SINKS: tl.constexpr, HAS_MD: tl.constexpr,
                     USE_WORDS: tl.constexpr):
-        pid_m = tl.program_id(0)
-        pid_bh = tl.program_id(1)
-        b = pid_bh // H
-        h = pid_bh % H
-        hk = h // G
-        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        pid_m, pid_bh, b, h, hk, offs_m = _query_program(H, G, BLOCK_M)
         offs_n = tl.arange(0, BLOCK_N)
         offs_d = tl.arange(0, HEAD_DIM)
         q_ptr = Q + b.to(tl.int64) * sqb + h.to(tl.int64) * sqh
@@ -230,12 +247,9 @@ if triton is not None:
             cols = kb * BLOCK_N + offs_n
             inb = cols < kv_len
             k = tl.load(k_ptr + cols[None, :].to(tl.int64) * skn + offs_d[:, None], mask=inb[None, :], other=0.0)
-            if USE_WORDS:
-                mask = _tile_mask_w(qpos, k_start + cols, kv_end, WF, n_words, BLK, blk_len, block_size, sinks,
-                                    max_distance, BLOCK_N, GRAN_BLOCK, HAS_SINKS, HAS_MD)
-            else:
-                mask = _tile_mask(qpos, k_start + cols, kv_end, TOK, tok_len, BLK, blk_len, block_size, sinks,
-                                  max_distance, GRAN_BLOCK, HAS_SINKS, HAS_MD)
+            mask = _query_tile_mask(qpos, k_start + cols, kv_end, TOK, tok_len, WF, n_words, BLK, blk_len,
+                                    block_size, sinks, max_distance, BLOCK_N, GRAN_BLOCK, HAS_SINKS, HAS_MD,
+                                    USE_WORDS)
             s = tl.dot(q, k) * scale_log2
             s = tl.where(mask, s, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -338,12 +352,7 @@ if triton is not None:
                        HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                        GRAN_BLOCK: tl.constexpr, HAS_SINKS: tl.constexpr, HAS_MD: tl.constexpr,
                     USE_WORDS: tl.constexpr):
-        pid_m = tl.program_id(0)
-        pid_bh = tl.program_id(1)
-        b = pid_bh // H
-        h = pid_bh % H
-        hk = h // G
-        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        pid_m, pid_bh, b, h, hk, offs_m = _query_program(H, G, BLOCK_M)
         offs_n = tl.arange(0, BLOCK_N)
         offs_d = tl.arange(0, HEAD_DIM)
         rmask = offs_m < q_len
@@ -377,12 +386,9 @@ if triton is not None:
             inb = cols < kv_len
             kT = tl.load(k_ptr + cols[None, :].to(tl.int64) * skn + offs_d[:, None], mask=inb[None, :], other=0.0)
             vT = tl.load(v_ptr + cols[None, :].to(tl.int64) * svn + offs_d[:, None], mask=inb[None, :], other=0.0)
-            if USE_WORDS:
-                mask = _tile_mask_w(qpos, k_start + cols, kv_end, WF, n_words, BLK, blk_len, block_size, sinks,
-                                    max_distance, BLOCK_N, GRAN_BLOCK, HAS_SINKS, HAS_MD)
-            else:
-                mask = _tile_mask(qpos, k_start + cols, kv_end, TOK, tok_len, BLK, blk_len, block_size, sinks,
-                                  max_distance, GRAN_BLOCK, HAS_SINKS, HAS_MD)
+            mask = _query_tile_mask(qpos, k_start + cols, kv_end, TOK, tok_len, WF, n_words, BLK, blk_len,
+                                    block_size, sinks, max_distance, BLOCK_N, GRAN_BLOCK, HAS_SINKS, HAS_MD,
+                                    USE_WORDS)
             p = tl.exp2(tl.dot(q, kT) * scale_log2 - lse[:, None])
             p = tl.where(mask, p, 0.0)
             dp = tl.dot(do, vT)
