@@ -58,7 +58,7 @@ def naive_attention(query, key, value, layout: PPALayout, pattern: PPAPattern, s
         keep = layout_keep(layout, pattern, max_distance)
         row_any = keep.any(-1, keepdim=True)
         # A row with no key would give NaN in SDPA; let it see everything, then zero it.
-        layout.cache[cache_key] = (keep | ~row_any, None if bool(row_any.all()) else row_any)
+        layout.cache[cache_key] = (keep, None) if bool(row_any.all()) else (keep | ~row_any, row_any)
     attn_mask, row_any = layout.cache[cache_key]
     groups = query.shape[1] // key.shape[1]
     if groups > 1 and query.device.type == "cuda":
