@@ -26,9 +26,11 @@ DATA_KINDS = {"gsm8k": "gsm8k", "math500": "math"}
 
 
 def apply_eval_settings(lm, p=None, window: int | None = None, sink_tokens: int | None = None,
-                        backend: str | None = None, granularity: str | None = None, block_size: int | None = None):
+                        backend: str | None = None, granularity: str | None = None, block_size: int | None = None,
+                        model_name: str | None = None):
     """Switch ``lm`` to PPA; each argument left ``None`` keeps the value saved in ``lm.config`` (else the default).
-    ``p=None`` with no saved ``ppa_p`` is an error (an evaluation never guesses p)."""
+    ``p=None`` with no saved ``ppa_p`` is an error (an evaluation never guesses p); ``model_name`` names the model
+    in that error."""
     import ppa_hf
     from .settings import DEFAULTS
 
@@ -39,8 +41,9 @@ def apply_eval_settings(lm, p=None, window: int | None = None, sink_tokens: int 
         return DEFAULTS[name] if value is None else value
 
     if p is None and getattr(lm.config, "ppa_p", None) is None:
-        raise ValueError(f"--p is not given and the model {getattr(lm.config, '_name_or_path', '') or 'SmolLM2'} "
-                         "has no saved ppa_p; pass --p in [0, 1] (1 = full attention)")
+        name = model_name or getattr(lm.config, "_name_or_path", "") or "SmolLM2 (embedded)"
+        raise ValueError(f"--p is not given and the model {name} has no saved ppa_p; "
+                         "pass --p in [0, 1] (1 = full attention)")
     ppa_hf.apply(lm, p=saved("ppa_p", p), window=saved("ppa_window", window),
                  sink_tokens=saved("ppa_sink_tokens", sink_tokens), backend=saved("ppa_backend", backend),
                  granularity=saved("ppa_granularity", granularity), block_size=saved("ppa_block_size", block_size))
@@ -60,10 +63,8 @@ def load_eval_model(model: str | None = None, gguf_file: str | None = None, p=No
     if model is not None and not os.path.exists(model) and os.path.sep in model:
         raise FileNotFoundError(f"--model={model!r}: no such directory or file")
     lm, tokenizer = load_model(model, gguf_file, dtype=dtype)
-    if p is None and getattr(lm.config, "ppa_p", None) is None:
-        raise ValueError(f"--p is not given and the model {model or 'SmolLM2 (embedded)'} has no saved ppa_p; "
-                         "pass --p in [0, 1] (1 = full attention)")
-    apply_eval_settings(lm, p, window, sink_tokens, backend, granularity, block_size)
+    apply_eval_settings(lm, p, window, sink_tokens, backend, granularity, block_size,
+                        model_name=model or "SmolLM2 (embedded)")
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     lm.to(device).eval()
     tokenizer.padding_side = "left"

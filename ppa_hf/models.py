@@ -39,8 +39,7 @@ def load_model(model: str | None = None, gguf_file: str | None = None, dtype="fl
 
     Extra ``kwargs`` go to ``from_pretrained`` (for example ``attn_implementation="ppa", ppa_p=0.75``).
     """
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
     if model is None:
         model, gguf_file = default_gguf()
@@ -48,11 +47,21 @@ def load_model(model: str | None = None, gguf_file: str | None = None, dtype="fl
     tokenizer = AutoTokenizer.from_pretrained(model, **tok_kwargs)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
+    return load_causal_lm(model, gguf_file, dtype, **kwargs), tokenizer
+
+
+def load_causal_lm(model: str, gguf_file: str | None = None, dtype="float32", **kwargs):
+    """``AutoModelForCausalLM.from_pretrained`` of a folder/Hub id, or of a GGUF file in it (de-quantized, and
+    then saveable: see :func:`forget_dequantized_gguf`)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
     dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
-    lm = AutoModelForCausalLM.from_pretrained(model, dtype=dtype, **tok_kwargs, **kwargs)
+    gguf_kwargs = {"gguf_file": gguf_file} if gguf_file else {}
+    lm = AutoModelForCausalLM.from_pretrained(model, dtype=dtype, **gguf_kwargs, **kwargs)
     if gguf_file:
         forget_dequantized_gguf(lm)
-    return lm, tokenizer
+    return lm
 
 
 def forget_dequantized_gguf(model) -> bool:
@@ -73,9 +82,10 @@ def forget_dequantized_gguf(model) -> bool:
     model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
-    for name in ("is_quantized", "quantization_method"):
-        if name in vars(model):
-            setattr(model, name, False if name == "is_quantized" else None)
+    if "is_quantized" in vars(model):
+        model.is_quantized = False
+    if "quantization_method" in vars(model):
+        model.quantization_method = None
     return True
 
 

@@ -127,7 +127,7 @@ def build_model(args, tokenizer):
     from transformers import AutoModelForCausalLM, LlamaConfig
 
     import ppa_hf
-    from .models import default_gguf, forget_dequantized_gguf
+    from .models import default_gguf, load_causal_lm
 
     if args.model_config is not None:
         config = LlamaConfig(vocab_size=len(tokenizer), max_position_embeddings=max(4096, args.seq_len),
@@ -137,10 +137,7 @@ def build_model(args, tokenizer):
         model = AutoModelForCausalLM.from_config(config)
     else:
         path, gguf = (args.model, args.gguf_file) if args.model is not None else default_gguf()
-        kwargs = {"gguf_file": gguf} if gguf else {}
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, **kwargs)
-        if gguf:
-            forget_dequantized_gguf(model)  # else save_pretrained refuses the fine-tuned model
+        model = load_causal_lm(path, gguf, dtype=torch.float32)
     ppa_hf.apply(model, p=args.p, window=args.window, sink_tokens=args.sink_tokens, granularity=args.granularity)
     if args.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
