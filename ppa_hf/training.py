@@ -271,14 +271,12 @@ def train(args) -> dict:
     tokenizer = load_tokenizer(args)
     features = build_features(args, tokenizer, is_main)
     model = build_model(args, tokenizer)
-    params = [p for p in model.parameters() if p.requires_grad]
     if is_main:
-        trainable = sum(p.numel() for p in params)
+        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
         total = sum(p.numel() for p in model.parameters())
         print(f"model: {total / 1e6:.1f}M parameters, {trainable / 1e6:.2f}M trainable; PPA p={args.p} "
               f"w={args.window} sinks={args.sink_tokens}; {accelerator.num_processes} process(es), "
               f"mixed precision {accelerator.mixed_precision}, device {accelerator.device}", flush=True)
-    optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
     warmup = args.warmup_steps
 
     def lr_lambda(step):
@@ -286,10 +284,18 @@ def train(args) -> dict:
             return (step + 1) / warmup
         return max(0.0, 1.0 - (step - warmup) / max(1, args.max_steps - warmup)) * 0.9 + 0.1
 
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda)
+    def make_optimizer(trainable_params):
+        return torch.optim.AdamW(trainable_params, lr=args.lr, weight_decay=args.weight_decay)
+
+    if accelerator.distributed_type.name == "DEEPSPEED":  # DeepSpeed wraps model and optimizer in one engine
+        trainable_params = [p for p in model.parameters() if p.requires_grad]
+        model, optimizer = accelerator.prepare(model, make_optimizer(trainable_params))
+    else:  # FSDP shards the parameters when it wraps the model: the optimizer must see the wrapped ones
+        model = accelerator.prepare(model)
+        optimizer = accelerator.prepare(make_optimizer([p for p in model.parameters() if p.requires_grad]))
     # the scheduler is stepped once per optimizer step whatever the process count (the data schedule is
     # global), so it is not prepared (accelerate would step it num_processes times); it is still checkpointed
-    model, optimizer = accelerator.prepare(model, optimizer)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda)
     accelerator.register_for_checkpointing(scheduler)
 
     step, examples_seen, tokens_seen = 0, 0, 0
@@ -349,7 +355,9 @@ def train(args) -> dict:
             loss_sum += token_loss.detach()
             tokens += batch["attention_mask"].sum()
         if accelerator.sync_gradients:
-            accelerator.clip_grad_norm_(params if args.lora_r > 0 else model.parameters(), 1.0)
+            # all parameters (frozen ones have no gradient): under FSDP accelerate then uses the sharded model's
+            # own clip, which takes the norm over every rank's shard; a subset would be clipped per shard
+            accelerator.clip_grad_norm_(model.parameters(), 1.0)
         step_lr = scheduler.get_last_lr()[0]
         optimizer.step()
         scheduler.step()
