@@ -1,8 +1,12 @@
 #!/usr/bin/env bash
 # Issue 6 (scale-out) on the device tool's 2-GPU machine (nvidia-h200-x2); the figures of docs/distributed.md.
 # Model: the random-init Llama of about 1B parameters (--model-config llama-1b), full fine-tune, bf16.
-#   call 1: carry .whl .dev/tok .dev/data;  bash examples/scaleout_gpu.sh curves      (loss curves, FSDP resume)
-#   call 2: carry .dev/tok;                 bash examples/scaleout_gpu.sh throughput  (8k / 16k, 1 and 2 GPUs)
+#   bash examples/scaleout_gpu.sh curves      1 GPU / DDP / FSDP loss curves, FSDP resume 2 -> 1 and 1 -> 2
+#   bash examples/scaleout_gpu.sh resume      FSDP resume only (re-run after the optimizer-state fix)
+#   bash examples/scaleout_gpu.sh throughput  8k / 16k tokens, 1 GPU, DDP on 2, FSDP on 2
+# The first call on a fresh machine carries .whl .dev/tok .dev/data (staged to /tmp/ppa_stage for later calls).
+# As run on 2026-11-29: call 1 "curves" (found the FSDP resume bug), call 2 "resume", call 3 "throughput"
+# (with workflows_gpu.sh close3; see docs/distributed.md).
 # .whl holds datasets/evaluate and their missing dependencies (the device image lacks them; see workflows_gpu.sh);
 # .dev/tok is the SmolLM2 tokenizer saved with save_pretrained; .dev/data a copy of ../shared/data.
 # Every command's log goes to /tmp/logs and is packed into $OUT/logs.tgz after each command, so a call cut
@@ -42,16 +46,7 @@ CURVE="$FT --train-file $S/data/gsm8k/train.jsonl --p 0.75 --seq-len 512 --max-s
 CURVE="$CURVE --batch-size 16"
 R=/tmp/runs
 
-case "${1:-}" in
-  curves)
-    # one GPU (GPU 1) while the GPU correctness tests run on GPU 0
-    ( export CUDA_VISIBLE_DEVICES=0
-      step gpu_tests 240 python3 -m pytest -q -s -p no:cacheprovider tests/test_gpu_kernels.py ) &
-    step curve_1gpu 200 $LAUNCH $CFG/gpu_1.yaml --gpu_ids 1 $CURVE --grad-accum 2 --output-dir $R/gpu1
-    keep_log $R/gpu1 curve_1gpu
-    wait
-    step curve_ddp2 200 $LAUNCH $CFG/gpu_ddp.yaml --main_process_port 29511 $CURVE --output-dir $R/ddp2
-    keep_log $R/ddp2 curve_ddp2
+fsdp_resume() {
     # FSDP on 2 GPUs, sharded checkpoints at steps 10 and 20
     step curve_fsdp2 240 $LAUNCH $CFG/gpu_fsdp.yaml --main_process_port 29512 $CURVE --save-every 10 \
       --keep-checkpoints 2 --output-dir $R/fsdp2
@@ -70,11 +65,12 @@ case "${1:-}" in
     ls -la $R/*/checkpoints/* $R/fsdp2 > "$L/files.txt" 2>&1
     for pair in "gpu1 ddp2" "gpu1 fsdp2" "gpu1 fsdp1" "fsdp2 fsdp_2to1" "fsdp2 fsdp_1to2" "ddp2 fsdp2"; do
       set -- $pair
+      [ -f $R/$1/train_log.jsonl ] && [ -f $R/$2/train_log.jsonl ] || continue
       echo "== $1 vs $2" >> "$L/compare.txt"
       python3 examples/compare_loss_curves.py $R/$1/train_log.jsonl $R/$2/train_log.jsonl >> "$L/compare.txt" 2>&1
     done
     # the final models load with attn_implementation="ppa" and the p they were trained at
-    step load_final 120 python3 - $R/fsdp2 $R/fsdp_2to1 $R/fsdp_1to2 $R/ddp2 <<'EOF'
+    step load_final 120 python3 - $R/fsdp2 $R/fsdp_2to1 $R/fsdp_1to2 <<'EOF'
 import sys, torch, ppa_hf
 from transformers import AutoModelForCausalLM, AutoTokenizer
 text = "Natalia sold clips to 48 of her friends in April, and then she sold half as many clips in May."
@@ -91,10 +87,24 @@ for path in sys.argv[1:]:
     print(f"{path}: attn={model.config._attn_implementation} ppa_p={model.config.ppa_p} "
           f"ppa_window={model.config.ppa_window} params={flat.numel()} loss={loss:.4f}{diff}", flush=True)
 EOF
-    ;;
+}
+
+case "${1:-}" in
+  curves)
+    # one GPU (GPU 1) while the GPU correctness tests run on GPU 0
+    ( export CUDA_VISIBLE_DEVICES=0
+      step gpu_tests 240 python3 -m pytest -q -s -p no:cacheprovider tests/test_gpu_kernels.py ) &
+    step curve_1gpu 200 $LAUNCH $CFG/gpu_1.yaml --gpu_ids 1 $CURVE --grad-accum 2 --output-dir $R/gpu1
+    keep_log $R/gpu1 curve_1gpu
+    wait
+    step curve_ddp2 200 $LAUNCH $CFG/gpu_ddp.yaml --main_process_port 29511 $CURVE --output-dir $R/ddp2
+    keep_log $R/ddp2 curve_ddp2
+    fsdp_resume ;;
+  resume)
+    fsdp_resume ;;
   throughput)
     # tokens/s and peak memory per GPU: 1 GPU, DDP on 2, FSDP on 2; batch 1 per GPU, gradient checkpointing
-    TP="$FT --synthetic-data --batch-size 1 --max-steps 6 --gradient-checkpointing --p 0.75"
+    TP="$FT --synthetic-data --batch-size 1 --max-steps 6 --gradient-checkpointing --p 0.75 --no-save"
     for len in 8192 16384; do
       step tp_1gpu_$len 120 $LAUNCH $CFG/gpu_1.yaml --gpu_ids 0 $TP --seq-len $len --output-dir $R/tp_1gpu_$len
       keep_log $R/tp_1gpu_$len tp_1gpu_$len
@@ -104,12 +114,8 @@ EOF
       step tp_fsdp2_$len 120 $LAUNCH $CFG/gpu_fsdp.yaml --main_process_port 29522 $TP --seq-len $len \
         --output-dir $R/tp_fsdp2_$len
       keep_log $R/tp_fsdp2_$len tp_fsdp2_$len
-    done
-    # block granularity on one GPU at 16k (the pattern of the earlier FlexAttention-path table)
-    step tp_1gpu_block_16384 120 $LAUNCH $CFG/gpu_1.yaml --gpu_ids 0 $TP --granularity block --seq-len 16384 \
-      --output-dir $R/tp_1gpu_block_16384
-    keep_log $R/tp_1gpu_block_16384 tp_1gpu_block_16384 ;;
-  *) echo "usage: bash examples/scaleout_gpu.sh curves|throughput" >&2; exit 2 ;;
+    done ;;
+  *) echo "usage: bash examples/scaleout_gpu.sh curves|resume|throughput" >&2; exit 2 ;;
 esac
 cat "$L/timings.txt"
 pack

@@ -33,6 +33,7 @@ fi
 export PYTHONPATH=/tmp/site:$PWD PPA_HF_DEFAULT_GGUF="$STAGE/smollm2.gguf" PYTHONUNBUFFERED=1
 export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 D=$PWD/.dev/data
+[ -d "$D" ] || D=/tmp/ppa_stage/data  # staged by examples/scaleout_gpu.sh on an earlier call to this machine
 E="python3 -m ppa_hf.cli"
 mkdir -p "$OUT/eval"
 { python3 -c "import torch, transformers; print(torch.cuda.get_device_name(), 'torch', torch.__version__, 'transformers', transformers.__version__)"
@@ -74,9 +75,9 @@ case "${1:-}" in
       --max-new-tokens 256 ;;
   close3)  # 2026-11-29: the two one-GPU timings issue 3 still lacked (run on GPU 0 of the 2-GPU host, GPU 1 idle)
     export PPA_HF_DATA_DIR=$D CUDA_VISIBLE_DEVICES=0
-    step lm_eval_gsm8k 150 python3 -m ppa_hf.lm_eval_main run --model ppa --model_args ppa_p=0.75 \
+    step lm_eval_gsm8k 120 python3 -m ppa_hf.lm_eval_main run --model ppa --model_args ppa_p=0.75 \
       --tasks ppa_gsm8k --limit 100 --batch_size 50 --output_path /tmp/close3/lm_eval
-    step sweep_gsm8k 420 $E sweep --ps 0 0.5 0.75 1 --task gsm8k --data "$D/gsm8k/test.jsonl" --limit 200 \
+    step sweep_gsm8k 300 $E sweep --ps 0 0.5 0.75 1 --task gsm8k --data "$D/gsm8k/test.jsonl" --limit 100 \
       --batch-size 50 --max-new-tokens 256 --out-dir /tmp/close3/sweep
     tar czf "$OUT/close3.tgz" -C /tmp/close3 . ;;
   extra)

@@ -73,6 +73,8 @@ def build_parser() -> argparse.ArgumentParser:
     add("--cpu", action="store_true", help="run on CPU even when a GPU is present (several processes: gloo)")
     add("--limit", type=int, default=None, help="use the first N training records only")
     add("--no-merge", action="store_true", help="LoRA: save only the adapter, not the merged model")
+    add("--no-save", action="store_true", help="write no checkpoint and no final model, only the train log "
+        "(throughput runs)")
     add("--no-progress", action="store_true")
     return parser
 
@@ -87,6 +89,8 @@ def check_args(args) -> None:
         setattr(args, name, check_int(getattr(args, name), "--" + name.replace("_", "-"), minimum))
     if args.stop_after is not None:
         check_int(args.stop_after, "--stop-after", 1)
+    if args.no_save and (args.save_every or args.stop_after is not None):
+        raise ValueError("--no-save writes no checkpoint; it excludes --save-every and --stop-after")
     if args.limit is not None:
         check_int(args.limit, "--limit", 1)
     if not (args.lr > 0 and math.isfinite(args.lr)):
@@ -228,6 +232,36 @@ def save_checkpoint(accelerator, output_dir: str, step: int, state: dict, keep: 
     return path
 
 
+def materialize_optimizer_state(optimizer) -> None:
+    """Create the optimizer's per-parameter state (AdamW: ``step``, ``exp_avg``, ``exp_avg_sq``) without changing a
+    weight: one step on zero gradients at learning rate 0, gradients cleared afterwards.
+
+    Why: Accelerate (1.15) loads a sharded FSDP optimizer checkpoint into a template taken from the live optimizer
+    (``dist_cp.load`` fills only the keys the template has). A fresh AdamW has no state yet, so nothing was loaded
+    and the run silently continued with new Adam moments (1B Llama on 2 H200s: loss 5.55 -> 10.15 at the first step
+    after the resume). With the state created first, every tensor of the checkpoint has a place to go."""
+    import torch
+
+    inner = getattr(optimizer, "optimizer", optimizer)  # accelerate's AcceleratedOptimizer wraps the torch one
+    saved_lrs = [group["lr"] for group in inner.param_groups]
+    for group in inner.param_groups:
+        group["lr"] = 0.0
+        for param in group["params"]:
+            if param.grad is None:
+                param.grad = torch.zeros_like(param)
+    inner.step()
+    for group, lr in zip(inner.param_groups, saved_lrs):
+        group["lr"] = lr
+    inner.zero_grad(set_to_none=True)
+
+
+def optimizer_step_count(optimizer) -> int | None:
+    """The largest per-parameter ``step`` in the optimizer's state (Adam-family optimizers keep one), or None."""
+    inner = getattr(optimizer, "optimizer", optimizer)
+    steps = [float(s["step"]) for s in getattr(inner, "state", {}).values() if isinstance(s, dict) and "step" in s]
+    return int(max(steps)) if steps else None
+
+
 def trim_log(path: str, step: int) -> None:
     """Keep the log lines of steps <= ``step`` (after a resume the later ones are redone)."""
     if not os.path.isfile(path):
@@ -255,7 +289,8 @@ def train(args) -> dict:
     cpu = args.cpu or (not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1)
     accelerator = Accelerator(mixed_precision=args.mixed_precision, cpu=cpu)
     set_seed(args.seed)
-    if accelerator.distributed_type.name == "DEEPSPEED" and args.grad_accum != 1:
+    deepspeed = accelerator.distributed_type.name == "DEEPSPEED"
+    if deepspeed and args.grad_accum != 1:
         raise ValueError(f"--grad-accum={args.grad_accum} with DeepSpeed: DeepSpeed steps the optimizer itself; use "
                          "--grad-accum 1 and set gradient_accumulation_steps in the DeepSpeed config")
     is_main = accelerator.is_main_process
@@ -287,7 +322,7 @@ def train(args) -> dict:
     def make_optimizer(trainable_params):
         return torch.optim.AdamW(trainable_params, lr=args.lr, weight_decay=args.weight_decay)
 
-    if accelerator.distributed_type.name == "DEEPSPEED":  # DeepSpeed wraps model and optimizer in one engine
+    if deepspeed:  # DeepSpeed wraps model and optimizer in one engine
         trainable_params = [p for p in model.parameters() if p.requires_grad]
         model, optimizer = accelerator.prepare(model, make_optimizer(trainable_params))
     else:  # FSDP shards the parameters when it wraps the model: the optimizer must see the wrapped ones
@@ -300,9 +335,16 @@ def train(args) -> dict:
 
     step, examples_seen, tokens_seen = 0, 0, 0
     if resume is not None:
+        if not deepspeed:
+            materialize_optimizer_state(optimizer)
         accelerator.load_state(resume)
         with open(os.path.join(resume, STATE_NAME)) as handle:
             state = json.load(handle)
+        # a checkpoint records its optimizer's step count: resuming with other (e.g. fresh) moments is an error
+        expected, restored = state.get("optimizer_steps"), None if deepspeed else optimizer_step_count(optimizer)
+        if expected is not None and not deepspeed and restored != expected:
+            raise RuntimeError(f"--resume-from={resume!r}: the optimizer state was not restored (its step count is "
+                               f"{restored}, the checkpoint's {expected}); refusing to continue with other moments")
         step, examples_seen, tokens_seen = state["step"], state["examples_seen"], state.get("tokens_seen", 0)
         if is_main:
             print(f"resumed from {resume} at step {step} (saved by {state.get('num_processes')} process(es))",
@@ -380,13 +422,14 @@ def train(args) -> dict:
             bar.set_postfix(loss=f"{mean_loss:.4f}", tok_s=f"{row['tokens_per_s']:.0f}")
             bar.update(1)
         state = {"step": step, "examples_seen": examples_seen, "tokens_seen": tokens_seen,
-                 "num_processes": accelerator.num_processes, "global_batch": schedule.global_batch, "p": args.p}
-        if (args.save_every and step % args.save_every == 0) or step == last:
+                 "num_processes": accelerator.num_processes, "global_batch": schedule.global_batch, "p": args.p,
+                 "optimizer_steps": None if deepspeed else optimizer_step_count(optimizer)}
+        if not args.no_save and ((args.save_every and step % args.save_every == 0) or step == last):
             save_checkpoint(accelerator, args.output_dir, step, state, args.keep_checkpoints)
     bar.close()
 
     finished = step >= args.max_steps
-    if finished:
+    if finished and not args.no_save:
         save_final(accelerator, model, tokenizer, args)
     accelerator.wait_for_everyone()
     summary = {"step": step, "finished": finished, "output_dir": args.output_dir,

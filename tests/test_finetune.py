@@ -130,3 +130,48 @@ def test_embedded_smollm2_lora_two_steps_saves_a_loadable_model(tmp_path):
     model = AutoModelForCausalLM.from_pretrained(out, attn_implementation="ppa")
     assert model.config.ppa_p == 0.75 and model.config.num_hidden_layers == 30
     assert [r["step"] for r in log_rows(out)] == [1, 2]
+
+
+def test_materialize_optimizer_state_changes_no_weight():
+    """The optimizer state is created before a resume (so accelerate's FSDP loader has somewhere to put it) by a
+    zero-gradient step at learning rate 0: weights bitwise unchanged (weight decay too), lr restored, no grads."""
+    from ppa_hf.training import materialize_optimizer_state, optimizer_step_count
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Linear(8, 2))
+    model[1].weight.requires_grad_(False)
+    before = [p.detach().clone() for p in model.parameters()]
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2, weight_decay=0.1)
+    assert optimizer_step_count(optimizer) is None
+    materialize_optimizer_state(optimizer)
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+    assert len(optimizer.state) == 3 and optimizer_step_count(optimizer) == 1
+    assert optimizer.param_groups[0]["lr"] == 1e-2 and all(p.grad is None for p in model.parameters())
+
+
+def test_resume_refuses_an_optimizer_state_that_was_not_restored(tiny_model_dir, tmp_path):
+    """A checkpoint records its optimizer step count; a resume whose optimizer does not come back with it (what
+    accelerate's sharded FSDP loader did silently) stops with an error instead of training on fresh moments."""
+    out = tmp_path / "ft"
+    result = run_finetune(common(tiny_model_dir, out, max_steps=2, lora_r=0))
+    assert result.returncode == 0, result.stderr[-3000:]
+    state_file = out / "checkpoints" / "step-2" / "trainer_state.json"
+    state = json.loads(state_file.read_text())
+    assert state["optimizer_steps"] == 2
+    state_file.write_text(json.dumps({**state, "optimizer_steps": 5}))
+    result = run_finetune(common(tiny_model_dir, out, max_steps=3, lora_r=0, resume_from="latest"))
+    assert result.returncode != 0
+    assert "the optimizer state was not restored (its step count is 2, the checkpoint's 5)" in result.stderr
+
+
+def test_no_save_writes_only_the_train_log(tiny_model_dir, tmp_path):
+    out = tmp_path / "bench"
+    result = run_finetune(["--model-config", "tiny-llama", "--tokenizer", str(tiny_model_dir), "--synthetic-data",
+                           "--seq-len", "32", "--max-steps", "2", "--lora-r", "0", "--no-save", "--output-dir",
+                           str(out), "--no-progress"])
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert sorted(p.name for p in out.iterdir()) == ["run_args.json", "train_log.jsonl"]
+    assert [r["step"] for r in log_rows(out)] == [1, 2]
+    result = run_finetune(["--model-config", "tiny-llama", "--no-save", "--save-every", "1", "--output-dir",
+                           str(tmp_path / "x")])
+    assert result.returncode == 2 and "--no-save" in result.stderr and "--save-every" in result.stderr
