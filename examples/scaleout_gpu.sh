@@ -3,7 +3,8 @@
 # Model: the random-init Llama of about 1B parameters (--model-config llama-1b), full fine-tune, bf16.
 #   bash examples/scaleout_gpu.sh curves      1 GPU / DDP / FSDP loss curves, FSDP resume 2 -> 1 and 1 -> 2
 #   bash examples/scaleout_gpu.sh resume      FSDP resume only (re-run after the optimizer-state fix)
-#   bash examples/scaleout_gpu.sh throughput  8k / 16k tokens, 1 GPU, DDP on 2, FSDP on 2
+#   bash examples/scaleout_gpu.sh throughput  8k / 16k tokens, 1 GPU, DDP on 2, FSDP on 2 (--one-gpu: 1 GPU only)
+#   bash examples/scaleout_gpu.sh resume1     one-GPU machine: FSDP resume at step 10 on 1 GPU (same count)
 # The first call on a fresh machine carries .whl .dev/tok .dev/data (staged to /tmp/ppa_stage for later calls).
 # As run on 2026-11-29: call 1 "curves" (found the FSDP resume bug), call 2 "resume", call 3 "throughput"
 # (with workflows_gpu.sh close3; see docs/distributed.md).
@@ -102,10 +103,26 @@ case "${1:-}" in
     fsdp_resume ;;
   resume)
     fsdp_resume ;;
+  resume1)  # one-GPU machine: FSDP (1 process) 20 steps with a sharded checkpoint at 10, resumed at 10 on 1 GPU
+    step fsdp1_full 240 $LAUNCH $CFG/gpu_fsdp.yaml --num_processes 1 --gpu_ids 0 --main_process_port 29516 $CURVE \
+      --grad-accum 2 --save-every 10 --keep-checkpoints 2 --output-dir $R/fsdp1_full
+    keep_log $R/fsdp1_full fsdp1_full
+    step resume_1to1 200 $LAUNCH $CFG/gpu_fsdp.yaml --num_processes 1 --gpu_ids 0 --main_process_port 29517 \
+      $CURVE --grad-accum 2 --resume-from $R/fsdp1_full/checkpoints/step-10 --output-dir $R/fsdp_1to1
+    keep_log $R/fsdp_1to1 resume_1to1
+    echo "== fsdp1_full vs fsdp_1to1" >> "$L/compare.txt"
+    python3 examples/compare_loss_curves.py $R/fsdp1_full/train_log.jsonl $R/fsdp_1to1/train_log.jsonl \
+      >> "$L/compare.txt" 2>&1
+    step load_final1 120 python3 -c "import sys, torch, ppa_hf
+from transformers import AutoModelForCausalLM
+m = AutoModelForCausalLM.from_pretrained(sys.argv[1], attn_implementation='ppa')
+print(sys.argv[1], 'attn', m.config._attn_implementation, 'ppa_p', m.config.ppa_p)" $R/fsdp_1to1 ;;
   throughput)
     # tokens/s and peak memory per GPU: 1 GPU, DDP on 2, FSDP on 2; batch 1 per GPU, gradient checkpointing
     TP="$FT --synthetic-data --batch-size 1 --max-steps 6 --gradient-checkpointing --p 0.75 --no-save"
     for len in 8192 16384; do
+      [ "${2:-}" = --one-gpu ] && { step tp_1gpu_$len 120 $LAUNCH $CFG/gpu_1.yaml --gpu_ids 0 $TP --seq-len $len \
+        --output-dir $R/tp_1gpu_$len; keep_log $R/tp_1gpu_$len tp_1gpu_$len; continue; }
       step tp_1gpu_$len 120 $LAUNCH $CFG/gpu_1.yaml --gpu_ids 0 $TP --seq-len $len --output-dir $R/tp_1gpu_$len
       keep_log $R/tp_1gpu_$len tp_1gpu_$len
       step tp_ddp2_$len 120 $LAUNCH $CFG/gpu_ddp.yaml --main_process_port 29521 $TP --seq-len $len \
@@ -115,7 +132,7 @@ case "${1:-}" in
         --output-dir $R/tp_fsdp2_$len
       keep_log $R/tp_fsdp2_$len tp_fsdp2_$len
     done ;;
-  *) echo "usage: bash examples/scaleout_gpu.sh curves|resume|throughput" >&2; exit 2 ;;
+  *) echo "usage: bash examples/scaleout_gpu.sh curves|resume|resume1|throughput [--one-gpu]" >&2; exit 2 ;;
 esac
 cat "$L/timings.txt"
 pack

@@ -73,11 +73,11 @@ case "${1:-}" in
       --model_args ppa_p=0.75 --tasks ppa_gsm8k --limit 100 --batch_size 50
     step gsm8k_p1 60 $E eval --p 1 --task gsm8k --data "$D/gsm8k/test.jsonl" --limit 200 --batch-size 50 \
       --max-new-tokens 256 ;;
-  close3)  # 2026-11-29: the two one-GPU timings issue 3 still lacked (run on GPU 0 of the 2-GPU host, GPU 1 idle)
+  close3)  # 2026-11-29: the two one-GPU timings issue 3 still lacked (one H200)
     export PPA_HF_DATA_DIR=$D CUDA_VISIBLE_DEVICES=0
     step lm_eval_gsm8k 120 python3 -m ppa_hf.lm_eval_main run --model ppa --model_args ppa_p=0.75 \
       --tasks ppa_gsm8k --limit 100 --batch_size 50 --output_path /tmp/close3/lm_eval
-    step sweep_gsm8k 300 $E sweep --ps 0 0.5 0.75 1 --task gsm8k --data "$D/gsm8k/test.jsonl" --limit 100 \
+    step sweep_gsm8k 420 $E sweep --ps 0 0.5 0.75 1 --task gsm8k --data "$D/gsm8k/test.jsonl" --limit 200 \
       --batch-size 50 --max-new-tokens 256 --out-dir /tmp/close3/sweep
     tar czf "$OUT/close3.tgz" -C /tmp/close3 . ;;
   extra)
