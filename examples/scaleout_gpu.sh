@@ -3,7 +3,8 @@
 # Model: the random-init Llama of about 1B parameters (--model-config llama-1b), full fine-tune, bf16.
 #   bash examples/scaleout_gpu.sh curves      1 GPU / DDP / FSDP loss curves, FSDP resume 2 -> 1 and 1 -> 2
 #   bash examples/scaleout_gpu.sh resume      FSDP resume only (re-run after the optimizer-state fix)
-#   bash examples/scaleout_gpu.sh throughput  8k / 16k tokens, 1 GPU, DDP on 2, FSDP on 2 (--one-gpu: 1 GPU only)
+#   bash examples/scaleout_gpu.sh throughput  8k / 16k tokens, 1 GPU, DDP on 2, FSDP on 2 (--one-gpu / --two-gpu)
+#   bash examples/scaleout_gpu.sh tests2      tests/test_gpu_distributed.py (FSDP resume 1 <-> 2 GPUs, tiny model)
 #   bash examples/scaleout_gpu.sh resume1     one-GPU machine: FSDP resume at step 10 on 1 GPU (same count)
 # The first call on a fresh machine carries .whl .dev/tok .dev/data (staged to /tmp/ppa_stage for later calls).
 # As run on 2026-11-29: call 1 "curves" (found the FSDP resume bug), call 2 "resume", call 3 "throughput"
@@ -117,14 +118,15 @@ case "${1:-}" in
 from transformers import AutoModelForCausalLM
 m = AutoModelForCausalLM.from_pretrained(sys.argv[1], attn_implementation='ppa')
 print(sys.argv[1], 'attn', m.config._attn_implementation, 'ppa_p', m.config.ppa_p)" $R/fsdp_1to1 ;;
-  throughput)
+  throughput)  # [--one-gpu | --two-gpu]: only the 1-GPU runs, or only the DDP / FSDP runs on 2 GPUs
     # tokens/s and peak memory per GPU: 1 GPU, DDP on 2, FSDP on 2; batch 1 per GPU, gradient checkpointing
     TP="$FT --synthetic-data --batch-size 1 --max-steps 6 --gradient-checkpointing --p 0.75 --no-save"
     for len in 8192 16384; do
-      [ "${2:-}" = --one-gpu ] && { step tp_1gpu_$len 120 $LAUNCH $CFG/gpu_1.yaml --gpu_ids 0 $TP --seq-len $len \
-        --output-dir $R/tp_1gpu_$len; keep_log $R/tp_1gpu_$len tp_1gpu_$len; continue; }
-      step tp_1gpu_$len 120 $LAUNCH $CFG/gpu_1.yaml --gpu_ids 0 $TP --seq-len $len --output-dir $R/tp_1gpu_$len
-      keep_log $R/tp_1gpu_$len tp_1gpu_$len
+      if [ "${2:-}" != --two-gpu ]; then
+        step tp_1gpu_$len 120 $LAUNCH $CFG/gpu_1.yaml --gpu_ids 0 $TP --seq-len $len --output-dir $R/tp_1gpu_$len
+        keep_log $R/tp_1gpu_$len tp_1gpu_$len
+      fi
+      [ "${2:-}" = --one-gpu ] && continue
       step tp_ddp2_$len 120 $LAUNCH $CFG/gpu_ddp.yaml --main_process_port 29521 $TP --seq-len $len \
         --output-dir $R/tp_ddp2_$len
       keep_log $R/tp_ddp2_$len tp_ddp2_$len
@@ -132,7 +134,10 @@ print(sys.argv[1], 'attn', m.config._attn_implementation, 'ppa_p', m.config.ppa_
         --output-dir $R/tp_fsdp2_$len
       keep_log $R/tp_fsdp2_$len tp_fsdp2_$len
     done ;;
-  *) echo "usage: bash examples/scaleout_gpu.sh curves|resume|resume1|throughput [--one-gpu]" >&2; exit 2 ;;
+  tests2)  # the FSDP resume test across GPU counts (tiny model), on 2 GPUs
+    export PPA_HF_TEST_TOKENIZER=$S/tok
+    step gpu_distributed_tests 200 python3 -m pytest -q -s -rs -p no:cacheprovider tests/test_gpu_distributed.py ;;
+  *) echo "usage: bash examples/scaleout_gpu.sh curves|resume|resume1|throughput [--one-gpu|--two-gpu]|tests2" >&2; exit 2 ;;
 esac
 cat "$L/timings.txt"
 pack
