@@ -17,6 +17,7 @@ field                  default      meaning
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 from .pattern import PPAPattern, check_int, check_p
@@ -89,14 +90,31 @@ def _num_layers(config) -> int | None:
 
 
 def read_settings(config, layer_idx: int | None) -> PPASettings:
-    """The settings of layer ``layer_idx`` from ``config`` (raises ``ValueError`` when missing or invalid)."""
-    p = check_p_setting(getattr(config, "ppa_p", None), _num_layers(config))
+    """The settings of layer ``layer_idx`` from ``config`` (raises ``ValueError`` when missing or invalid).
+
+    Every attention call reads them, so the validated result is memoised on the raw field values (a config
+    changed later gives new values, hence a new entry; errors are never memoised)."""
+    own = vars(config)  # the fields are plain instance attributes; a dict lookup is much cheaper than getattr
+    raw = tuple(own.get(name) for name in FIELDS)
+    p = raw[0]
+    per_layer = isinstance(p, (list, tuple))
+    key = (tuple(p) if per_layer else p, *raw[1:], _num_layers(config) if per_layer else None,
+           layer_idx if per_layer else None)
+    try:
+        return _validated_settings(key)
+    except TypeError:  # an unhashable value (e.g. an array for p): validate without the memo
+        return _validated_settings.__wrapped__(key)
+
+
+@functools.lru_cache(maxsize=4096)
+def _validated_settings(key: tuple) -> PPASettings:
+    raw_p, *raw_rest, num_layers, layer_idx = key
+    p = check_p_setting(list(raw_p) if isinstance(raw_p, tuple) else raw_p, num_layers)
     if isinstance(p, list):
         if layer_idx is None:
             raise ValueError("ppa_p is a per-layer list but the attention module has no layer_idx")
         p = p[layer_idx]
-    values = {k: getattr(config, k, None) for k in DEFAULTS}
-    values = {k: (DEFAULTS[k] if v is None else v) for k, v in values.items()}
+    values = {k: (DEFAULTS[k] if v is None else v) for k, v in zip(DEFAULTS, raw_rest)}
     return PPASettings(
         p=p,
         window=values["ppa_window"],

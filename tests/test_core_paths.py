@@ -57,6 +57,7 @@ SHAPES = [  # (B, H, Hkv, Q, K, left_pad, right_pad)
     (1, 4, 4, 97, 97, (0,), (0,)),  # MHA
     (3, 4, 1, 5, 301, (0, 11, 300), (0,)),  # a few queries against a cache; a row with one real token
     (2, 2, 2, 64, 130, (3,), (0, 20)),  # q_len != kv_len, right padding
+    (2, 6, 2, 1, 257, (0, 100), (0,)),  # one query (decoding), GQA folded into the query axis, left padding
 ]
 
 

@@ -61,10 +61,31 @@ def naive_attention(query, key, value, layout: PPALayout, pattern: PPAPattern, s
         layout.cache[cache_key] = (keep, None) if bool(row_any.all()) else (keep | ~row_any, row_any)
     attn_mask, row_any = layout.cache[cache_key]
     groups = query.shape[1] // key.shape[1]
-    if groups > 1 and query.device.type == "cuda":
-        # CUDA's fused SDPA kernels take a mask or GQA, not both (torch then falls back to the unfused math
-        # kernel): repeat the KV heads instead, as Transformers' own sdpa path does with a mask.
-        key, value = _expand_kv(key, groups), _expand_kv(value, groups)
-    out = F.scaled_dot_product_attention(query, key, value, attn_mask=attn_mask, dropout_p=dropout, scale=scale,
-                                         enable_gqa=query.shape[1] != key.shape[1])
+    if groups > 1 and query.shape[2] <= GQA_FOLD_MAX_QUERIES:
+        out = _sdpa_groups_folded(query, key, value, attn_mask, groups, dropout, scale)
+    else:
+        if groups > 1 and query.device.type == "cuda":
+            # CUDA's fused SDPA kernels take a mask or GQA, not both (torch then falls back to the unfused math
+            # kernel): repeat the KV heads instead, as Transformers' own sdpa path does with a mask.
+            key, value = _expand_kv(key, groups), _expand_kv(value, groups)
+        out = F.scaled_dot_product_attention(query, key, value, attn_mask=attn_mask, dropout_p=dropout,
+                                             scale=scale, enable_gqa=query.shape[1] != key.shape[1])
     return out if row_any is None else out * row_any.to(out.dtype)
+
+
+# Up to this many queries (decoding, short chunks) the query heads that share a KV head are folded into the
+# query axis instead of repeating K and V per query head: the copy is then of the small queries and mask, not
+# of the whole cache (at 50 sequences x 1k cached tokens the repeat copied about 230 MB per layer and step).
+GQA_FOLD_MAX_QUERIES = 16
+
+
+def _sdpa_groups_folded(query, key, value, attn_mask, groups: int, dropout: float, scale) -> torch.Tensor:
+    """GQA attention as plain multi-head SDPA over ``Hkv`` heads: ``query [B, Hkv*G, Q, D]`` becomes
+    ``[B, Hkv, G*Q, D]`` (query head ``h`` reads KV head ``h // G``), ``attn_mask [B, 1, Q, K]`` is repeated
+    for the ``G`` folded rows; returns ``[B, Hkv*G, Q, D]``."""
+    B, H, Q, D = query.shape
+    Hkv, K = key.shape[1], key.shape[2]
+    folded = query.reshape(B, Hkv, groups * Q, D)
+    mask = attn_mask[:, :, None].expand(attn_mask.shape[0], 1, groups, Q, K).reshape(-1, 1, groups * Q, K)
+    out = F.scaled_dot_product_attention(folded, key, value, attn_mask=mask, dropout_p=dropout, scale=scale)
+    return out.reshape(B, H, Q, out.shape[-1])
