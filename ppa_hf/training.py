@@ -456,6 +456,7 @@ def save_final(accelerator, model, tokenizer, args) -> None:
     state_dict = accelerator.get_state_dict(model)
     if not accelerator.is_main_process:
         return
+    state_dict = drop_tied_copies(unwrapped, state_dict)
     tmp = os.path.join(args.output_dir, ".final.partial")
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
@@ -477,6 +478,18 @@ def save_final(accelerator, model, tokenizer, args) -> None:
         os.replace(os.path.join(tmp, "config.json"), os.path.join(args.output_dir, "config.json"))
     shutil.rmtree(tmp, ignore_errors=True)
     print(f"saved the final model to {args.output_dir}", flush=True)
+
+
+def drop_tied_copies(model, state_dict: dict) -> dict:
+    """``state_dict`` without the second and later names of parameters the model shares (tied embeddings).
+
+    A state dict gathered from FSDP shards holds a tied weight as separate tensors, which ``save_pretrained``
+    cannot recognise as one and writes twice (1B Llama: 4.70 instead of 4.30 GB); loading ties them again."""
+    names_by_param: dict[int, list[str]] = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        names_by_param.setdefault(id(param), []).append(name)
+    copies = {name for names in names_by_param.values() for name in names[1:]}
+    return {name: tensor for name, tensor in state_dict.items() if name not in copies}
 
 
 def main(argv=None) -> int:

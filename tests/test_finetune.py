@@ -175,3 +175,26 @@ def test_no_save_writes_only_the_train_log(tiny_model_dir, tmp_path):
     result = run_finetune(["--model-config", "tiny-llama", "--no-save", "--save-every", "1", "--output-dir",
                            str(tmp_path / "x")])
     assert result.returncode == 2 and "--no-save" in result.stderr and "--save-every" in result.stderr
+
+
+def test_tied_weights_saved_once_from_a_gathered_state_dict(tmp_path):
+    """FSDP gathers a tied embedding as two separate tensors; the final save keeps one and reloads tied."""
+    from transformers import LlamaConfig
+
+    from ppa_hf.training import drop_tied_copies
+
+    config = LlamaConfig(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                         num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config)
+    gathered = {name: tensor.clone() for name, tensor in model.state_dict().items()}  # as FSDP returns them
+    kept = drop_tied_copies(model, gathered)
+    assert "lm_head.weight" in gathered and "lm_head.weight" not in kept
+    assert set(gathered) - set(kept) == {"lm_head.weight"}
+    model.save_pretrained(tmp_path, state_dict=kept)
+    again = AutoModelForCausalLM.from_pretrained(tmp_path)
+    assert again.lm_head.weight is again.model.embed_tokens.weight
+    ids = torch.randint(0, 97, (1, 9))
+    torch.testing.assert_close(again(ids).logits, model(ids).logits, atol=0, rtol=0)
+    untied = AutoModelForCausalLM.from_config(LlamaConfig(**{**config.to_dict(), "tie_word_embeddings": False}))
+    assert drop_tied_copies(untied, untied.state_dict()).keys() == untied.state_dict().keys()
