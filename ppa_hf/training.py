@@ -421,10 +421,10 @@ def train(args) -> dict:
                 handle.write(json.dumps(row) + "\n")
             bar.set_postfix(loss=f"{mean_loss:.4f}", tok_s=f"{row['tokens_per_s']:.0f}")
             bar.update(1)
-        state = {"step": step, "examples_seen": examples_seen, "tokens_seen": tokens_seen,
-                 "num_processes": accelerator.num_processes, "global_batch": schedule.global_batch, "p": args.p,
-                 "optimizer_steps": None if deepspeed else optimizer_step_count(optimizer)}
         if not args.no_save and ((args.save_every and step % args.save_every == 0) or step == last):
+            state = {"step": step, "examples_seen": examples_seen, "tokens_seen": tokens_seen,
+                     "num_processes": accelerator.num_processes, "global_batch": schedule.global_batch,
+                     "p": args.p, "optimizer_steps": None if deepspeed else optimizer_step_count(optimizer)}
             save_checkpoint(accelerator, args.output_dir, step, state, args.keep_checkpoints)
     bar.close()
 
