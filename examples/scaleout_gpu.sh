@@ -28,15 +28,9 @@ export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 } >> "$L/machine.txt" 2>&1
 
 pack() { tar czf "$OUT/logs.tgz" -C "$L" . 2>/dev/null; }
-step() {  # step NAME TIMEOUT_S COMMAND...: log to $L/NAME.log, wall time and exit code to $L/timings.txt
-  local name=$1 limit=$2; shift 2
-  local t0; t0=$(date +%s%N)
-  timeout "$limit" "$@" > "$L/$name.log" 2>&1
-  local rc=$?
-  local ms=$(( ($(date +%s%N) - t0) / 1000000 ))
-  printf '%s\trc=%s\twall_s=%d.%03d\t%s\n' "$name" "$rc" $((ms / 1000)) $((ms % 1000)) "$*" >> "$L/timings.txt"
-  pack
-}
+STEP_LOG_DIR=$L
+after_step() { pack; }
+source examples/device_step.sh
 keep_log() { cp "$1/train_log.jsonl" "$L/$2.jsonl" 2>/dev/null; pack; }
 
 CFG=examples/accelerate_configs

@@ -39,14 +39,8 @@ mkdir -p "$OUT/eval"
 { python3 -c "import torch, transformers; print(torch.cuda.get_device_name(), 'torch', torch.__version__, 'transformers', transformers.__version__)"
   git log -1 --format=%H 2>/dev/null; date -u; } >> "$OUT/machine.txt"
 
-step() {  # step NAME TIMEOUT_S COMMAND...: log to $OUT/NAME.log, wall time and exit code to $OUT/timings.txt
-  local name=$1 limit=$2; shift 2
-  local t0; t0=$(date +%s%N)
-  timeout "$limit" "$@" > "$OUT/$name.log" 2>&1
-  local rc=$?
-  local ms=$(( ($(date +%s%N) - t0) / 1000000 ))
-  printf '%s\trc=%s\twall_s=%d.%03d\t%s\n' "$name" "$rc" $((ms / 1000)) $((ms % 1000)) "$*" >> "$OUT/timings.txt"
-}
+STEP_LOG_DIR=$OUT
+source examples/device_step.sh
 
 case "${1:-}" in
   main)
