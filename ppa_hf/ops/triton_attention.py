@@ -201,6 +201,53 @@ if triton is not None:
         return mask
 
     @triton.jit
+    def _fwd_tile(q, k_ptr, v_ptr, cols, offs_d, skn, svn, kv_len, scale_log2, mask, m_i, l_i, acc,
+                  MASKED: tl.constexpr):
+        """One key tile of the forward's online softmax for the ``[BLOCK_M]`` queries of ``q``; ``MASKED``: a
+        partial tile (``mask`` applies, keys past ``kv_len`` read as zeros), else a full tile. Returns the new
+        running max, denominator and ``[BLOCK_M, HEAD_DIM]`` accumulator."""
+        k_at = k_ptr + cols[None, :].to(tl.int64) * skn + offs_d[:, None]
+        if MASKED:
+            k = tl.load(k_at, mask=(cols < kv_len)[None, :], other=0.0)
+        else:
+            k = tl.load(k_at)
+        s = tl.dot(q, k) * scale_log2
+        if MASKED:
+            s = tl.where(mask, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        p = tl.exp2(s - m_new[:, None])
+        alpha = tl.exp2(m_i - m_new)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None]
+        v_at = v_ptr + cols[:, None].to(tl.int64) * svn + offs_d[None, :]
+        if MASKED:
+            v = tl.load(v_at, mask=(cols < kv_len)[:, None], other=0.0)
+        else:
+            v = tl.load(v_at)
+        acc = tl.dot(p.to(v.dtype), v, acc)
+        return m_new, l_i, acc
+
+    @triton.jit
+    def _dq_tile(q, do, lse, delta, k_ptr, v_ptr, cols, offs_d, skn, svn, kv_len, scale_log2, mask, dq,
+                 MASKED: tl.constexpr):
+        """One key tile's contribution to ``dq [BLOCK_M, HEAD_DIM]`` (``MASKED``: a partial tile, as in
+        :func:`_fwd_tile`)."""
+        k_at = k_ptr + cols[None, :].to(tl.int64) * skn + offs_d[:, None]
+        v_at = v_ptr + cols[None, :].to(tl.int64) * svn + offs_d[:, None]
+        if MASKED:
+            kT = tl.load(k_at, mask=(cols < kv_len)[None, :], other=0.0)
+            vT = tl.load(v_at, mask=(cols < kv_len)[None, :], other=0.0)
+        else:
+            kT = tl.load(k_at)
+            vT = tl.load(v_at)
+        p = tl.exp2(tl.dot(q, kT) * scale_log2 - lse[:, None])
+        if MASKED:
+            p = tl.where(mask, p, 0.0)
+        dp = tl.dot(do, vT)
+        ds = p * (dp - delta[:, None])
+        return tl.dot(ds.to(kT.dtype), tl.trans(kT), dq)
+
+    @triton.jit
     def _fwd_kernel(Q, K, V, O, LSE, scale_log2,
                     sqb, sqh, sqm, skb, skh, skn, svb, svh, svn, sob, soh, som,
                     H, G, q_len, kv_len, q_start, k_start, lse_stride,
@@ -226,40 +273,20 @@ if triton is not None:
         start = tl.load(FPTR + pid_m)
         end = tl.load(FPTR + pid_m + 1)
         for it in range(start, end):
-            kb = tl.load(FIDX + it)
-            cols = kb * BLOCK_N + offs_n
-            k = tl.load(k_ptr + cols[None, :].to(tl.int64) * skn + offs_d[:, None])
-            s = tl.dot(q, k) * scale_log2
-            m_new = tl.maximum(m_i, tl.max(s, 1))
-            p = tl.exp2(s - m_new[:, None])
-            alpha = tl.exp2(m_i - m_new)
-            l_i = l_i * alpha + tl.sum(p, 1)
-            acc = acc * alpha[:, None]
-            v = tl.load(v_ptr + cols[:, None].to(tl.int64) * svn + offs_d[None, :])
-            acc = tl.dot(p.to(v.dtype), v, acc)
-            m_i = m_new
+            cols = tl.load(FIDX + it) * BLOCK_N + offs_n
+            m_i, l_i, acc = _fwd_tile(q, k_ptr, v_ptr, cols, offs_d, skn, svn, kv_len, scale_log2, None,
+                                      m_i, l_i, acc, False)
 
         # PARTIAL tiles: the pattern per element.
         start = tl.load(PPTR + pid_m)
         end = tl.load(PPTR + pid_m + 1)
         for it in range(start, end):
-            kb = tl.load(PIDX + it)
-            cols = kb * BLOCK_N + offs_n
-            inb = cols < kv_len
-            k = tl.load(k_ptr + cols[None, :].to(tl.int64) * skn + offs_d[:, None], mask=inb[None, :], other=0.0)
+            cols = tl.load(PIDX + it) * BLOCK_N + offs_n
             mask = _query_tile_mask(qpos, k_start + cols, kv_end, TOK, tok_len, WF, n_words, BLK, blk_len,
                                     block_size, sinks, max_distance, BLOCK_N, GRAN_BLOCK, HAS_SINKS, HAS_MD,
                                     USE_WORDS)
-            s = tl.dot(q, k) * scale_log2
-            s = tl.where(mask, s, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s, 1))
-            p = tl.exp2(s - m_new[:, None])
-            alpha = tl.exp2(m_i - m_new)
-            l_i = l_i * alpha + tl.sum(p, 1)
-            acc = acc * alpha[:, None]
-            v = tl.load(v_ptr + cols[:, None].to(tl.int64) * svn + offs_d[None, :], mask=inb[:, None], other=0.0)
-            acc = tl.dot(p.to(v.dtype), v, acc)
-            m_i = m_new
+            m_i, l_i, acc = _fwd_tile(q, k_ptr, v_ptr, cols, offs_d, skn, svn, kv_len, scale_log2, mask,
+                                      m_i, l_i, acc, True)
 
         empty = l_i == 0.0
         out = acc / tl.where(empty, 1.0, l_i)[:, None]
@@ -370,30 +397,18 @@ if triton is not None:
         start = tl.load(FPTR + pid_m)
         end = tl.load(FPTR + pid_m + 1)
         for it in range(start, end):
-            kb = tl.load(FIDX + it)
-            cols = kb * BLOCK_N + offs_n
-            kT = tl.load(k_ptr + cols[None, :].to(tl.int64) * skn + offs_d[:, None])
-            vT = tl.load(v_ptr + cols[None, :].to(tl.int64) * svn + offs_d[:, None])
-            p = tl.exp2(tl.dot(q, kT) * scale_log2 - lse[:, None])
-            dp = tl.dot(do, vT)
-            ds = p * (dp - delta[:, None])
-            dq = tl.dot(ds.to(kT.dtype), tl.trans(kT), dq)
+            cols = tl.load(FIDX + it) * BLOCK_N + offs_n
+            dq = _dq_tile(q, do, lse, delta, k_ptr, v_ptr, cols, offs_d, skn, svn, kv_len, scale_log2, None, dq,
+                          False)
         start = tl.load(PPTR + pid_m)
         end = tl.load(PPTR + pid_m + 1)
         for it in range(start, end):
-            kb = tl.load(PIDX + it)
-            cols = kb * BLOCK_N + offs_n
-            inb = cols < kv_len
-            kT = tl.load(k_ptr + cols[None, :].to(tl.int64) * skn + offs_d[:, None], mask=inb[None, :], other=0.0)
-            vT = tl.load(v_ptr + cols[None, :].to(tl.int64) * svn + offs_d[:, None], mask=inb[None, :], other=0.0)
+            cols = tl.load(PIDX + it) * BLOCK_N + offs_n
             mask = _query_tile_mask(qpos, k_start + cols, kv_end, TOK, tok_len, WF, n_words, BLK, blk_len,
                                     block_size, sinks, max_distance, BLOCK_N, GRAN_BLOCK, HAS_SINKS, HAS_MD,
                                     USE_WORDS)
-            p = tl.exp2(tl.dot(q, kT) * scale_log2 - lse[:, None])
-            p = tl.where(mask, p, 0.0)
-            dp = tl.dot(do, vT)
-            ds = p * (dp - delta[:, None])
-            dq = tl.dot(ds.to(kT.dtype), tl.trans(kT), dq)
+            dq = _dq_tile(q, do, lse, delta, k_ptr, v_ptr, cols, offs_d, skn, svn, kv_len, scale_log2, mask, dq,
+                          True)
         dq = dq * sm_scale
         tl.store(DQ + b.to(tl.int64) * sdqb + h.to(tl.int64) * sdqh + offs_m[:, None].to(tl.int64) * sdqm
                  + offs_d[None, :], dq.to(DQ.dtype.element_ty), mask=rmask[:, None])
