@@ -1,6 +1,8 @@
 """Shared test helpers."""
 
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -57,3 +59,16 @@ def subprocess_env() -> dict:
     env["HF_DATASETS_OFFLINE"] = "1"
     env["TOKENIZERS_PARALLELISM"] = "false"
     return env
+
+
+FINETUNE = str(REPO_ROOT / "examples" / "finetune.py")
+
+
+def run_finetune(args, launcher=("python",), timeout=300):
+    """examples/finetune.py with ``args``: under plain python, or ``launcher=("accelerate", *launch_options)``."""
+    if launcher[0] == "accelerate":
+        cmd = [sys.executable, "-m", "accelerate.commands.launch", *launcher[1:], FINETUNE, *args]
+    else:
+        cmd = [sys.executable, FINETUNE, *args]
+    return subprocess.run(cmd, capture_output=True, text=True, env=subprocess_env(), timeout=timeout,
+                          cwd=REPO_ROOT)

@@ -10,20 +10,16 @@ import pytest
 import yaml
 from transformers import AutoModelForCausalLM
 
-from conftest import REPO_ROOT, shared_data, subprocess_env
+from conftest import REPO_ROOT, run_finetune, shared_data
 
-FINETUNE = str(REPO_ROOT / "examples" / "finetune.py")
 CONFIGS = REPO_ROOT / "examples" / "accelerate_configs"
 COMPARE = str(REPO_ROOT / "examples" / "compare_loss_curves.py")
 
 
 def launch(processes, args, port):
-    if processes == 1:
-        cmd = [sys.executable, FINETUNE, *args]
-    else:
-        cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(CONFIGS / "cpu_2proc.yaml"),
-               "--main_process_port", str(port), FINETUNE, *args]
-    result = subprocess.run(cmd, capture_output=True, text=True, env=subprocess_env(), cwd=REPO_ROOT, timeout=400)
+    launcher = ("python",) if processes == 1 else (
+        "accelerate", "--config_file", str(CONFIGS / "cpu_2proc.yaml"), "--main_process_port", str(port))
+    result = run_finetune(args, launcher, timeout=400)
     assert result.returncode == 0, result.stderr[-4000:]
     return result
 

@@ -1,26 +1,14 @@
 """examples/finetune.py: a short fine-tune through `accelerate launch`, resume, and bad input (tiny models)."""
 
 import json
-import subprocess
-import sys
 
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from conftest import REPO_ROOT, shared_data, subprocess_env
+from conftest import REPO_ROOT, run_finetune, shared_data
 
-FINETUNE = str(REPO_ROOT / "examples" / "finetune.py")
 CPU_1 = str(REPO_ROOT / "examples" / "accelerate_configs" / "cpu_1proc.yaml")
-
-
-def run_finetune(args, launcher=("python",), timeout=300):
-    if launcher[0] == "accelerate":
-        cmd = [sys.executable, "-m", "accelerate.commands.launch", *launcher[1:], FINETUNE, *args]
-    else:
-        cmd = [sys.executable, FINETUNE, *args]
-    return subprocess.run(cmd, capture_output=True, text=True, env=subprocess_env(), timeout=timeout,
-                          cwd=REPO_ROOT)
 
 
 def common(model, out, **extra):

@@ -9,13 +9,11 @@ fixture (which reads the SmolLM2 GGUF).
 import json
 import os
 import socket
-import subprocess
-import sys
 
 import pytest
 import torch
 
-from conftest import REPO_ROOT, subprocess_env
+from conftest import REPO_ROOT, run_finetune
 
 FSDP_CONFIG = REPO_ROOT / "examples" / "accelerate_configs" / "gpu_fsdp.yaml"
 GLOBAL_BATCH, STEPS, STOP = 4, 6, 3
@@ -33,14 +31,13 @@ def tokenizer_dir(request) -> str:
 
 
 def _launch(processes: int, out, tokenizer: str, *extra: str) -> None:
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(FSDP_CONFIG),
-           "--num_processes", str(processes), "--gpu_ids", ",".join(str(i) for i in range(processes)),
-           "--main_process_port", str(_free_port()), str(REPO_ROOT / "examples" / "finetune.py"),
-           "--model-config", "tiny-llama", "--tokenizer", tokenizer, "--synthetic-data", "--seq-len", "128",
-           "--lora-r", "0", "--lr", "1e-2", "--mixed-precision", "no", "--max-steps", str(STEPS),
-           "--batch-size", str(GLOBAL_BATCH // processes), "--p", "0.5", "--window", "16", "--no-progress",
-           "--output-dir", str(out), *extra]
-    result = subprocess.run(cmd, capture_output=True, text=True, env=subprocess_env(), timeout=600, cwd=REPO_ROOT)
+    launcher = ("accelerate", "--config_file", str(FSDP_CONFIG), "--num_processes", str(processes),
+                "--gpu_ids", ",".join(str(i) for i in range(processes)), "--main_process_port", str(_free_port()))
+    args = ["--model-config", "tiny-llama", "--tokenizer", tokenizer, "--synthetic-data", "--seq-len", "128",
+            "--lora-r", "0", "--lr", "1e-2", "--mixed-precision", "no", "--max-steps", str(STEPS),
+            "--batch-size", str(GLOBAL_BATCH // processes), "--p", "0.5", "--window", "16", "--no-progress",
+            "--output-dir", str(out), *extra]
+    result = run_finetune(args, launcher, timeout=600)
     assert result.returncode == 0, result.stderr[-4000:]
 
 

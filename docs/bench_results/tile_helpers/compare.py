@@ -1,4 +1,4 @@
-"""Same-run timing of the Triton PPA kernels before and after the fwd/dQ tile helpers (commit after 3f0cc7d).
+"""Same-run timing of the Triton PPA kernels before (3f0cc7d) and after (16a07d1) the fwd/dQ tile functions.
 
 On the GPU machine, from the repo root, with the previous kernel file copied beside the current one:
     cp .dev/triton_attention_before.py ppa_hf/ops/triton_attention_before.py
