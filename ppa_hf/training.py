@@ -319,15 +319,15 @@ def train(args) -> dict:
             return (step + 1) / warmup
         return max(0.0, 1.0 - (step - warmup) / max(1, args.max_steps - warmup)) * 0.9 + 0.1
 
-    def make_optimizer(trainable_params):
-        return torch.optim.AdamW(trainable_params, lr=args.lr, weight_decay=args.weight_decay)
+    def make_optimizer(of_model):
+        trainable = [p for p in of_model.parameters() if p.requires_grad]
+        return torch.optim.AdamW(trainable, lr=args.lr, weight_decay=args.weight_decay)
 
     if deepspeed:  # DeepSpeed wraps model and optimizer in one engine
-        trainable_params = [p for p in model.parameters() if p.requires_grad]
-        model, optimizer = accelerator.prepare(model, make_optimizer(trainable_params))
+        model, optimizer = accelerator.prepare(model, make_optimizer(model))
     else:  # FSDP shards the parameters when it wraps the model: the optimizer must see the wrapped ones
         model = accelerator.prepare(model)
-        optimizer = accelerator.prepare(make_optimizer([p for p in model.parameters() if p.requires_grad]))
+        optimizer = accelerator.prepare(make_optimizer(model))
     # the scheduler is stepped once per optimizer step whatever the process count (the data schedule is
     # global), so it is not prepared (accelerate would step it num_processes times); it is still checkpointed
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda)
@@ -341,10 +341,13 @@ def train(args) -> dict:
         with open(os.path.join(resume, STATE_NAME)) as handle:
             state = json.load(handle)
         # a checkpoint records its optimizer's step count: resuming with other (e.g. fresh) moments is an error
-        expected, restored = state.get("optimizer_steps"), None if deepspeed else optimizer_step_count(optimizer)
-        if expected is not None and not deepspeed and restored != expected:
-            raise RuntimeError(f"--resume-from={resume!r}: the optimizer state was not restored (its step count is "
-                               f"{restored}, the checkpoint's {expected}); refusing to continue with other moments")
+        expected = state.get("optimizer_steps")
+        if expected is not None and not deepspeed:
+            restored = optimizer_step_count(optimizer)
+            if restored != expected:
+                raise RuntimeError(f"--resume-from={resume!r}: the optimizer state was not restored (its step count "
+                                   f"is {restored}, the checkpoint's {expected}); refusing to continue with other "
+                                   "moments")
         step, examples_seen, tokens_seen = state["step"], state["examples_seen"], state.get("tokens_seen", 0)
         if is_main:
             print(f"resumed from {resume} at step {step} (saved by {state.get('num_processes')} process(es))",
