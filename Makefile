@@ -8,7 +8,7 @@ setup:
 
 # The main job: SmolLM2-135M-Instruct patched to PPA, perplexity vs p, CSV + PNG, one generated answer.
 demo: setup
-	$(PYTHON) -m ppa_hf.demo
+	$(PYTHON) -m ppa_hf.recipes.demo
 
 # The test suite (CPU, offline; needs ../shared/data beside the checkout).
 test: setup

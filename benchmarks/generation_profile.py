@@ -24,7 +24,7 @@ import torch  # noqa: E402
 from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
 
 import ppa_hf  # noqa: E402
-import ppa_hf.attention as attention  # noqa: E402
+import ppa_hf.hf.dispatch as attention  # noqa: E402
 
 SMOLLM2_SHAPE = dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
                      num_attention_heads=9, num_key_value_heads=3, max_position_embeddings=8192,
@@ -33,14 +33,14 @@ USED = collections.Counter()
 
 
 def _count_backends():
-    real = attention.choose_backend
+    real = attention.choose_path
 
     def counting(*args, **kwargs):
         name = real(*args, **kwargs)
         USED[name] += 1
         return name
 
-    attention.choose_backend = counting
+    attention.choose_path = counting
 
 
 def _emit(out, **row):
@@ -111,7 +111,7 @@ def main():
     parser.add_argument("--train-lengths", type=int, nargs="+",
                         default=[269, 275, 301, 288, 310, 333, 297, 281, 350, 322, 305, 290])
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
-    parser.add_argument("--attns", nargs="+", default=["sdpa", "ppa-auto", "ppa-naive"])
+    parser.add_argument("--attns", nargs="+", default=["sdpa", "ppa-auto", "ppa-sdpa_mask"])
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
     _count_backends()
@@ -127,7 +127,7 @@ def main():
         model.eval()
         for row in generate_runs(model, args, label):
             _emit(args.out, **row)
-        if args.dtype == "float32" and label != "ppa-naive":
+        if args.dtype == "float32" and label != "ppa-sdpa_mask":
             model.train()
             for row in train_runs(model, args, label):
                 _emit(args.out, **row)

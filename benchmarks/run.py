@@ -27,7 +27,8 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from ppa_hf.ops.block_sparse import pattern_block_mask, tile_classes, tile_density  # noqa: E402
+from ppa_hf.ops.flex import single_sequence_block_mask as pattern_block_mask  # noqa: E402
+from ppa_hf.ops.tiles import tile_classes, tile_density  # noqa: E402
 from ppa_hf.pattern import PPAPattern  # noqa: E402
 
 B, H, HKV, D = 1, 32, 8, 128
@@ -96,7 +97,7 @@ def _flex():
 
 def methods_for(L: int, ps, grans):
     """(name, p, granularity, pattern or None, callable factory)."""
-    from ppa_hf.ops.triton_attention import triton_ppa_attention
+    from ppa_hf.ops.triton import triton_ppa_attention
 
     out = []
 
@@ -198,8 +199,7 @@ def decode_index_for(pattern, T, nq=1):
 def decode_bench(caches, batches, ps, grans, rows, log):
     from triton.testing import do_bench_cudagraph
 
-    from ppa_hf.ops.decode import host_decode_index
-    from ppa_hf.ops.triton_attention import triton_decode_attention
+    from ppa_hf.ops.triton import triton_decode_attention
 
     torch.manual_seed(0)
     for T in caches:
@@ -224,7 +224,7 @@ def decode_bench(caches, batches, ps, grans, rows, log):
                     pat = PPAPattern(p, 64, 0, gran, 128)
                     if gran == "block" and p != 0.75:
                         continue
-                    index, count = host_decode_index(pat, T - 1, 1, 0, T, None, "cuda")
+                    index, count = [x[None] for x in pat.key_lists(torch.tensor([T - 1], device="cuda"), T)]
                     n = int(count.max())
 
                     def ppa():
@@ -237,7 +237,7 @@ def decode_bench(caches, batches, ps, grans, rows, log):
                     err = (ppa().float() - ref).abs().max().item()
                     t = bench_ms(ppa) * 1e3
                     tg = do_bench_cudagraph(ppa, rep=100, return_mode="median") * 1e3
-                    t_idx = bench_ms(lambda: host_decode_index(pat, T - 1, 1, 0, T, None, "cuda"), rep=30) * 1e3
+                    t_idx = bench_ms(lambda: [x[None] for x in pat.key_lists(torch.tensor([T - 1], device="cuda"), T)], rep=30) * 1e3
                     # the spec's baseline: index_select the attended rows, then SDPA
                     idx_long = index[0, 0].long()
 

@@ -7,7 +7,7 @@
 
     accelerate launch --config_file examples/accelerate_configs/cpu_2proc.yaml examples/finetune.py ...
 
-All options: ``python examples/finetune.py --help``; the loop lives in ppa_hf/training.py.
+All options: ``python examples/finetune.py --help``; the loop lives in ppa_hf/recipes/training.py.
 """
 
 import os
@@ -16,7 +16,7 @@ import sys
 # run from a checkout without installing the package
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from ppa_hf.training import main  # noqa: E402
+from ppa_hf.recipes.training import main  # noqa: E402
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -31,7 +31,7 @@ import torch
 import ppa_hf
 from ppa_hf.models import load_model
 from ppa_hf.pattern import check_p
-from ppa_hf.perplexity import load_text, perplexity
+from ppa_hf.recipes.perplexity import load_text, perplexity
 
 ZEROSHOT_PS = [0.0, 0.25, 0.5, 0.625, 0.75, 0.875, 1.0]
 
@@ -93,7 +93,7 @@ def zeroshot(args) -> int:
 
 
 def plot_zeroshot(path, out_dir):
-    from ppa_hf.plotting import plot_metric_vs_p
+    from ppa_hf.recipes.plots import plot_metric_vs_p
 
     with open(path) as handle:
         rows = list(csv.DictReader(handle))
@@ -217,8 +217,8 @@ def scurve(args) -> int:
                    final_loss=round(sum(losses[-10:]) / min(10, len(losses)), 4),
                    heldout_ppl=round(ppl["ppl"], 4), train_seconds=round(train_s, 1))
         if gsm_records:
-            from ppa_hf.answers import extract_gsm8k, gsm8k_equal
-            from ppa_hf.evaluation import build_prompts, generate, gold_of
+            from ppa_hf.recipes.answers import extract_gsm8k, gsm8k_equal
+            from ppa_hf.recipes.evaluation import build_prompts, generate, gold_of
 
             prompts = build_prompts("gsm8k", gsm_records, 4, gsm_shots)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
@@ -236,7 +236,7 @@ def scurve(args) -> int:
 
 
 def plot_scurve(path, out_dir):
-    from ppa_hf.plotting import plot_metric_vs_p
+    from ppa_hf.recipes.plots import plot_metric_vs_p
 
     with open(path) as handle:
         rows = list(csv.DictReader(handle))

@@ -9,10 +9,10 @@ import sys
 
 # module (inside ppa_hf) -> its subcommands are added in this order
 SUBCOMMAND_MODULES = [
-    "ppa_hf.cli_mask",
-    "ppa_hf.demo",
-    "ppa_hf.cli_eval",
-    "ppa_hf.cli_sweep",
+    "ppa_hf.recipes.cli_mask",
+    "ppa_hf.recipes.demo",
+    "ppa_hf.recipes.cli_eval",
+    "ppa_hf.recipes.cli_sweep",
 ]
 
 

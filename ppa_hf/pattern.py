@@ -27,6 +27,8 @@ from functools import lru_cache
 import numpy as np
 import torch
 
+from .cache import BoundedCache
+
 MAX_DENOMINATOR = 4096
 _SNAP_TOLERANCE = 1e-12
 _NEAR_INTEGER = 1e-9  # relative distance below which a float power is re-checked exactly
@@ -158,14 +160,6 @@ def offset_table(p: float, window: int, length: int) -> np.ndarray:
     return table
 
 
-def offset_table_tensor(p: float, window: int, length: int, device) -> torch.Tensor:
-    """``offset_table`` as a bool tensor on ``device``, of length >= ``length`` (rounded up to a power of two and
-    cached, so decoding step after step reuses one table)."""
-    size = _round_up_pow2(max(length, 1))
-    return _cached_tensor(("tok", float(p), int(window), size, str(device)),
-                          lambda: torch.from_numpy(offset_table(p, window, size)).to(device))
-
-
 # ----------------------------------------------------------------------------------------------------------------------
 # Block granularity
 # ----------------------------------------------------------------------------------------------------------------------
@@ -188,24 +182,22 @@ def block_far_offsets(p: float, block_size: int, limit_blocks: int) -> np.ndarra
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# The pattern object and its predicate, elementwise on tensors
+# The pattern object: its tables, and its predicate elementwise on tensors
 # ----------------------------------------------------------------------------------------------------------------------
-_DEVICE_TABLES: dict = {}
-
-
-def _cached_tensor(key, build):
-    table = _DEVICE_TABLES.get(key)
-    if table is None:
-        if len(_DEVICE_TABLES) > 128:
-            _DEVICE_TABLES.clear()
-        table = _DEVICE_TABLES[key] = build()
-    return table
+TABLES = BoundedCache("pattern tables", 256)
 
 
 class PPAPattern:
-    """One PPA pattern: ``p``, window, sinks and granularity. Hashable; its tables are cached per device.
+    """One PPA pattern: ``p``, window, sinks and granularity. Hashable.
 
-    ``keep(q_pos, k_pos)`` is *the* mask function: every attention path calls it or is built from its tables.
+    Its tables are the single source every attention path reads:
+
+    * :meth:`token_table`: bool over token offsets ``d`` (the window, plus the far offsets at token granularity);
+    * :meth:`block_table`: bool over block offsets ``db`` (block granularity: the diagonal block and the far blocks);
+    * :meth:`offsets` / :meth:`block_offsets`: the same tables as sorted lists of the attended offsets.
+
+    :meth:`keep` is *the* predicate (dense masks, FlexAttention mask_mods and tests call it) and
+    :meth:`key_lists` enumerates, from the same tables, the keys a query attends (gathered decoding).
     """
 
     def __init__(self, p: float, window: int = 64, sink_tokens: int = 0, granularity: str = "token",
@@ -217,16 +209,14 @@ class PPAPattern:
             raise ValueError(f"granularity={granularity!r} is not allowed; granularity must be 'token' or 'block'")
         self.granularity = granularity
         self.block_size = check_int(block_size, "block_size", 1)
-
-    def _key(self):
-        return (self.p, self.window, self.sink_tokens, self.granularity,
-                self.block_size if self.granularity == "block" else 0)
+        self._key = (self.p, self.window, self.sink_tokens, self.granularity,
+                     self.block_size if self.granularity == "block" else 0)
 
     def __eq__(self, other):
-        return isinstance(other, PPAPattern) and self._key() == other._key()
+        return isinstance(other, PPAPattern) and self._key == other._key
 
     def __hash__(self):
-        return hash(self._key())
+        return hash(self._key)
 
     @property
     def name(self) -> str:
@@ -241,24 +231,54 @@ class PPAPattern:
         """True when the pattern is plain causal attention (p = 1, any window, any sinks)."""
         return self.p == 1.0
 
+    @property
+    def is_block(self) -> bool:
+        return self.granularity == "block"
+
+    # -- tables (numpy on the host; ``*_tensor`` on a device, cached) ----------------------------------------------
+    def token_table_np(self, length: int) -> np.ndarray:
+        """``[length]`` bool: token offset ``d`` attended through the window or (token granularity) a far offset."""
+        if self.is_block:
+            return np.arange(length) < self.window
+        return offset_table(self.p, self.window, length)
+
+    def block_table_np(self, n_blocks: int) -> np.ndarray:
+        """``[n_blocks]`` bool: block offset ``db`` attended (block granularity; ``db = 0``, the diagonal, included).
+        At token granularity no block offset is attended through the block rule: all False."""
+        table = np.zeros(n_blocks, dtype=bool)
+        if self.is_block and n_blocks:
+            table[0] = True
+            table[block_far_offsets(self.p, self.block_size, n_blocks)] = True
+        return table
+
+    def n_blocks(self, length: int) -> int:
+        """Size of the block table that covers positions below ``length`` (block offsets up to ``length / B``)."""
+        return -(-max(length, 1) // self.block_size) + 1
+
     def token_table(self, length: int, device="cpu") -> torch.Tensor:
-        """``[>= length]`` bool: token offset ``d`` attended through the window or a far offset."""
-        if self.granularity == "block":
-            return _cached_tensor(("win", self.window, _round_up_pow2(max(length, 1)), str(device)),
-                                  lambda: torch.arange(_round_up_pow2(max(length, 1)), device=device) < self.window)
-        return offset_table_tensor(self.p, self.window, length, device)
+        """``[>= length]`` bool tensor of :meth:`token_table_np` (size rounded up to a power of two: decoding step
+        after step reuses one table)."""
+        size = _round_up_pow2(max(length, 1))
+        return TABLES.get(("tok", self, size, str(device)),
+                          lambda: torch.from_numpy(self.token_table_np(size)).to(device))
 
     def block_table(self, length: int, device="cpu") -> torch.Tensor:
-        """``[>= length / block_size]`` bool: block offset ``db`` attended (``db = 0``, the diagonal, included)."""
-        n = _round_up_pow2(max(-(-length // self.block_size), 1) + 1)
+        """``[>= n_blocks(length)]`` bool tensor of :meth:`block_table_np` for positions below ``length``."""
+        size = _round_up_pow2(self.n_blocks(length))
+        return TABLES.get(("blk", self, size, str(device)),
+                          lambda: torch.from_numpy(self.block_table_np(size)).to(device))
 
-        def build():
-            table = np.zeros(n, dtype=bool)
-            table[0] = True
-            table[block_far_offsets(self.p, self.block_size, n)] = True
-            return torch.from_numpy(table).to(device)
+    def offsets(self, length: int, device="cpu") -> torch.Tensor:
+        """Sorted attended token offsets of :meth:`token_table` (long tensor; all below its power-of-two size)."""
+        table = self.token_table(length, device)
+        return TABLES.get(("offsets", self, table.numel(), str(device)),
+                          lambda: torch.from_numpy(np.flatnonzero(self.token_table_np(table.numel()))).to(device))
 
-        return _cached_tensor(("blk", self.p, self.block_size, n, str(device)), build)
+    def block_offsets(self, length: int, device="cpu") -> torch.Tensor:
+        """Sorted attended block offsets of :meth:`block_table` (long tensor; empty at token granularity)."""
+        table = self.block_table(length, device)
+        return TABLES.get(("block_offsets", self, table.numel(), str(device)),
+                          lambda: torch.from_numpy(np.flatnonzero(self.block_table_np(table.numel()))).to(device))
 
     def keep(self, q_pos: torch.Tensor, k_pos: torch.Tensor, length: int | None = None,
              max_distance: int | None = None, tables=None) -> torch.Tensor:
@@ -273,13 +293,8 @@ class PPAPattern:
             if length is None:
                 length = int(max(int(q_pos.max()), int(k_pos.max()), 0)) + 1
             tables = self.tables(length, q_pos.device)
-        token_table, block_table = tables
         d = q_pos - k_pos
-        hit = token_table[d.clamp(0, token_table.numel() - 1)]
-        if block_table is not None:
-            db = torch.div(q_pos, self.block_size, rounding_mode="floor") - torch.div(
-                k_pos, self.block_size, rounding_mode="floor")
-            hit = hit | block_table[db.clamp(0, block_table.numel() - 1)]
+        hit = self._hit(q_pos, k_pos, *tables)
         if self.sink_tokens:
             hit = hit | (k_pos < self.sink_tokens)
         ok = (d >= 0) & hit
@@ -289,8 +304,57 @@ class PPAPattern:
 
     def tables(self, length: int, device="cpu"):
         """``(token_table, block_table or None)`` for positions below ``length``."""
-        block = self.block_table(length, device) if self.granularity == "block" else None
+        block = self.block_table(length, device) if self.is_block else None
         return self.token_table(length, device), block
+
+    def key_lists(self, q_pos: torch.Tensor, length: int, max_distance: int | None = None):
+        """The keys each query attends, listed from the tables: ``(keys [*S, N] long, count [*S] int32)`` for
+        queries at positions ``q_pos [*S]`` (long, inside one sequence each, all below ``length``).
+
+        Every attended key position appears exactly once among the first ``count`` entries of its list; entries that
+        are not attended hold -1 (a list is padded to ``N``, which depends only on ``length`` rounded up to a power of
+        two, so a static KV cache gives static shapes). Elementwise tensor work, no host synchronisation. Order:
+        sinks not otherwise attended, then (token granularity) ``q - d`` for the attended offsets ``d`` in ascending
+        order, or (block granularity) the window keys outside attended blocks, then whole attended blocks."""
+        q = q_pos[..., None]
+        device = q_pos.device
+        token_table, block_table = self.tables(length, device)
+        parts, counts = [], []
+        if self.sink_tokens:  # a sink the rest of the pattern already attends is listed there, not here
+            j = torch.arange(self.sink_tokens, device=device)
+            sink_ok = (j <= q) & ~self._hit(q, j, token_table, block_table)
+            parts.append(torch.where(sink_ok, j, -1))
+            counts.append(self.sink_tokens)
+        if self.is_block:
+            bs = self.block_size
+            d = torch.arange(self.window, device=device)
+            win_keys = q - d
+            win_ok = (d <= q) & ~block_table[(q // bs - win_keys.clamp(min=0) // bs).clamp(0, block_table.numel() - 1)]
+            parts.append(torch.where(win_ok, win_keys, -1))
+            counts.append(self.window)
+            dbs = self.block_offsets(length, device)  # ascending, 0 (the diagonal block) first
+            kb = q // bs - dbs  # [*S, nb]
+            keys = kb[..., None] * bs + torch.arange(bs, device=device)  # [*S, nb, bs]
+            ok = (kb[..., None] >= 0) & (keys <= q[..., None])
+            parts.append(torch.where(ok, keys, -1).flatten(-2))
+            counts.append(torch.searchsorted(dbs, q_pos // bs, right=True) * bs)
+        else:
+            offs = self.offsets(length, device)  # ascending
+            parts.append(torch.where(offs <= q, q - offs, -1))
+            counts.append(torch.searchsorted(offs, q_pos, right=True))
+        keys = torch.cat(parts, dim=-1)
+        if max_distance is not None:
+            keys = torch.where(q - keys < max_distance, keys, -1)
+        count = counts[-1] + sum(counts[:-1])  # the lists before the last are counted whole
+        return keys, count.to(torch.int32)
+
+    def _hit(self, q_pos, k_pos, token_table, block_table):
+        """Window, far or block part of :meth:`keep` (no sinks, no causality), for ``q_pos >= k_pos``."""
+        hit = token_table[(q_pos - k_pos).clamp(0, token_table.numel() - 1)]
+        if block_table is not None:
+            db = q_pos // self.block_size - k_pos // self.block_size
+            hit = hit | block_table[db.clamp(0, block_table.numel() - 1)]
+        return hit
 
     def dense(self, length: int, kv_length: int | None = None, device="cpu") -> torch.Tensor:
         """``[length, kv_length]`` bool mask of one unpadded sequence (queries = its last ``length`` tokens)."""

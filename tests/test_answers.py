@@ -2,7 +2,7 @@
 
 import pytest
 
-from ppa_hf.answers import (extract_gsm8k, extract_math, gsm8k_equal, gsm8k_gold, last_boxed, math_equal,
+from ppa_hf.recipes.answers import (extract_gsm8k, extract_math, gsm8k_equal, gsm8k_gold, last_boxed, math_equal,
                             math_gold, normalize_math, truncate_at_stop)
 
 

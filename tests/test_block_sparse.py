@@ -1,12 +1,11 @@
-"""CPU checks of the block-sparse machinery: tile classes, BlockMask lists and decode index lists are built from
-the pattern's tables only, and must agree with the dense predicate PPAPattern.keep on awkward shapes."""
+"""CPU checks of what is derived from the pattern's tables: tile classes, BlockMask lists and the key lists of
+gathered decoding must agree with the dense predicate PPAPattern.keep on awkward shapes."""
 
 import numpy as np
 import pytest
 import torch
 
-from ppa_hf.ops.block_sparse import EMPTY, FULL, PARTIAL, csr_lists, tile_classes
-from ppa_hf.ops.decode import host_decode_index
+from ppa_hf.ops.tiles import EMPTY, FULL, PARTIAL, csr_lists, tile_classes
 from ppa_hf.pattern import PPAPattern
 
 PATTERNS = [PPAPattern(0.75), PPAPattern(0.5, 16, 3), PPAPattern(0.25, 8), PPAPattern(0.0, 20), PPAPattern(1.0),
@@ -65,21 +64,35 @@ def test_csr_lists_roundtrip():
 @pytest.mark.parametrize("pattern", PATTERNS + [PPAPattern(0.75, 64, 5, "block", 128), PPAPattern(0.5, 8, 7)],
                          ids=lambda p: p.name)
 @pytest.mark.parametrize("md", [None, 200])
-def test_host_decode_index_matches_keep(pattern, md):
-    kv_len, q_len = 3001, 3
-    index, count = host_decode_index(pattern, kv_len - q_len, q_len, 0, kv_len, md, "cpu")
-    keep = _keep(pattern, q_len, kv_len, md)
-    for i in range(q_len):
-        got = sorted(index[0, i, : count[0, i]].tolist())
-        assert got == np.flatnonzero(keep[i]).tolist()
+def test_key_lists_match_keep(pattern, md):
+    length = 3001
+    q_pos = torch.tensor([[0, 1, 7, 130, 1000], [2998, 2999, 3000, 255, 256]])
+    keys, count = pattern.key_lists(q_pos, length, md)
+    assert keys.shape[:2] == q_pos.shape and count.shape == q_pos.shape
+    keep = _keep(pattern, length, length, md)
+    for b in range(q_pos.shape[0]):
+        for i in range(q_pos.shape[1]):
+            row = keys[b, i]
+            listed = row[: count[b, i]]
+            listed = listed[listed >= 0].tolist()
+            assert len(listed) == len(set(listed))  # every key once
+            assert sorted(listed) == np.flatnonzero(keep[q_pos[b, i]]).tolist()
+            assert bool((row[count[b, i]:] == -1).all())  # nothing attended past count
+
+
+def test_key_lists_width_depends_on_length_only():
+    pattern = PPAPattern(0.75, 64, 4)
+    a, _ = pattern.key_lists(torch.tensor([5]), 4000)
+    b, _ = pattern.key_lists(torch.tensor([3999]), 4090)
+    assert a.shape == b.shape  # both lengths round up to 4096: a static cache gives static shapes
 
 
 def test_flex_blockmask_lists_match_classes():
     pytest.importorskip("torch.nn.attention.flex_attention")
-    from ppa_hf.ops.block_sparse import pattern_block_mask
+    from ppa_hf.ops.flex import single_sequence_block_mask
 
     pat = PPAPattern(0.75, 64, 0, "block", 128)
-    bm = pattern_block_mask(pat, 1000, 1000, "cpu")
+    bm = single_sequence_block_mask(pat, 1000, 1000, "cpu")
     classes = tile_classes(pat, 1000, 1000, 128, 128, ragged_partial=False)
     assert bm.kv_num_blocks[0, 0].tolist() == (classes == PARTIAL).sum(-1).tolist()
     assert bm.full_kv_num_blocks[0, 0].tolist() == (classes == FULL).sum(-1).tolist()

@@ -107,7 +107,7 @@ def test_flex_backend_cannot_train_on_cpu():
     model = tiny_llama().train()
     ppa_hf.apply(model, p=0.5, backend="flex")
     x = torch.randint(0, 100, (1, 20))
-    with pytest.raises(ValueError, match="no CPU backward.*ppa_backend='naive'"):
+    with pytest.raises(ValueError, match="no CPU backward.*ppa_backend='sdpa_mask'"):
         model(x, labels=x).loss.backward()
 
 
@@ -125,6 +125,14 @@ def test_explicit_backend_refuses_dropout():
     ppa_hf.apply(model, p=0.5, backend="decode")
     with pytest.raises(ValueError, match="no attention dropout"):
         model(torch.randint(0, 100, (1, 20)))
+
+
+def test_saved_naive_backend_reads_as_sdpa_mask():
+    model = tiny_llama()
+    model.config.ppa_p, model.config.ppa_backend = 0.5, "naive"  # what earlier releases saved
+    assert ppa_hf.read_settings(model.config, 0).backend == "sdpa_mask"
+    ppa_hf.apply(model, p=0.5, backend="naive")
+    assert model.config.ppa_backend == "sdpa_mask"
 
 
 def test_explicit_triton_backend_that_cannot_run_is_refused(monkeypatch):

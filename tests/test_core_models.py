@@ -76,7 +76,7 @@ def test_model_sliding_window_is_intersected_not_dropped():
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("backend", ["auto", "naive", "decode"])
+@pytest.mark.parametrize("backend", ["auto", "sdpa_mask", "decode"])
 @pytest.mark.parametrize("family", ["llama", "gpt2"])
 def test_greedy_generate_with_cache_equals_without(family, backend):
     model = tiny(family)
@@ -90,7 +90,7 @@ def test_greedy_generate_with_cache_equals_without(family, backend):
     assert torch.equal(cached, uncached)
 
 
-@pytest.mark.parametrize("backend", ["naive", "decode"])
+@pytest.mark.parametrize("backend", ["sdpa_mask", "decode"])
 def test_prefill_then_token_by_token_matches_full_forward_left_padded(backend):
     model = tiny("qwen2")
     ppa_hf.apply(model, p=0.75, window=6, sink_tokens=1, backend=backend)
@@ -228,19 +228,19 @@ def test_static_cache_generation_matches_dynamic(family):
 def test_autocast_gives_the_kernels_one_dtype(monkeypatch):
     """Under autocast the rotary embedding leaves query/key in fp32 while value is bf16; PPA hands its kernels one
     dtype (the autocast one, as SDPA uses) and at p = 1 matches stock SDPA under the same autocast."""
-    import ppa_hf.attention as attention
+    import ppa_hf.hf.dispatch as dispatch
 
     seen = []
-    real = attention.naive_attention
+    real = dispatch.sdpa_mask_attention
 
     def spy(query, key, value, *args, **kwargs):
         seen.append((query.dtype, key.dtype, value.dtype))
         return real(query, key, value, *args, **kwargs)
 
-    monkeypatch.setattr(attention, "naive_attention", spy)
+    monkeypatch.setattr(dispatch, "sdpa_mask_attention", spy)
     x = ids(2, 40)
     stock = tiny("llama")
-    model = tiny("llama", attn="ppa", ppa_p=1.0, ppa_backend="naive")
+    model = tiny("llama", attn="ppa", ppa_p=1.0, ppa_backend="sdpa_mask")
     model.load_state_dict(stock.state_dict())
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
         want = stock(x).logits.float()

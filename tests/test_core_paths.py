@@ -6,9 +6,30 @@ import pytest
 import torch
 from transformers.masking_utils import causal_mask_function
 
-from ppa_hf.masking import ppa_mask_interface
-from ppa_hf.ops import decode_attention, flex_attention_ppa, layout_keep, naive_attention, reference_attention
+from ppa_hf.hf.mask import ppa_mask_interface
+from ppa_hf.ops import (decode_index, flex_attention_ppa, gather_decode_attention, layout_block_mask, layout_keep,
+                        reference_attention, sdpa_mask_attention)
 from ppa_hf.pattern import PPAPattern, dense_mask
+
+
+def sdpa_mask_path(q, k, v, layout, pattern):
+    return sdpa_mask_attention(q, k, v, layout, pattern)
+
+
+def sdpa_mask_folded_path(q, k, v, layout, pattern):
+    return sdpa_mask_attention(q, k, v, layout, pattern, fold_gqa=True)
+
+
+def gather_decode_path(q, k, v, layout, pattern):
+    return gather_decode_attention(q, k, v, *decode_index(layout, pattern))
+
+
+def flex_path(q, k, v, layout, pattern):
+    return flex_attention_ppa(q, k, v, layout_block_mask(layout, pattern))
+
+
+EXACT_PATHS = [("sdpa_mask", sdpa_mask_path), ("sdpa_mask_folded", sdpa_mask_folded_path),
+               ("gather_decode", gather_decode_path)]
 
 PATTERNS = [
     PPAPattern(0.75, window=8, sink_tokens=0),
@@ -79,14 +100,14 @@ def test_paths_forward_and_gradients_fp64(shape, pattern):
     grad_out = torch.randn(B, H, Q, q.shape[-1], dtype=torch.float64)
     ref = reference_attention(q, k, v, keep)
     ref_grads = torch.autograd.grad(ref, (q, k, v), grad_out)
-    for name, fn in [("naive", naive_attention), ("decode", decode_attention)]:
+    for name, fn in EXACT_PATHS:
         out = fn(q, k, v, layout, pattern)
         torch.testing.assert_close(out, ref, atol=1e-10, rtol=1e-10, msg=f"{name} forward")
         grads = torch.autograd.grad(out, (q, k, v), grad_out)
         for g, r, what in zip(grads, ref_grads, "qkv"):
             torch.testing.assert_close(g, r, atol=1e-10, rtol=1e-10, msg=f"{name} d{what}")
     with torch.no_grad():  # FlexAttention has no CPU backward: forward here, gradients in tests/test_gpu*.py
-        out = flex_attention_ppa(q.float(), k.float(), v.float(), layout, pattern)
+        out = flex_path(q.float(), k.float(), v.float(), layout, pattern)
     torch.testing.assert_close(out, ref.float(), atol=2e-5, rtol=2e-5, msg="flex forward")
 
 
@@ -110,7 +131,7 @@ def test_bf16_tolerance_rule(pattern):
 
     ref32, ref32_g = run(lambda a, b, c: reference_attention(a, b, c, keep), torch.float32)
     ref16, ref16_g = run(lambda a, b, c: reference_attention(a, b, c, keep), torch.bfloat16)
-    for name, fn in [("naive", naive_attention), ("decode", decode_attention)]:
+    for name, fn in EXACT_PATHS:
         out, grads = run(lambda a, b, c: fn(a, b, c, layout, pattern), torch.bfloat16)
         e_fast, e_ref = _err(out, ref32), _err(ref16, ref32)
         print(f"{pattern.name} {name} fwd: fast err {e_fast:.3e}, bf16 reference err {e_ref:.3e}")
@@ -120,7 +141,7 @@ def test_bf16_tolerance_rule(pattern):
             print(f"{pattern.name} {name} d{what}: fast err {e_fast:.3e}, bf16 reference err {e_ref:.3e}")
             assert e_fast <= 3 * e_ref, (name, what, e_fast, e_ref)
     with torch.no_grad():
-        out = flex_attention_ppa(q.bfloat16(), k.bfloat16(), v.bfloat16(), layout, pattern)
+        out = flex_path(q.bfloat16(), k.bfloat16(), v.bfloat16(), layout, pattern)
     e_fast, e_ref = _err(out, ref32), _err(ref16, ref32)
     print(f"{pattern.name} flex fwd: fast err {e_fast:.3e}, bf16 reference err {e_ref:.3e}")
     assert e_fast <= 2 * e_ref
@@ -129,7 +150,7 @@ def test_bf16_tolerance_rule(pattern):
 def test_padding_queries_output_zero_and_no_nan():
     layout, mask = make_layout(2, 40, 40, (0, 10))
     q, k, v = qkv(2, 2, 2, 40, 40, requires_grad=True)
-    for fn in (naive_attention, decode_attention):
+    for _, fn in EXACT_PATHS:
         out = fn(q, k, v, layout, PPAPattern(0.5, 4))
         assert torch.isfinite(out).all()
         assert out[1, :, :10].abs().max() == 0
@@ -154,11 +175,22 @@ def test_max_distance_intersects():
 
 
 def test_decode_reads_only_attended_keys():
-    from ppa_hf.ops import gather_indices
-
     pattern = PPAPattern(0.75, window=64)
     layout, _ = make_layout(1, 1, 32768)
-    index, valid = gather_indices(layout, pattern)
-    n = int(valid.sum())
+    index, count = decode_index(layout, pattern)
+    n = int(count)
     assert n == 64 + int(32767**0.75) - int(63**0.75)  # spec's closed form, query at position 32767
-    assert index.shape[-1] == n and n < 32768 / 10
+    assert int((index >= 0).sum()) == n and index.shape[-1] < 32768 / 10
+
+
+def test_decode_index_left_padded_rows_and_padding_queries():
+    pattern = PPAPattern(0.5, window=4, sink_tokens=2)
+    layout, mask = make_layout(3, 3, 300, (0, 120, 299))  # the last row's only real token is the last query
+    index, count = decode_index(layout, pattern)
+    keep = expected_keep(pattern, mask, 3)[:, 0]
+    for b in range(3):
+        for i in range(3):
+            got = index[b, i, : count[b, i]]
+            assert sorted(got[got >= 0].tolist()) == torch.nonzero(keep[b, i]).flatten().tolist()
+    assert count[2, 0] == 0 and count[2, 1] == 0  # padding queries attend nothing
+    assert int((index[2, 2] >= 0).sum()) == 1  # a row's first real token attends itself only

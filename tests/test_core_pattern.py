@@ -191,8 +191,19 @@ def test_mask_picture_cli(tmp_path):
     assert not (tmp_path / "bad.png").exists()
 
 
-def test_offset_table_tensor_is_cached_and_long_enough():
-    t1 = P.offset_table_tensor(0.75, 64, 1000, "cpu")
-    t2 = P.offset_table_tensor(0.75, 64, 900, "cpu")
+def test_token_table_is_cached_and_long_enough():
+    pattern = P.PPAPattern(0.75, 64)
+    t1 = pattern.token_table(1000, "cpu")
+    t2 = P.PPAPattern(0.75, 64).token_table(900, "cpu")  # an equal pattern shares the cached table
     assert t1 is t2 and t1.numel() >= 1000
     np.testing.assert_array_equal(t1[:1000].numpy(), P.offset_table(0.75, 64, 1000))
+    np.testing.assert_array_equal(pattern.offsets(1000).numpy(), np.flatnonzero(t1.numpy()))
+
+
+def test_block_tables_agree_with_block_rule():
+    pattern = P.PPAPattern(0.75, 64, 0, "block", 32)
+    table = pattern.block_table(4000).numpy()
+    far = P.block_far_offsets(0.75, 32, table.size)
+    assert table[0] and table[far].all() and table.sum() == far.size + 1
+    np.testing.assert_array_equal(pattern.block_offsets(4000).numpy(), np.flatnonzero(table))
+    assert not P.PPAPattern(0.75).block_table_np(8).any()  # token granularity: no block part

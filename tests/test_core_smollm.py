@@ -5,7 +5,7 @@ import torch
 
 import ppa_hf
 from ppa_hf.models import load_model
-from ppa_hf.perplexity import load_text, perplexity
+from ppa_hf.recipes.perplexity import load_text, perplexity
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import ppa_hf
 from conftest import REPO_ROOT, shared_data, subprocess_env
-from ppa_hf.evaluation import run_eval, samples_path, strided_perplexity
+from ppa_hf.recipes.evaluation import run_eval, samples_path, strided_perplexity
 
 
 def cli(*args, timeout=600):
@@ -62,7 +62,7 @@ def test_eval_real_smollm2_gsm8k(tmp_path):
 
 
 def test_metric_module_offline():
-    from ppa_hf.metrics import load_metric
+    from ppa_hf.recipes.metrics import load_metric
 
     math_metric = load_metric("math")
     result = math_metric.compute(predictions=[r"so $\boxed{\dfrac{1}{2}}$", r"\boxed{3}", "no idea"],
@@ -82,7 +82,7 @@ def _tiny(tiny_model_dir, p=0.5):
 
 
 def test_strided_perplexity(tiny_model_dir):
-    from ppa_hf.perplexity import perplexity
+    from ppa_hf.recipes.perplexity import perplexity
 
     model, tok = _tiny(tiny_model_dir)
     text = "def f(x):\n    return x * 2\n" * 40
@@ -160,22 +160,22 @@ def test_bad_input(case, tiny_model_dir, tmp_path, capsys):
 def test_backend_and_granularity_flags(tiny_model_dir, tmp_path):
     """--backend/--granularity reach the model; a loaded model re-applied at a new p keeps what it was given."""
     from ppa_hf.cli import main
-    from ppa_hf.evaluation import load_eval_model
+    from ppa_hf.recipes.evaluation import load_eval_model
 
     text = tmp_path / "text.txt"
     text.write_text("The quick brown fox jumps over the lazy dog. " * 40)
     output = tmp_path / "ppl.json"
     assert main(["eval", "--model", str(tiny_model_dir), "--p", "0.5", "--task", "perplexity", "--data", str(text),
-                 "--context", "96", "--backend", "naive", "--granularity", "block", "--block-size", "16",
+                 "--context", "96", "--backend", "sdpa_mask", "--granularity", "block", "--block-size", "16",
                  "--output", str(output)]) == 0
     summary = json.loads(output.read_text())
     assert summary["ppa_granularity"] == "block"
-    loaded = load_eval_model(str(tiny_model_dir), p=0.5, backend="naive", granularity="block", block_size=16,
+    loaded = load_eval_model(str(tiny_model_dir), p=0.5, backend="sdpa_mask", granularity="block", block_size=16,
                              device="cpu")
     config = loaded[0].config
-    assert (config.ppa_backend, config.ppa_granularity, config.ppa_block_size) == ("naive", "block", 16)
+    assert (config.ppa_backend, config.ppa_granularity, config.ppa_block_size) == ("sdpa_mask", "block", 16)
     again = run_eval(task="perplexity", data=str(text), p=0.75, context=96, loaded=loaded, progress=False)
     assert again["ppa_p"] == 0.75 and again["ppa_granularity"] == "block"
-    assert (config.ppa_backend, config.ppa_block_size) == ("naive", 16)
+    assert (config.ppa_backend, config.ppa_block_size) == ("sdpa_mask", 16)
     with pytest.raises(ValueError, match="block_size"):
         load_eval_model(str(tiny_model_dir), p=0.5, block_size=0, device="cpu")

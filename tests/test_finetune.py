@@ -123,7 +123,7 @@ def test_embedded_smollm2_lora_two_steps_saves_a_loadable_model(tmp_path):
 def test_materialize_optimizer_state_changes_no_weight():
     """The optimizer state is created before a resume (so accelerate's FSDP loader has somewhere to put it) by a
     zero-gradient step at learning rate 0: weights bitwise unchanged (weight decay too), lr restored, no grads."""
-    from ppa_hf.training import materialize_optimizer_state, optimizer_step_count
+    from ppa_hf.recipes.training import materialize_optimizer_state, optimizer_step_count
 
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Linear(8, 2))
@@ -169,7 +169,7 @@ def test_tied_weights_saved_once_from_a_gathered_state_dict(tmp_path):
     """FSDP gathers a tied embedding as two separate tensors; the final save keeps one and reloads tied."""
     from transformers import LlamaConfig
 
-    from ppa_hf.training import drop_tied_copies
+    from ppa_hf.recipes.training import drop_tied_copies
 
     config = LlamaConfig(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
                          num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)

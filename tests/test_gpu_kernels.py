@@ -8,7 +8,7 @@ Awkward shapes throughout: odd lengths, GQA, q_len != kv_len, sinks, a model sli
 import pytest
 import torch
 
-from ppa_hf.ops.naive import reference_attention
+from ppa_hf.ops.reference import reference_attention
 from ppa_hf.pattern import PPAPattern
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (the Triton/Flex fast paths)")
@@ -73,7 +73,7 @@ CASES = [  # pattern, B, H, Hkv, q_len, kv_len, D, dtype, max_distance
 @needs_triton
 @pytest.mark.parametrize("case", CASES, ids=lambda c: f"{c[0].name}-q{c[4]}-kv{c[5]}")
 def test_triton_prefill_matches_reference(case):
-    from ppa_hf.ops.triton_attention import triton_ppa_attention
+    from ppa_hf.ops.triton import triton_ppa_attention
 
     pattern, B, H, Hkv, lq, lk, D, dtype, md = case
     _check("triton", lambda a, b, c: triton_ppa_attention(a, b, c, pattern, max_distance=md), pattern, B, H, Hkv,
@@ -83,13 +83,12 @@ def test_triton_prefill_matches_reference(case):
 @cuda
 @pytest.mark.parametrize("case", [CASES[0], CASES[2], CASES[3], CASES[4]], ids=lambda c: f"{c[0].name}-q{c[4]}")
 def test_flex_analytic_blockmask_matches_reference(case):
-    from ppa_hf.ops.block_sparse import pattern_block_mask
-    from ppa_hf.ops.flex import _flex_fn
+    from ppa_hf.ops.flex import _flex_fn, single_sequence_block_mask
 
     pattern, B, H, Hkv, lq, lk, D, dtype, md = case
 
     def fn(a, b, c):
-        bm = pattern_block_mask(pattern, lq, lk, a.device, max_distance=md)
+        bm = single_sequence_block_mask(pattern, lq, lk, a.device, max_distance=md)
         return _flex_fn(a.device)(a, b, c, block_mask=bm, enable_gqa=H != Hkv)
 
     _check("flex", fn, pattern, B, H, Hkv, lq, lk, D, dtype, md)
@@ -101,7 +100,7 @@ def test_flex_analytic_blockmask_matches_reference(case):
                          ids=lambda p: p.name)
 @pytest.mark.parametrize("nq", [1, 4])
 def test_triton_decode_matches_reference(pattern, nq):
-    from ppa_hf.ops.triton_attention import triton_decode_attention
+    from ppa_hf.ops.triton import triton_decode_attention
 
     B, H, Hkv, T, D = 3, 8, 2, 5001, 128
     keep = _keep(pattern, nq, T)
@@ -115,7 +114,7 @@ def test_triton_decode_matches_reference(pattern, nq):
 @cuda
 @needs_triton
 def test_model_paths_agree_on_gpu():
-    """A tiny Llama on CUDA: ppa 'auto' (Triton prefill, Triton decode) matches ppa 'naive' logits, right padding
+    """A tiny Llama on CUDA: ppa 'auto' (Triton prefill, Triton decode) matches ppa 'sdpa_mask' logits, right padding
     included, and a cached decoding step matches the full forward."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -129,22 +128,22 @@ def test_model_paths_agree_on_gpu():
     mask = torch.ones_like(ids)
     mask[1, -200:] = 0  # right padding
     logits = {}
-    for backend in ("naive", "auto", "flex"):
+    for backend in ("sdpa_mask", "auto", "flex"):
         ppa_hf.apply(model, p=0.75, backend=backend)
         with torch.no_grad():
             logits[backend] = model(ids, attention_mask=mask).logits.float()
     real = mask.bool()
     for backend in ("auto", "flex"):
-        err = (logits[backend] - logits["naive"])[real].abs().max().item()
-        scale = logits["naive"][real].abs().max().item()
-        print(f"[model] {backend} vs naive: max |diff| {err:.3e} (logit scale {scale:.2f})")
+        err = (logits[backend] - logits["sdpa_mask"])[real].abs().max().item()
+        scale = logits["sdpa_mask"][real].abs().max().item()
+        print(f"[model] {backend} vs sdpa_mask: max |diff| {err:.3e} (logit scale {scale:.2f})")
         assert err < 0.05 * scale
     # cached decoding: prefill 1536 tokens, then one step, vs the full forward's last position
     ppa_hf.apply(model, p=0.75, backend="auto")
     with torch.no_grad():
         out = model(ids[:, :-1], use_cache=True)
         step = model(ids[:, -1:], past_key_values=out.past_key_values, use_cache=True).logits[:, -1].float()
-        ppa_hf.apply(model, p=0.75, backend="naive")
+        ppa_hf.apply(model, p=0.75, backend="sdpa_mask")
         full = model(ids).logits[:, -1].float()
     err = (step - full).abs().max().item()
     print(f"[model] cached decode step vs full forward: max |diff| {err:.3e}")
@@ -152,15 +151,15 @@ def test_model_paths_agree_on_gpu():
 
 
 @cuda
-def test_left_padded_generation_auto_matches_naive_on_gpu():
+def test_left_padded_generation_auto_matches_sdpa_mask_on_gpu():
     """Batched, left-padded greedy generation on CUDA (prompts shorter than DECODE_MIN_KEYS, so the cache stays
-    short): 'auto' gives the same tokens as 'naive' in fp32, and routes short-cache decoding to the dense-mask
+    short): 'auto' gives the same tokens as 'sdpa_mask' in fp32, and routes short-cache decoding to the dense-mask
     path rather than recompiling FlexAttention for every cache length."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     import ppa_hf
-    from ppa_hf.attention import choose_backend
-    from ppa_hf.settings import read_settings
+    from ppa_hf.hf.dispatch import choose_path
+    from ppa_hf.hf.settings import read_settings
 
     cfg = LlamaConfig(vocab_size=512, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
@@ -173,13 +172,13 @@ def test_left_padded_generation_auto_matches_naive_on_gpu():
     mask[2, :7] = 0
     ids = ids.masked_fill(mask == 0, 0)
     out = {}
-    for backend in ("naive", "auto"):
+    for backend in ("sdpa_mask", "auto"):
         ppa_hf.apply(model, p=0.5, window=16, backend=backend)
         with torch.no_grad():
             out[backend] = model.generate(ids, attention_mask=mask, max_new_tokens=40, do_sample=False,
                                           min_new_tokens=40)
-    assert torch.equal(out["auto"], out["naive"])
+    assert torch.equal(out["auto"], out["sdpa_mask"])
     settings = read_settings(model.config, 0)
     q = torch.randn(3, 4, 1, 32, device="cuda")
     k = torch.randn(3, 2, 340, 32, device="cuda")
-    assert choose_backend(settings, q, k, k, None, 0.0) == "naive"
+    assert choose_path(settings, q, k, k, None, 0.0) == "sdpa_mask"

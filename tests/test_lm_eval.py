@@ -13,7 +13,7 @@ pytest.importorskip("lm_eval", reason="lm-evaluation-harness is not installed (p
 
 
 def lm_eval(*args):
-    return subprocess.run([sys.executable, "-m", "ppa_hf.lm_eval_main", *map(str, args)], capture_output=True,
+    return subprocess.run([sys.executable, "-m", "ppa_hf.recipes.lm_eval", *map(str, args)], capture_output=True,
                           text=True, env=subprocess_env(), cwd=REPO_ROOT, timeout=600)
 
 

@@ -15,9 +15,8 @@ pytest.importorskip("triton")
 SCRIPT = textwrap.dedent("""
     import os, torch
     from ppa_hf.pattern import PPAPattern
-    from ppa_hf.ops.triton_attention import triton_ppa_attention, triton_decode_attention
-    from ppa_hf.ops.decode import host_decode_index
-    from ppa_hf.ops.naive import reference_attention
+    from ppa_hf.ops.triton import triton_ppa_attention, triton_decode_attention
+    from ppa_hf.ops.reference import reference_attention
     torch.manual_seed(0)
     def run(pat, B, H, Hkv, Lq, Lk, D, md=None):
         q = torch.randn(B, H, Lq, D, requires_grad=True)
@@ -44,7 +43,8 @@ SCRIPT = textwrap.dedent("""
         B, H, Hkv, Q, T, D = 2, 4, 2, 3, 200, 16
         q, k, v = torch.randn(B, H, Q, D), torch.randn(B, Hkv, T, D), torch.randn(B, Hkv, T, D)
         keep = pat.keep(torch.arange(T - Q, T)[:, None], torch.arange(T)[None])
-        index, count = host_decode_index(pat, T - Q, Q, 0, T, None, "cpu")
+        index, count = pat.key_lists(torch.arange(T - Q, T), T)
+        index, count = index[None], count[None]
         o = triton_decode_attention(q, k, v, index, count)
         r = reference_attention(q.double(), k.double(), v.double(), keep)
         err = (o.double() - r).abs().max().item()

@@ -1,19 +1,23 @@
-"""FlexAttention path: a BlockMask built from :meth:`PPAPattern.keep`, never an ``L x L`` tensor on CUDA."""
+"""FlexAttention path: a BlockMask built from the pattern's tables (or from :meth:`PPAPattern.keep` over a layout),
+never an ``L x L`` tensor on CUDA. Compiled on CUDA; on CPU eager and forward only (FlexAttention has no CPU
+backward)."""
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
-from ..masking import PPALayout
+from ..cache import BoundedCache
+from ..layout import PPALayout
 from ..pattern import PPAPattern
-from .block_sparse import pattern_block_mask, simple_layout
+from .tiles import FULL, PARTIAL, tile_classes
 
 try:
-    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+    from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
 except ImportError:  # torch < 2.5
-    create_block_mask = flex_attention = None
+    BlockMask = create_block_mask = flex_attention = None
 
-_COMPILED = {}
+_FLEX = BoundedCache("flex", 64)
 
 
 def flex_available() -> bool:
@@ -27,9 +31,7 @@ def _flex_fn(device: torch.device):
     # limit after 8 lengths and fell back to eager, unfused FlexAttention).
     if device.type != "cuda":
         return flex_attention
-    if "cuda" not in _COMPILED:
-        _COMPILED["cuda"] = torch.compile(flex_attention, dynamic=None)
-    return _COMPILED["cuda"]
+    return _FLEX.get("compiled", lambda: torch.compile(flex_attention, dynamic=None))
 
 
 def layout_mask_mod(layout: PPALayout, pattern: PPAPattern, max_distance: int | None = None):
@@ -48,7 +50,8 @@ def layout_mask_mod(layout: PPALayout, pattern: PPAPattern, max_distance: int | 
 
 def layout_block_mask(layout: PPALayout, pattern: PPAPattern, max_distance: int | None = None,
                       block_size: int = 128):
-    """The BlockMask of a layout, cached on it (one per pattern per forward pass)."""
+    """The BlockMask of any layout (padding, packed sequences), from :func:`layout_mask_mod`; cached on the layout
+    (one per pattern per forward pass)."""
     key = ("flex", pattern, max_distance, block_size)
     if key not in layout.cache:
         B, _, Q, K = layout.shape
@@ -59,28 +62,51 @@ def layout_block_mask(layout: PPALayout, pattern: PPAPattern, max_distance: int 
     return layout.cache[key]
 
 
-def flex_attention_ppa(query, key, value, layout: PPALayout, pattern: PPAPattern, scale: float | None = None,
-                       max_distance: int | None = None) -> torch.Tensor:
-    """PPA through FlexAttention. ``query [B, H, Q, D]``, ``key``/``value [B, Hkv, K, D]`` -> ``[B, H, Q, D]``."""
+def _kv_blocks(classes: np.ndarray, kind: int, device):
+    sel = classes == kind
+    num = sel.sum(-1).astype(np.int32)
+    # Selected block indices first (ascending), the rest after: a stable argsort of "not selected".
+    order = np.argsort(~sel, axis=-1, kind="stable").astype(np.int32)
+    to = lambda a: torch.from_numpy(np.ascontiguousarray(a)).to(device)[None, None]  # noqa: E731
+    return to(num), to(order)
+
+
+def single_sequence_block_mask(pattern: PPAPattern, q_len: int, kv_len: int, device, q_start: int | None = None,
+                               k_start: int = 0, max_distance: int | None = None, block_size: int = 128):
+    """The BlockMask of one unpadded sequence (shared by batch and heads), cached: built with
+    ``BlockMask.from_kv_blocks`` from :func:`~ppa_hf.ops.tiles.tile_classes` (FULL tiles run without the mask_mod,
+    PARTIAL ones with it, EMPTY ones are skipped), ``O(tiles)`` work."""
+    if q_start is None:
+        q_start = kv_len - q_len + k_start
+
+    def build():
+        classes = tile_classes(pattern, q_len, kv_len, block_size, block_size, q_start, k_start, max_distance,
+                               ragged_partial=False)  # FlexAttention masks the overhang itself
+        kv_num, kv_idx = _kv_blocks(classes, PARTIAL, device)
+        full_num, full_idx = _kv_blocks(classes, FULL, device)
+        tables = pattern.tables(max(q_start + q_len, k_start + kv_len, 1), device)
+        qs, ks = int(q_start), int(k_start)
+
+        def mask_mod(b, h, q_idx, kv_idx):
+            return pattern.keep(q_idx + qs, kv_idx + ks, tables=tables, max_distance=max_distance)
+
+        mask_mod.__name__ = f"{pattern.name}_analytic"
+        return BlockMask.from_kv_blocks(kv_num, kv_idx, full_num, full_idx, BLOCK_SIZE=block_size,
+                                        mask_mod=mask_mod, seq_lengths=(q_len, kv_len))
+
+    return _FLEX.get((pattern, q_len, kv_len, str(device), q_start, k_start, max_distance, block_size), build)
+
+
+def flex_attention_ppa(query, key, value, block_mask, scale: float | None = None) -> torch.Tensor:
+    """PPA through FlexAttention with ``block_mask`` (:func:`single_sequence_block_mask` or
+    :func:`layout_block_mask`). ``query [B, H, Q, D]``, ``key``/``value [B, Hkv, K, D]`` -> ``[B, H, Q, D]``.
+    Raises where FlexAttention cannot run: without it (torch < 2.5), or training on CPU."""
     if not flex_available():
         raise ValueError("ppa_backend='flex' needs torch >= 2.5 (torch.nn.attention.flex_attention is missing)")
     if query.device.type == "cpu" and torch.is_grad_enabled() and (query.requires_grad or key.requires_grad):
         raise ValueError(
             "ppa_backend='flex' cannot train on CPU: FlexAttention has no CPU backward. "
-            "Use ppa_backend='naive' (exact, with gradients) or 'auto'."
+            "Use ppa_backend='sdpa_mask' (exact, with gradients) or 'auto'."
         )
-    simple = simple_layout(layout) if query.device.type == "cuda" else None
-    if simple is not None:
-        # One sequence per row from kv index 0: the BlockMask comes analytically from the pattern's tables
-        # (FULL / PARTIAL / EMPTY tiles, O(tiles) work), cached per (pattern, length, offsets, device).
-        q_start, k_start, q_valid = simple
-        block_mask = pattern_block_mask(pattern, query.shape[2], key.shape[2], query.device, q_start, k_start,
-                                        max_distance)
-    else:
-        q_valid = None
-        block_mask = layout_block_mask(layout, pattern, max_distance)
     gqa = query.shape[1] != key.shape[1]
-    out = _flex_fn(query.device)(query, key, value, block_mask=block_mask, scale=scale, enable_gqa=gqa)
-    if q_valid is not None:  # right padding: padded queries return zeros, as on every path
-        out = out * q_valid[:, None, :, None].to(out.dtype)
-    return out
+    return _flex_fn(query.device)(query, key, value, block_mask=block_mask, scale=scale, enable_gqa=gqa)

@@ -11,7 +11,7 @@ def add_eval_arguments(parser, with_p: bool = True, with_output: bool = True):
                             help="PPA power in [0, 1] (float or fraction); default: the model's saved ppa_p")
     parser.add_argument("--window", type=int, default=None, help="PPA window (default: saved, else 64)")
     parser.add_argument("--sink-tokens", type=int, default=None, help="sink tokens (default: saved, else 0)")
-    parser.add_argument("--backend", default=None, choices=["auto", "naive", "flex", "decode", "triton"],
+    parser.add_argument("--backend", default=None, choices=["auto", "sdpa_mask", "naive", "flex", "decode", "triton"],
                         help="attention path (default: saved, else auto)")
     parser.add_argument("--granularity", default=None, choices=["token", "block"],
                         help="PPA pattern granularity (default: saved, else token)")

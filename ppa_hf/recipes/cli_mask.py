@@ -16,8 +16,8 @@ def add_parser(sub):
 
 
 def run(args) -> int:
-    from .pattern import PPAPattern, check_int, check_p, far_offsets
-    from .plotting import save_mask_png
+    from ..pattern import PPAPattern, check_int, check_p, far_offsets
+    from .plots import save_mask_png
 
     p = check_p(args.p, "--p")
     length = check_int(args.length, "--length", 1)

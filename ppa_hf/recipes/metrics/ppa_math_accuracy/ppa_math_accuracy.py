@@ -8,7 +8,7 @@ Configs: ``gsm8k`` (last number of the generation), ``gsm8k_strict`` (only ``###
 import datasets
 import evaluate
 
-from ppa_hf.answers import extract_gsm8k, extract_math, gsm8k_equal, gsm8k_gold, math_equal
+from ppa_hf.recipes.answers import extract_gsm8k, extract_math, gsm8k_equal, gsm8k_gold, math_equal
 
 _DESCRIPTION = __doc__
 _KWARGS_DESCRIPTION = """

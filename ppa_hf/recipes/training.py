@@ -81,7 +81,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def check_args(args) -> None:
     """Validate every option before anything heavy happens (errors name option, value, allowed range)."""
-    from .pattern import check_int, check_p
+    from ..pattern import check_int, check_p
 
     args.p = check_p(args.p, "--p")
     for name, minimum in [("window", 1), ("sink_tokens", 0), ("max_steps", 1), ("seq_len", 8), ("batch_size", 1),
@@ -111,7 +111,7 @@ def check_args(args) -> None:
 def load_tokenizer(args):
     from transformers import AutoTokenizer
 
-    from .models import default_gguf
+    from ..models import default_gguf
 
     if args.model is not None and args.model_config is None:
         kwargs = {"gguf_file": args.gguf_file} if args.gguf_file else {}
@@ -131,7 +131,7 @@ def build_model(args, tokenizer):
     from transformers import AutoModelForCausalLM, LlamaConfig
 
     import ppa_hf
-    from .models import default_gguf, load_causal_lm
+    from ..models import default_gguf, load_causal_lm
 
     if args.model_config is not None:
         config = LlamaConfig(vocab_size=len(tokenizer), max_position_embeddings=max(4096, args.seq_len),

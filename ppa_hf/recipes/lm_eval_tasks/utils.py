@@ -11,10 +11,9 @@ import datasets
 
 
 def data_dir(data_dir=None):
-    candidates = [data_dir, os.environ.get("PPA_HF_DATA_DIR"),
-                  os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(
-                      os.path.abspath(__file__))))), "shared", "data")]
-    for folder in candidates:
+    from ppa_hf.recipes.data import default_data_dir
+
+    for folder in (data_dir, default_data_dir()):
         if folder and os.path.isdir(folder):
             return folder
     raise FileNotFoundError(
@@ -45,7 +44,7 @@ def load_math500(data_dir=None, **_metadata):
 
 def math_fewshot_samples():
     """The four fixed MATH exemplars of ``ppa-hf eval`` (Minerva answer format)."""
-    from ppa_hf.data import MATH_FEWSHOT
+    from ppa_hf.recipes.data import MATH_FEWSHOT
 
     return [dict(r, few_shot="1") for r in MATH_FEWSHOT]
 
@@ -57,6 +56,6 @@ def math_doc_to_text(doc):
 def math_process_results(doc, results):
     """exact_match: the generation's answer (last \\boxed{}, else "final answer is $X$") equals the gold answer
     after ppa_hf's normalisation (the same scoring as ``ppa-hf eval --task math500``)."""
-    from ppa_hf.answers import extract_math, math_equal, math_gold
+    from ppa_hf.recipes.answers import extract_math, math_equal, math_gold
 
     return {"exact_match": int(math_equal(extract_math(results[0]), math_gold(doc)))}

@@ -9,7 +9,8 @@ field                  default      meaning
 ``ppa_p``              (required)   float in [0, 1], or a list with one value per layer (1 = full)
 ``ppa_window``         64           local window ``w`` (the query itself included), integer >= 1
 ``ppa_sink_tokens``    0            first ``s`` real tokens of each sequence always attended, >= 0
-``ppa_backend``        ``"auto"``   ``auto`` | ``naive`` | ``flex`` | ``decode`` | ``triton``
+``ppa_backend``        ``"auto"``   ``auto`` | ``sdpa_mask`` | ``flex`` | ``decode`` | ``triton`` (see
+                                    :func:`ppa_hf.hf.dispatch.choose_path`; ``naive`` is read as ``sdpa_mask``)
 ``ppa_granularity``    ``"token"``  ``token`` (the paper's pattern) | ``block`` (see docs)
 ``ppa_block_size``     128          block size of the block-granular pattern, integer >= 1
 =====================  ===========  =================================================================
@@ -18,11 +19,13 @@ field                  default      meaning
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
-from .pattern import PPAPattern, check_int, check_p
+from ..pattern import PPAPattern, check_int, check_p
 
-BACKENDS = ("auto", "naive", "flex", "decode", "triton")
+BACKENDS = ("auto", "sdpa_mask", "flex", "decode", "triton")
+# Earlier releases called the dense-mask SDPA path "naive"; saved configs that say so keep working.
+BACKEND_ALIASES = {"naive": "sdpa_mask"}
 GRANULARITIES = ("token", "block")
 
 DEFAULTS = {
@@ -43,7 +46,7 @@ MISSING_P_MESSAGE = (
 
 @dataclass(frozen=True)
 class PPASettings:
-    """The validated PPA parameters of one attention layer."""
+    """The validated PPA parameters of one attention layer; :attr:`pattern` is built once, here."""
 
     p: float
     window: int = 64
@@ -51,19 +54,24 @@ class PPASettings:
     backend: str = "auto"
     granularity: str = "token"
     block_size: int = 128
+    pattern: PPAPattern = field(init=False, repr=False, compare=False)
 
     def __post_init__(self):
-        object.__setattr__(self, "p", check_p(self.p, "ppa_p"))
-        object.__setattr__(self, "window", check_int(self.window, "ppa_window", 1))
-        object.__setattr__(self, "sink_tokens", check_int(self.sink_tokens, "ppa_sink_tokens", 0))
-        object.__setattr__(self, "block_size", check_int(self.block_size, "ppa_block_size", 1))
-        _check_choice(self.backend, "ppa_backend", BACKENDS)
+        set_ = functools.partial(object.__setattr__, self)
+        set_("p", check_p(self.p, "ppa_p"))
+        set_("window", check_int(self.window, "ppa_window", 1))
+        set_("sink_tokens", check_int(self.sink_tokens, "ppa_sink_tokens", 0))
+        set_("block_size", check_int(self.block_size, "ppa_block_size", 1))
+        set_("backend", check_backend(self.backend, "ppa_backend"))
         _check_choice(self.granularity, "ppa_granularity", GRANULARITIES)
+        set_("pattern", PPAPattern(self.p, self.window, self.sink_tokens, self.granularity, self.block_size))
 
-    @property
-    def pattern(self) -> PPAPattern:
-        """The :class:`~ppa_hf.pattern.PPAPattern` these settings describe."""
-        return PPAPattern(self.p, self.window, self.sink_tokens, self.granularity, self.block_size)
+
+def check_backend(value, name: str = "ppa_backend") -> str:
+    """``value`` as one of :data:`BACKENDS` (an alias of :data:`BACKEND_ALIASES` read as its name), or ValueError."""
+    value = BACKEND_ALIASES.get(value, value) if isinstance(value, str) else value
+    _check_choice(value, name, BACKENDS)
+    return value
 
 
 def _check_choice(value, name, allowed):
@@ -131,11 +139,10 @@ def write_settings(config, p, window=64, sink_tokens=0, backend="auto", granular
         "ppa_p": check_p_setting(p, _num_layers(config), "p"),
         "ppa_window": check_int(window, "window", 1),
         "ppa_sink_tokens": check_int(sink_tokens, "sink_tokens", 0),
-        "ppa_backend": backend,
+        "ppa_backend": check_backend(backend, "backend"),
         "ppa_granularity": granularity,
         "ppa_block_size": check_int(block_size, "block_size", 1),
     }
-    _check_choice(backend, "backend", BACKENDS)
     _check_choice(granularity, "granularity", GRANULARITIES)
     for name, value in values.items():
         setattr(config, name, value)

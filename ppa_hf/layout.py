@@ -1,16 +1,14 @@
-"""The ``"ppa"`` entry of Transformers' ``AttentionMaskInterface``.
+"""Where each token of a forward pass sits inside its own sequence: the :class:`PPALayout`.
 
-Transformers calls the mask interface once per forward pass (not once per layer). Instead of a dense
-``[B, 1, Q, K]`` tensor we return a :class:`PPALayout`: where each token sits inside its own sequence
-(padding, packed sequences, cache offsets resolved once). Each attention layer then builds the pattern it
-needs from the layout and its own ``p`` (so per-layer ``p`` works) through :mod:`ppa_hf.pattern`.
+The Transformers mask interface (:mod:`ppa_hf.hf.mask`) builds one layout per forward pass instead of a dense
+``[B, 1, Q, K]`` mask; every attention op reads positions from it and applies a pattern to them. Plain torch: this
+module imports nothing from Transformers.
 """
 
 from __future__ import annotations
 
 import torch
 
-from .settings import fill_defaults, read_settings
 
 
 class PPALayout:
@@ -37,7 +35,7 @@ class PPALayout:
         count = valid.sum(-1)
         self.row_start = torch.where(count > 0, first, 0)
         self.contiguous = bool(((n_seg <= 1) & ((count == 0) | (last - first + 1 == count))).all())
-        self.cache: dict = {}  # per-(settings, path) derived objects: dense masks, BlockMasks, gather indices
+        self.cache: dict = {}  # per-forward derived objects (dense masks, BlockMasks, index lists), one per key
 
     # Shape-like attributes so model code that inspects the mask keeps working.
     @property
@@ -78,7 +76,7 @@ class PPALayout:
             self.cache[key] = self
             if bool((pid[:, 1:] <= pid[:, :-1]).any()):
                 valid = self.seg >= 0
-                prev = _previous_valid(valid)
+                prev = previous_valid(valid)
                 restart = torch.gather(pid, 1, prev.clamp(min=0)) >= pid
                 link = (prev >= 0) & ~restart & (self.seg == torch.gather(self.seg, 1, prev.clamp(min=0)))
                 seg, pos = layout_from_links(valid, link)
@@ -86,7 +84,29 @@ class PPALayout:
         return self.cache[key]
 
 
-def _previous_valid(valid: torch.Tensor) -> torch.Tensor:
+    def single_sequence_rows(self) -> tuple[int, int, torch.Tensor | None] | None:
+        """``(q_start, k_start, q_valid)`` when every row is one sequence starting at kv index 0 (no padding, or
+        right padding only), so a token's position equals its kv index; else ``None``.
+
+        Then query row ``r`` sits at position ``q_start + r`` and key column ``c`` at ``k_start + c``; ``q_valid`` is
+        ``[B, Q]`` bool when some queries are padding (their output must be zeroed), else ``None``. Cached (one host
+        synchronisation per forward pass)."""
+        key = ("single_sequence_rows",)
+        if key not in self.cache:
+            result = None
+            Q = int(self.q_index.numel())
+            if self.contiguous and Q > 0:
+                q0 = int(self.q_index[0])
+                ok = bool((self.row_start == 0).all()) and bool(
+                    (self.q_index == torch.arange(q0, q0 + Q, device=self.q_index.device)).all())
+                if ok:
+                    q_valid = self.q_seg() >= 0
+                    result = (q0, self.kv_offset, None if bool(q_valid.all()) else q_valid)
+            self.cache[key] = result
+        return self.cache[key]
+
+
+def previous_valid(valid: torch.Tensor) -> torch.Tensor:
     """``[B, T]``: index of the last valid token strictly before each index (``-1`` if none)."""
     idx = torch.arange(valid.shape[-1], device=valid.device).expand_as(valid)
     last = torch.where(valid, idx, -1).cummax(dim=-1).values
@@ -103,43 +123,3 @@ def layout_from_links(valid: torch.Tensor, link: torch.Tensor):
     pos = torch.where(valid, rank - start_rank, 0)
     return seg, pos
 
-
-def _refuse_non_causal(mask_function, device):
-    zero, one = torch.tensor(0, device=device), torch.tensor(1, device=device)
-    if bool(mask_function(zero, zero, zero, one)):
-        raise ValueError(
-            "attn_implementation='ppa' supports causal self-attention only, but this model asked for a "
-            "non-causal (bidirectional or cross-attention) mask; PPA will not run with the wrong mask"
-        )
-
-
-def ppa_mask_interface(batch_size: int, q_length: int, kv_length: int, q_offset=0, kv_offset: int = 0,
-                       mask_function=None, attention_mask: torch.Tensor | None = None, device="cpu",
-                       config=None, **kwargs) -> PPALayout:
-    """Build the :class:`PPALayout` of this forward pass (signature of Transformers' mask interfaces)."""
-    if isinstance(attention_mask, PPALayout):  # prepared ahead, e.g. by generate() with a static cache
-        return attention_mask
-    if config is not None:
-        read_settings(config, 0)  # fail early on a missing or invalid setting, before any layer runs
-        fill_defaults(config)
-    total = int(kv_offset) + int(kv_length)
-    if attention_mask is None:
-        valid = torch.ones(batch_size, total, dtype=torch.bool, device=device)
-    else:
-        valid = attention_mask.to(device=device, dtype=torch.bool)[:, :total]
-        if valid.shape[-1] < total:  # static caches: slots not yet written are not real tokens
-            valid = torch.nn.functional.pad(valid, (0, total - valid.shape[-1]), value=False)
-    if mask_function is not None and total > 1:
-        _refuse_non_causal(mask_function, device)
-    prev = _previous_valid(valid)
-    link = prev >= 0
-    if mask_function is not None and total > 1:
-        # Transformers' own mask function knows about packed sequences (position ids that restart):
-        # a token continues a sequence iff it may attend the previous real token.
-        b = torch.arange(batch_size, device=device)[:, None]
-        j = torch.arange(total, device=device)[None, :].expand(batch_size, -1)
-        allowed = mask_function(b, torch.zeros_like(b), j, prev.clamp(min=0))
-        link = link & torch.as_tensor(allowed, device=device).expand_as(link)
-    seg, pos = layout_from_links(valid, link)
-    q_index = torch.arange(q_length, device=device) + q_offset
-    return PPALayout(seg, pos, q_index, kv_offset, kv_length)

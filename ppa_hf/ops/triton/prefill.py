@@ -1,17 +1,11 @@
-"""Triton block-sparse PPA attention: forward and backward for training / prefill, and a fused gather decode kernel.
+"""Triton block-sparse PPA attention for training and prefill: forward and backward.
 
-Training / prefill (:func:`triton_ppa_attention`): a FlashAttention-style kernel that walks, for each query tile,
-the list of key tiles that :func:`~ppa_hf.ops.block_sparse.tile_classes` derives from the pattern's tables: first
-the FULL tiles (dense, no per-element mask), then the PARTIAL ones (the pattern evaluated per element from the
-token / block offset tables); EMPTY tiles are never touched. The backward pass runs two kernels: dK/dV per key
-tile over the transposed list (the query heads of one KV group looped inside, so GQA needs neither repeated K/V
-nor atomics), and dQ per query tile. One unpadded sequence per batch row (or right padding), any length.
-
-Decoding (:func:`triton_decode_attention`): each query reads only its attended key rows through an index list
-(``w + T**p`` rows, not ``T``), gather + scores + softmax + PV fused in one kernel, split over the rows
-(split-K) so that batch 1 fills the GPU, then a small combine kernel.
-
-Both run on CUDA (bf16 / fp16 / fp32) and, for tests, on CPU under ``TRITON_INTERPRET=1``.
+A FlashAttention-style kernel walks, for each query tile, the list of key tiles that
+:func:`~ppa_hf.ops.tiles.tile_classes` derives from the pattern's tables: first the FULL tiles (dense, no
+per-element mask), then the PARTIAL ones (:func:`~ppa_hf.ops.triton.common.tile_mask` per element); EMPTY tiles are
+never touched. The backward pass runs two kernels: dK/dV per key tile over the transposed list (the query heads of
+one KV group looped inside, so GQA needs neither repeated K/V nor atomics), and dQ per query tile. One unpadded
+sequence per batch row (or right padding), any length.
 """
 
 from __future__ import annotations
@@ -21,162 +15,26 @@ import os
 
 import torch
 
-try:
-    import triton
-    import triton.language as tl
-except ImportError:  # pragma: no cover - triton is optional
-    triton = tl = None
-
-from ..pattern import PPAPattern
-from .block_sparse import device_lists
-
-LOG2E = 1.4426950408889634
-SUPPORTED_HEAD_DIMS = (16, 32, 64, 128, 256)
+from ...pattern import PPAPattern
+from ..tiles import device_lists
+from .common import (LOG2E, env_config, interpreted, last_contiguous, pattern_tables, tile_mask, tl, triton,
+                     unsupported_reason, word_tables)
 
 
-def triton_available(device=None) -> bool:
-    """Triton importable, and either a CUDA device or the interpreter (``TRITON_INTERPRET=1``)."""
-    if triton is None:
-        return False
-    if os.environ.get("TRITON_INTERPRET") == "1":
-        return True
-    return device is None or torch.device(device).type == "cuda"
-
-
-def supports(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> bool:
-    """Shapes/dtypes the kernels handle (else callers fall back to FlexAttention or the dense path)."""
-    return (triton_available(query.device) and query.shape[-1] in SUPPORTED_HEAD_DIMS
-            and value.shape[-1] == query.shape[-1] and query.dtype in (torch.float16, torch.bfloat16, torch.float32)
-            and key.dtype == query.dtype and value.dtype == query.dtype and query.shape[1] % key.shape[1] == 0)
-
-
-# ----------------------------------------------------------------------------------------------------------------------
-# Configs (overridable for tuning: PPA_TRITON_FWD="BM,BN,warps,stages", PPA_TRITON_DKDV=..., PPA_TRITON_DQ=...)
-# ----------------------------------------------------------------------------------------------------------------------
-def _cfg(name, default):
-    raw = os.environ.get(name)
-    return tuple(int(x) for x in raw.split(",")) if raw else default
-
-
-def _configs(head_dim: int, dtype: torch.dtype, device):
-    if os.environ.get("TRITON_INTERPRET") == "1" or torch.device(device).type != "cuda":
+def configs(head_dim: int, dtype: torch.dtype, device):
+    """``(fwd, dkdv, dq)`` launch configurations ``(BLOCK_M, BLOCK_N, num_warps, num_stages)`` (overridable for
+    tuning: ``PPA_TRITON_FWD="BM,BN,warps,stages"``, ``PPA_TRITON_DKDV``, ``PPA_TRITON_DQ``)."""
+    if interpreted(device):
         small = (16, 16, 4, 1)
         return small, small, small
     big = head_dim > 128 or dtype == torch.float32
-    fwd = _cfg("PPA_TRITON_FWD", (64, 64, 4, 2) if big else (128, 64, 8, 3))
-    dkdv = _cfg("PPA_TRITON_DKDV", (32, 64, 4, 2) if big else (64, 128, 8, 2))
-    dq = _cfg("PPA_TRITON_DQ", (64, 32, 4, 2) if big else (128, 64, 8, 2))
+    fwd = env_config("PPA_TRITON_FWD", (64, 64, 4, 2) if big else (128, 64, 8, 3))
+    dkdv = env_config("PPA_TRITON_DKDV", (32, 64, 4, 2) if big else (64, 128, 8, 2))
+    dq = env_config("PPA_TRITON_DQ", (64, 32, 4, 2) if big else (128, 64, 8, 2))
     return fwd, dkdv, dq
 
 
-# ----------------------------------------------------------------------------------------------------------------------
-# Pattern tables as int8 device tensors (cached)
-# ----------------------------------------------------------------------------------------------------------------------
-_TABLES: dict = {}
-
-
-def _pattern_tables(pattern: PPAPattern, length: int, device):
-    key = (pattern, length, str(device))
-    hit = _TABLES.get(key)
-    if hit is None:
-        tok, blk = pattern.tables(length + 1, device)
-        tok = tok.to(torch.int8).contiguous()
-        blk = (blk if blk is not None else torch.ones(1, dtype=torch.bool, device=device)).to(torch.int8).contiguous()
-        if len(_TABLES) > 64:
-            _TABLES.clear()
-        hit = _TABLES[key] = (tok, blk)
-    return hit
-
-
-WORD_OFFSET = 256  # word tables start at offset -WORD_OFFSET (partial tiles reach d >= -(BM + BN))
-_WORDS: dict = {}
-
-
-def _word_tables(pattern: PPAPattern, tok: torch.Tensor):
-    """Two int64 tables that turn the token offset table into 64-bit row masks (one load per tile row instead of
-    one per element): ``fwd[x + OFF]`` has bit ``c`` = ``tok[x - c]`` (rows = queries, columns = keys: a row's
-    column ``c`` has offset ``x - c``), ``bwd[x + OFF]`` has bit ``c`` = ``tok[x + c]`` (rows = keys, columns =
-    queries). Offsets outside ``[0, len(tok))`` read as not attended."""
-    key = (pattern, tok.numel(), str(tok.device))
-    hit = _WORDS.get(key)
-    if hit is None:
-        import numpy as np
-
-        t = tok.cpu().numpy().astype(bool)
-        n = t.size
-        padded = np.zeros(n + 2 * WORD_OFFSET + 128, dtype=np.uint64)
-        padded[WORD_OFFSET + 64: WORD_OFFSET + 64 + n] = t  # padded[i] = tok[i - OFF - 64]
-        size = n + WORD_OFFSET + 64
-        x = np.arange(size) - WORD_OFFSET  # x + OFF = table index
-        fwd = np.zeros(size, dtype=np.uint64)
-        bwd = np.zeros(size, dtype=np.uint64)
-        for c in range(64):
-            fwd |= padded[x - c + WORD_OFFSET + 64] << np.uint64(c)
-            bwd |= padded[np.minimum(x + c + WORD_OFFSET + 64, padded.size - 1)] << np.uint64(c)
-        to = lambda a: torch.from_numpy(a.view(np.int64)).to(tok.device)  # noqa: E731
-        hit = _WORDS[key] = (to(fwd), to(bwd))
-        if len(_WORDS) > 32:
-            _WORDS.clear()
-    return hit
-
-
 if triton is not None:
-
-    @triton.jit
-    def _word_mask(WORDS, n_words, x, ncols: tl.constexpr):
-        """``[len(x), ncols]`` bool: bit ``c`` of ``WORDS[x + OFF]`` (``ncols <= 64``)."""
-        w = tl.load(WORDS + tl.minimum(tl.maximum(x + 256, 0), n_words - 1))
-        c = tl.arange(0, ncols).to(tl.int64)
-        return ((w[:, None] >> c[None, :]) & 1) != 0
-
-    @triton.jit
-    def _tile_mask_w(qpos, kpos, kv_end, WORDS, n_words, BLK, blk_len, block_size, sinks, max_distance,
-                     BLOCK_N: tl.constexpr, GRAN_BLOCK: tl.constexpr, HAS_SINKS: tl.constexpr, HAS_MD: tl.constexpr):
-        """Rows = queries, columns = ``BLOCK_N <= 64`` consecutive keys; token part from the word table."""
-        d = qpos[:, None] - kpos[None, :]
-        ok = (d >= 0) & (kpos[None, :] < kv_end)
-        hit = _word_mask(WORDS, n_words, qpos - tl.min(kpos, 0), BLOCK_N)
-        if GRAN_BLOCK:
-            db = qpos[:, None] // block_size - kpos[None, :] // block_size
-            hit = hit | (tl.load(BLK + tl.minimum(tl.maximum(db, 0), blk_len - 1)) != 0)
-        if HAS_SINKS:
-            hit = hit | (kpos[None, :] < sinks)
-        if HAS_MD:
-            ok = ok & (d < max_distance)
-        return ok & hit
-
-    @triton.jit
-    def _tile_mask_wT(qpos, kpos, kv_end, WORDS, n_words, BLK, blk_len, block_size, sinks, max_distance,
-                      BLOCK_M: tl.constexpr, GRAN_BLOCK: tl.constexpr, HAS_SINKS: tl.constexpr,
-                      HAS_MD: tl.constexpr):
-        """Rows = keys, columns = ``BLOCK_M <= 64`` consecutive queries; token part from the word table."""
-        d = qpos[None, :] - kpos[:, None]
-        ok = (d >= 0) & (kpos[:, None] < kv_end)
-        hit = _word_mask(WORDS, n_words, tl.min(qpos, 0) - kpos, BLOCK_M)
-        if GRAN_BLOCK:
-            db = qpos[None, :] // block_size - kpos[:, None] // block_size
-            hit = hit | (tl.load(BLK + tl.minimum(tl.maximum(db, 0), blk_len - 1)) != 0)
-        if HAS_SINKS:
-            hit = hit | (kpos[:, None] < sinks)
-        if HAS_MD:
-            ok = ok & (d < max_distance)
-        return ok & hit
-
-    @triton.jit
-    def _tile_mask(qpos, kpos, kv_end, TOK, tok_len, BLK, blk_len, block_size, sinks, max_distance,
-                   GRAN_BLOCK: tl.constexpr, HAS_SINKS: tl.constexpr, HAS_MD: tl.constexpr):
-        """``[len(qpos), len(kpos)]`` bool: the PPA predicate (same rule as PPAPattern.keep)."""
-        d = qpos[:, None] - kpos[None, :]
-        ok = (d >= 0) & (kpos[None, :] < kv_end)
-        hit = tl.load(TOK + tl.minimum(tl.maximum(d, 0), tok_len - 1)) != 0
-        if GRAN_BLOCK:
-            db = qpos[:, None] // block_size - kpos[None, :] // block_size
-            hit = hit | (tl.load(BLK + tl.minimum(tl.maximum(db, 0), blk_len - 1)) != 0)
-        if HAS_SINKS:
-            hit = hit | (kpos[None, :] < sinks)
-        if HAS_MD:
-            ok = ok & (d < max_distance)
-        return ok & hit
 
     @triton.jit
     def _query_program(H, G, BLOCK_M: tl.constexpr):
@@ -186,19 +44,6 @@ if triton is not None:
         b = pid_bh // H
         h = pid_bh % H
         return pid_m, pid_bh, b, h, h // G, pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-
-    @triton.jit
-    def _query_tile_mask(qpos, kpos, kv_end, TOK, tok_len, WF, n_words, BLK, blk_len, block_size, sinks,
-                         max_distance, BLOCK_N: tl.constexpr, GRAN_BLOCK: tl.constexpr, HAS_SINKS: tl.constexpr,
-                         HAS_MD: tl.constexpr, USE_WORDS: tl.constexpr):
-        """``[BLOCK_M, BLOCK_N]`` mask of a partial tile, from the word table or the token table."""
-        if USE_WORDS:
-            mask = _tile_mask_w(qpos, kpos, kv_end, WF, n_words, BLK, blk_len, block_size, sinks, max_distance,
-                                BLOCK_N, GRAN_BLOCK, HAS_SINKS, HAS_MD)
-        else:
-            mask = _tile_mask(qpos, kpos, kv_end, TOK, tok_len, BLK, blk_len, block_size, sinks, max_distance,
-                              GRAN_BLOCK, HAS_SINKS, HAS_MD)
-        return mask
 
     @triton.jit
     def _fwd_tile(q, k_ptr, v_ptr, cols, offs_d, skn, svn, kv_len, scale_log2, mask, m_i, l_i, acc,
@@ -282,9 +127,8 @@ if triton is not None:
         end = tl.load(PPTR + pid_m + 1)
         for it in range(start, end):
             cols = tl.load(PIDX + it) * BLOCK_N + offs_n
-            mask = _query_tile_mask(qpos, k_start + cols, kv_end, TOK, tok_len, WF, n_words, BLK, blk_len,
-                                    block_size, sinks, max_distance, BLOCK_N, GRAN_BLOCK, HAS_SINKS, HAS_MD,
-                                    USE_WORDS)
+            mask = tile_mask(qpos, k_start + cols, kv_end, TOK, tok_len, WF, n_words, BLK, blk_len, block_size,
+                             sinks, max_distance, BLOCK_N, False, GRAN_BLOCK, HAS_SINKS, HAS_MD, USE_WORDS)
             m_i, l_i, acc = _fwd_tile(q, k_ptr, v_ptr, cols, offs_d, skn, svn, kv_len, scale_log2, mask,
                                       m_i, l_i, acc, True)
 
@@ -357,12 +201,9 @@ if triton is not None:
             for it in range(pstart, pend):
                 qb = tl.load(PIDX + it)
                 rows = qb * BLOCK_M + offs_m
-                if USE_WORDS:
-                    maskT = _tile_mask_wT(q_start + rows, kpos, kv_end, WB, n_words, BLK, blk_len, block_size,
-                                          sinks, max_distance, BLOCK_M, GRAN_BLOCK, HAS_SINKS, HAS_MD)
-                else:
-                    maskT = tl.trans(_tile_mask(q_start + rows, kpos, kv_end, TOK, tok_len, BLK, blk_len,
-                                                block_size, sinks, max_distance, GRAN_BLOCK, HAS_SINKS, HAS_MD))
+                maskT = tile_mask(q_start + rows, kpos, kv_end, TOK, tok_len, WB, n_words, BLK, blk_len,
+                                  block_size, sinks, max_distance, BLOCK_M, True, GRAN_BLOCK, HAS_SINKS, HAS_MD,
+                                  USE_WORDS)
                 dk, dv = _dkdv_tile(k, v, q_ptr, do_ptr, lse_ptr, delta_ptr, rows, offs_d, sqm, sdom, q_len,
                                     scale_log2, maskT, dk, dv, True)
         dk = dk * sm_scale
@@ -404,18 +245,13 @@ if triton is not None:
         end = tl.load(PPTR + pid_m + 1)
         for it in range(start, end):
             cols = tl.load(PIDX + it) * BLOCK_N + offs_n
-            mask = _query_tile_mask(qpos, k_start + cols, kv_end, TOK, tok_len, WF, n_words, BLK, blk_len,
-                                    block_size, sinks, max_distance, BLOCK_N, GRAN_BLOCK, HAS_SINKS, HAS_MD,
-                                    USE_WORDS)
+            mask = tile_mask(qpos, k_start + cols, kv_end, TOK, tok_len, WF, n_words, BLK, blk_len, block_size,
+                             sinks, max_distance, BLOCK_N, False, GRAN_BLOCK, HAS_SINKS, HAS_MD, USE_WORDS)
             dq = _dq_tile(q, do, lse, delta, k_ptr, v_ptr, cols, offs_d, skn, svn, kv_len, scale_log2, mask, dq,
                           True)
         dq = dq * sm_scale
         tl.store(DQ + b.to(tl.int64) * sdqb + h.to(tl.int64) * sdqh + offs_m[:, None].to(tl.int64) * sdqm
                  + offs_d[None, :], dq.to(DQ.dtype.element_ty), mask=rmask[:, None])
-
-
-def _last_contiguous(x):
-    return x if x.stride(-1) == 1 else x.contiguous()
 
 
 class _Ctx:
@@ -429,9 +265,9 @@ class _Ctx:
         self.q_start, self.k_start = int(q_start), int(k_start)
         self.max_distance = max_distance
         length = max(self.q_start + self.Lq, self.k_start + self.Lk, 1)
-        self.tok, self.blk = _pattern_tables(pattern, length, q.device)
-        self.words = _word_tables(pattern, self.tok) if os.environ.get("PPA_TRITON_WORDS", "1") == "1" else None
-        self.fwd_cfg, self.dkdv_cfg, self.dq_cfg = _configs(self.D, q.dtype, q.device)
+        self.tok, self.blk = pattern_tables(pattern, length, q.device)
+        self.words = word_tables(pattern, self.tok) if os.environ.get("PPA_TRITON_WORDS", "1") == "1" else None
+        self.fwd_cfg, self.dkdv_cfg, self.dq_cfg = configs(self.D, q.dtype, q.device)
         self.flags = dict(GRAN_BLOCK=pattern.granularity == "block", HAS_SINKS=pattern.sink_tokens > 0,
                           HAS_MD=max_distance is not None)
         self.device = q.device
@@ -470,7 +306,7 @@ def _forward(ctx: _Ctx, q, k, v, scale):
 
 
 def _backward(ctx: _Ctx, q, k, v, o, lse, do, scale):
-    do = _last_contiguous(do)
+    do = last_contiguous(do)
     lse_len = lse.shape[-1]
     delta = torch.zeros((ctx.B, ctx.H, lse_len), device=q.device, dtype=torch.float32)
     delta[..., : ctx.Lq] = (o.float() * do.float()).sum(-1)
@@ -509,7 +345,7 @@ def _backward(ctx: _Ctx, q, k, v, o, lse, do, scale):
 class _PPAFunction(torch.autograd.Function):
     @staticmethod
     def forward(fctx, q, k, v, pattern, q_start, k_start, max_distance, scale):
-        q, k, v = _last_contiguous(q), _last_contiguous(k), _last_contiguous(v)
+        q, k, v = last_contiguous(q), last_contiguous(k), last_contiguous(v)
         ctx = _Ctx(pattern, q, k, q_start, k_start, max_distance)
         o, lse = _forward(ctx, q, k, v, scale)
         fctx.save_for_backward(q, k, v, o, lse)
@@ -528,125 +364,10 @@ def triton_ppa_attention(query, key, value, pattern: PPAPattern, q_start: int | 
     """PPA attention of one unpadded sequence per batch row. ``query [B, H, Q, D]``, ``key``/``value
     [B, Hkv, K, D]`` -> ``[B, H, Q, D]``; query row ``r`` sits at position ``q_start + r`` (default: the last
     ``Q`` of the keys), key ``c`` at ``k_start + c``. Differentiable (Triton backward)."""
+    reason = unsupported_reason(query, key, value)
+    if reason is not None:
+        raise ValueError(f"the Triton attention kernel cannot run: {reason}")
     if q_start is None:
         q_start = key.shape[2] - query.shape[2] + k_start
     scale = 1.0 / math.sqrt(query.shape[-1]) if scale is None else float(scale)
     return _PPAFunction.apply(query, key, value, pattern, int(q_start), int(k_start), max_distance, scale)
-
-
-# ----------------------------------------------------------------------------------------------------------------------
-# Decoding: fused gather + attention over an index list, split-K, then combine
-# ----------------------------------------------------------------------------------------------------------------------
-if triton is not None:
-
-    @triton.jit
-    def _decode_kernel(Q, K, V, IDX, CNT, OP, MP, LP, scale_log2,
-                       sqb, sqh, sqm, skb, skh, skn, svb, svh, svn, sib, siq, scb,
-                       HKV, G, NQ, n_split, chunk,
-                       HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, GP: tl.constexpr):
-        pid = tl.program_id(0)
-        split = tl.program_id(1)
-        qi = pid % NQ
-        hk = (pid // NQ) % HKV
-        b = pid // (NQ * HKV)
-        offs_g = tl.arange(0, GP)
-        offs_d = tl.arange(0, HEAD_DIM)
-        offs_n = tl.arange(0, BLOCK_N)
-        gmask = offs_g < G
-        heads = hk * G + offs_g
-        q = tl.load(Q + b.to(tl.int64) * sqb + heads[:, None].to(tl.int64) * sqh + qi * sqm + offs_d[None, :],
-                    mask=gmask[:, None], other=0.0)
-        n = tl.load(CNT + b * scb + qi)
-        lo = split * chunk
-        hi = tl.minimum(lo + chunk, n)
-        m_i = tl.full([GP], -1.0e30, dtype=tl.float32)
-        l_i = tl.zeros([GP], dtype=tl.float32)
-        acc = tl.zeros([GP, HEAD_DIM], dtype=tl.float32)
-        k_ptr = K + b.to(tl.int64) * skb + hk.to(tl.int64) * skh
-        v_ptr = V + b.to(tl.int64) * svb + hk.to(tl.int64) * svh
-        idx_ptr = IDX + b.to(tl.int64) * sib + qi * siq
-        for start in range(lo, hi, BLOCK_N):
-            offs = start + offs_n
-            valid = offs < hi
-            j = tl.load(idx_ptr + offs, mask=valid, other=0).to(tl.int64)
-            k = tl.load(k_ptr + j[:, None] * skn + offs_d[None, :], mask=valid[:, None], other=0.0)
-            s = tl.dot(q, tl.trans(k)) * scale_log2
-            s = tl.where(valid[None, :], s, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s, 1))
-            p = tl.exp2(s - m_new[:, None])
-            alpha = tl.exp2(m_i - m_new)
-            l_i = l_i * alpha + tl.sum(p, 1)
-            v = tl.load(v_ptr + j[:, None] * svn + offs_d[None, :], mask=valid[:, None], other=0.0)
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-            m_i = m_new
-        row = (b * HKV * G + heads) * NQ + qi  # [GP] flat (b, h, q)
-        tl.store(OP + (row[:, None] * n_split + split).to(tl.int64) * HEAD_DIM + offs_d[None, :], acc,
-                 mask=gmask[:, None])
-        tl.store(MP + row * n_split + split, m_i, mask=gmask)
-        tl.store(LP + row * n_split + split, l_i, mask=gmask)
-
-    @triton.jit
-    def _combine_kernel(OP, MP, LP, O, n_split, H, NQ, sob, soh, som,
-                        HEAD_DIM: tl.constexpr, SPLITS: tl.constexpr):
-        row = tl.program_id(0)  # flat (b, h, q)
-        qi = row % NQ
-        h = (row // NQ) % H
-        b = row // (NQ * H)
-        offs_s = tl.arange(0, SPLITS)
-        smask = offs_s < n_split
-        offs_d = tl.arange(0, HEAD_DIM)
-        m = tl.load(MP + row * n_split + offs_s, mask=smask, other=-1.0e30)
-        l = tl.load(LP + row * n_split + offs_s, mask=smask, other=0.0)
-        m_max = tl.max(m, 0)
-        w = tl.exp2(m - m_max)
-        w = tl.where(smask, w, 0.0)
-        acc = tl.load(OP + (row * n_split + offs_s[:, None]).to(tl.int64) * HEAD_DIM + offs_d[None, :],
-                      mask=smask[:, None], other=0.0)
-        num = tl.sum(acc * w[:, None], 0)
-        den = tl.sum(l * w, 0)
-        out = num / tl.where(den == 0.0, 1.0, den)
-        tl.store(O + b.to(tl.int64) * sob + h.to(tl.int64) * soh + qi * som + offs_d, out.to(O.dtype.element_ty))
-
-
-def _num_sms(device) -> int:
-    if torch.device(device).type != "cuda":
-        return 4
-    return torch.cuda.get_device_properties(device).multi_processor_count
-
-
-def triton_decode_attention(query, key, value, index: torch.Tensor, count: torch.Tensor,
-                            scale: float | None = None, block_n: int = 64, splits: int | None = None) -> torch.Tensor:
-    """``query [B, H, Q, D]`` against ``key``/``value [B, Hkv, T, D]`` (a KV cache) reading only the rows
-    ``index [B or 1, Q, N]`` (int32/int64 kv indices; the first ``count [B or 1, Q]`` of each row are used).
-    Returns ``[B, H, Q, D]``; a query with ``count == 0`` gets zeros."""
-    B, H, NQ, D = query.shape
-    Hkv = key.shape[1]
-    G = H // Hkv
-    key, value, query = _last_contiguous(key), _last_contiguous(value), _last_contiguous(query)
-    index = index.to(torch.int32) if index.dtype != torch.int32 else index
-    count = count.to(torch.int32)
-    N = index.shape[-1]
-    scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
-    if os.environ.get("TRITON_INTERPRET") == "1":
-        block_n = 16
-    if splits is None:
-        want = 2 * _num_sms(query.device)
-        splits = max(1, min(-(-want // (B * Hkv * NQ)), -(-N // block_n), 64))
-    chunk = -(-max(N, 1) // splits)
-    chunk = -(-chunk // block_n) * block_n
-    splits = max(1, -(-max(N, 1) // chunk))
-    rows = B * H * NQ
-    op = torch.empty((rows, splits, D), device=query.device, dtype=torch.float32)
-    mp = torch.empty((rows, splits), device=query.device, dtype=torch.float32)
-    lp = torch.empty((rows, splits), device=query.device, dtype=torch.float32)
-    gp = max(16, triton.next_power_of_2(G))
-    _decode_kernel[(B * Hkv * NQ, splits)](
-        query, key, value, index, count, op, mp, lp, scale * LOG2E,
-        query.stride(0), query.stride(1), query.stride(2), key.stride(0), key.stride(1), key.stride(2),
-        value.stride(0), value.stride(1), value.stride(2),
-        index.stride(0) if index.shape[0] > 1 else 0, index.stride(1), count.stride(0) if count.shape[0] > 1 else 0,
-        Hkv, G, NQ, splits, chunk, HEAD_DIM=D, BLOCK_N=block_n, GP=gp, num_warps=4, num_stages=3)
-    out = torch.empty_like(query)
-    _combine_kernel[(rows,)](op, mp, lp, out, splits, H, NQ, out.stride(0), out.stride(1), out.stride(2),
-                             HEAD_DIM=D, SPLITS=max(2, triton.next_power_of_2(splits)), num_warps=4)
-    return out

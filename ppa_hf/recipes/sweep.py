@@ -80,8 +80,8 @@ def finetune_point(args, p: float, out_dir: str) -> str:
 
 def run_sweep(args) -> dict:
     from .evaluation import check_eval_args, load_eval_model, run_eval
-    from .pattern import check_int, check_p
-    from .plotting import plot_metric_vs_p
+    from ..pattern import check_int, check_p
+    from .plots import plot_metric_vs_p
 
     ps = [check_p(p, "--ps") for p in args.ps]
     if len(set(ps)) != len(ps):

@@ -1,4 +1,4 @@
-"""Tile classification of the PPA pattern, computed analytically from :class:`~ppa_hf.pattern.PPAPattern`'s tables.
+"""Tile classification of the PPA pattern, computed from :class:`~ppa_hf.pattern.PPAPattern`'s tables.
 
 A tile is the rectangle of ``BM`` consecutive query positions by ``BN`` consecutive key positions. Every tile is
 one of
@@ -27,7 +27,8 @@ from functools import lru_cache
 import numpy as np
 import torch
 
-from ..pattern import PPAPattern, block_far_offsets, offset_table
+from ..cache import BoundedCache
+from ..pattern import PPAPattern
 
 EMPTY, PARTIAL, FULL = 0, 1, 2
 
@@ -70,23 +71,14 @@ def tile_classes(pattern: PPAPattern, q_len: int, kv_len: int, block_m: int, blo
     in_range = (dmin >= 0) & (dmax < md)  # every pair has 0 <= d < md
 
     length = int(max(q_start + q_len, k_start + kv_len, 1)) + 1
-    p = pattern.p
-    if pattern.granularity == "token":
-        tok = offset_table(p, pattern.window, length)
-    else:
-        tok = np.arange(length) < pattern.window
-    tok_prefix = _prefix(tok)
+    tok_prefix = _prefix(pattern.token_table_np(length))
     cnt = _range_count(tok_prefix, lo, top)
     nonempty = possible & (cnt > 0)
     full = in_range & (cnt == dmax - dmin + 1)
 
-    if pattern.granularity == "block":
+    if pattern.is_block:
         bs = pattern.block_size
-        nblk = length // bs + 2
-        blk = np.zeros(nblk, dtype=bool)
-        blk[0] = True
-        blk[block_far_offsets(p, bs, nblk)] = True
-        blk_prefix = _prefix(blk)
+        blk_prefix = _prefix(pattern.block_table_np(length // bs + 2))
         dbmin, dbmax = q0 // bs - k1 // bs, q1 // bs - k0 // bs
         far_any = _range_count(blk_prefix, np.maximum(dbmin, 1), dbmax) > 0
         diag = (dbmin <= 0) & (dbmax >= 0)  # pairs in the same block: conservatively "maybe attended"
@@ -125,96 +117,20 @@ def csr_lists(classes: np.ndarray, kind: int, transpose: bool = False):
     return ptr, cols.astype(np.int32)
 
 
-_DEVICE_LISTS: dict = {}
+_LISTS = BoundedCache("tile lists", 64)
 
 
 def device_lists(pattern: PPAPattern, q_len: int, kv_len: int, block_m: int, block_n: int, q_start: int, k_start: int,
                  max_distance, device, transpose: bool = False):
-    """``(full_ptr, full_idx, part_ptr, part_idx)`` int32 tensors on ``device`` (cached per arguments)."""
-    key = (pattern, q_len, kv_len, block_m, block_n, q_start, k_start, max_distance, str(device), transpose)
-    hit = _DEVICE_LISTS.get(key)
-    if hit is None:
+    """``(full_ptr, full_idx, part_ptr, part_idx)`` int32 tensors on ``device``: the FULL and PARTIAL tiles of each
+    query tile (of each key tile when ``transpose``), cached per arguments."""
+
+    def build():
         classes = tile_classes(pattern, q_len, kv_len, block_m, block_n, q_start, k_start, max_distance)
-        fp, fi = csr_lists(classes, FULL, transpose)
-        pp, pi = csr_lists(classes, PARTIAL, transpose)
-        hit = tuple(torch.from_numpy(np.ascontiguousarray(x)).to(device) for x in (fp, fi if fi.size else np.zeros(1, np.int32),
-                                                                                    pp, pi if pi.size else np.zeros(1, np.int32)))
-        if len(_DEVICE_LISTS) > 64:
-            _DEVICE_LISTS.clear()
-        _DEVICE_LISTS[key] = hit
-    return hit
+        lists = (*csr_lists(classes, FULL, transpose), *csr_lists(classes, PARTIAL, transpose))
+        # an empty index list still needs one element to be a valid kernel argument
+        return tuple(torch.from_numpy(np.ascontiguousarray(x if x.size else np.zeros(1, np.int32))).to(device)
+                     for x in lists)
 
-
-# ----------------------------------------------------------------------------------------------------------------------
-# FlexAttention BlockMask, built from the classification (no create_block_mask, no L x L work)
-# ----------------------------------------------------------------------------------------------------------------------
-_BLOCK_MASKS: dict = {}
-
-
-def _kv_blocks(classes: np.ndarray, kind: int, device):
-    sel = classes == kind
-    num = sel.sum(-1).astype(np.int32)
-    # Selected block indices first (ascending), the rest after: a stable argsort of "not selected".
-    order = np.argsort(~sel, axis=-1, kind="stable").astype(np.int32)
-    to = lambda a: torch.from_numpy(np.ascontiguousarray(a)).to(device)[None, None]  # noqa: E731
-    return to(num), to(order)
-
-
-def pattern_block_mask(pattern: PPAPattern, q_len: int, kv_len: int, device, q_start: int | None = None,
-                       k_start: int = 0, max_distance: int | None = None, block_size: int = 128):
-    """A FlexAttention ``BlockMask`` of one unpadded sequence (shared by batch and heads), cached.
-
-    Built with ``BlockMask.from_kv_blocks`` from :func:`tile_classes`: FULL tiles run without the mask_mod,
-    PARTIAL ones with it, EMPTY ones are skipped.
-    """
-    from torch.nn.attention.flex_attention import BlockMask
-
-    if q_start is None:
-        q_start = kv_len - q_len + k_start
-    key = (pattern, q_len, kv_len, str(device), q_start, k_start, max_distance, block_size)
-    if key in _BLOCK_MASKS:
-        return _BLOCK_MASKS[key]
-    classes = tile_classes(pattern, q_len, kv_len, block_size, block_size, q_start, k_start, max_distance,
-                           ragged_partial=False)  # FlexAttention masks the overhang itself
-    kv_num, kv_idx = _kv_blocks(classes, PARTIAL, device)
-    full_num, full_idx = _kv_blocks(classes, FULL, device)
-    tables = pattern.tables(max(q_start + q_len, k_start + kv_len, 1), device)
-    qs, ks = int(q_start), int(k_start)
-
-    def mask_mod(b, h, q_idx, kv_idx):
-        return pattern.keep(q_idx + qs, kv_idx + ks, tables=tables, max_distance=max_distance)
-
-    mask_mod.__name__ = f"{pattern.name}_analytic"
-    bm = BlockMask.from_kv_blocks(kv_num, kv_idx, full_num, full_idx, BLOCK_SIZE=block_size, mask_mod=mask_mod,
-                                  seq_lengths=(q_len, kv_len))
-    if len(_BLOCK_MASKS) > 32:
-        _BLOCK_MASKS.clear()
-    _BLOCK_MASKS[key] = bm
-    return bm
-
-
-# ----------------------------------------------------------------------------------------------------------------------
-# Layout checks: when may the single-sequence fast paths serve a layout?
-# ----------------------------------------------------------------------------------------------------------------------
-def simple_layout(layout) -> tuple[int, int, torch.Tensor | None] | None:
-    """``(q_start, k_start, q_valid)`` when every row of ``layout`` is one sequence starting at kv index 0
-    (no padding, or right padding only), so a token's position equals its kv index; else ``None``.
-
-    ``q_valid`` is ``[B, Q]`` bool when some queries are padding (their output must be zeroed), else ``None``.
-    Cached on the layout (one host sync per forward pass).
-    """
-    key = ("simple_layout",)
-    if key not in layout.cache:
-        result = None
-        q_index = layout.q_index
-        Q = int(q_index.numel())
-        if layout.contiguous and Q > 0:
-            q0 = int(q_index[0])
-            ok = bool((layout.row_start == 0).all()) and bool(
-                (q_index == torch.arange(q0, q0 + Q, device=q_index.device)).all())
-            if ok:
-                q_seg = layout.q_seg()
-                q_valid = q_seg >= 0
-                result = (q0, layout.kv_offset, None if bool(q_valid.all()) else q_valid)
-        layout.cache[key] = result
-    return layout.cache[key]
+    return _LISTS.get((pattern, q_len, kv_len, block_m, block_n, q_start, k_start, max_distance, str(device),
+                       transpose), build)

@@ -17,7 +17,7 @@ def _pyplot():
 def save_mask_png(path: str, length: int, p: float, window: int = 64, sink_tokens: int = 0,
                   granularity: str = "token", block_size: int = 128) -> str:
     """Draw the ``[length, length]`` mask of one sequence (black = attended) titled with its parameters."""
-    from .pattern import PPAPattern
+    from ..pattern import PPAPattern
 
     pattern = PPAPattern(p, window, sink_tokens, granularity, block_size)
     mask = pattern.dense(length).numpy()

@@ -15,6 +15,17 @@ from __future__ import annotations
 import json
 import os
 
+def default_data_dir() -> str | None:
+    """The offline data folder: ``$PPA_HF_DATA_DIR``, else ``../shared/data`` beside the checkout this package runs
+    from (holding ``gsm8k/{train,test}.jsonl`` and ``math500/test.jsonl``), else ``None`` (use the Hub)."""
+    beside = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(
+        __file__))))), "shared", "data")
+    for folder in (os.environ.get("PPA_HF_DATA_DIR"), beside):
+        if folder and os.path.isdir(folder):
+            return folder
+    return None
+
+
 KINDS = {"gsm8k": ("question", "answer"), "math": ("problem", "solution")}
 HUB_DATASETS = {"gsm8k": ("openai/gsm8k", "main"), "math": ("HuggingFaceH4/MATH-500", None)}
 

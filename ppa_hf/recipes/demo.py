@@ -3,7 +3,7 @@
 Perplexity of the Python documentation text (``pydoc_data.topics``) at several ``p``, with and without
 4 sink tokens; a table, a CSV and a PNG plot; then one short generated answer at ``p = 0.75``.
 
-    python -m ppa_hf.demo            # or: ppa-hf demo, or: make demo
+    python -m ppa_hf.recipes.demo            # or: ppa-hf demo, or: make demo
 """
 
 from __future__ import annotations
@@ -44,8 +44,8 @@ def run(args) -> int:
     import ppa_hf
     from ppa_hf.models import DEFAULT_MODEL_NAME, load_model
     from ppa_hf.pattern import check_int, check_p
-    from ppa_hf.perplexity import load_text, perplexity
-    from ppa_hf.plotting import plot_metric_vs_p
+    from ppa_hf.recipes.perplexity import load_text, perplexity
+    from ppa_hf.recipes.plots import plot_metric_vs_p
 
     ps = [check_p(p, "--ps") for p in args.ps]
     sinks = [check_int(s, "--sinks", 0) for s in args.sinks]

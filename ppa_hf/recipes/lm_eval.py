@@ -35,14 +35,14 @@ def register_lm_eval_model() -> None:
     from lm_eval.models.huggingface import HFLM
 
     import ppa_hf  # noqa: F401  (registers attn_implementation="ppa")
-    from .pattern import check_int, check_p
+    from ..pattern import check_int, check_p
 
     @register_model("ppa", "ppa-hf")
     class PPALM(HFLM):
         """lm-eval's ``hf`` model loaded with ``attn_implementation="ppa"`` and the given ``ppa_*`` settings."""
 
         def __init__(self, pretrained=None, gguf_file=None, device=None, **kwargs):
-            from .models import default_gguf
+            from ..models import default_gguf
 
             if pretrained in (None, "", "default", "smollm2"):
                 pretrained, gguf_file = default_gguf()

@@ -1,7 +1,7 @@
 """Evaluation behind ``ppa-hf eval``: few-shot GSM8K / MATH-500 with batched greedy generation, and strided
 perplexity.
 
-    from ppa_hf.evaluation import run_eval
+    from ppa_hf.recipes.evaluation import run_eval
     summary = run_eval(task="gsm8k", data="../shared/data/gsm8k/test.jsonl", p=0.75, limit=20,
                        output="out/gsm8k.json")
 
@@ -32,7 +32,7 @@ def apply_eval_settings(lm, p=None, window: int | None = None, sink_tokens: int 
     ``p=None`` with no saved ``ppa_p`` is an error (an evaluation never guesses p); ``model_name`` names the model
     in that error."""
     import ppa_hf
-    from .settings import DEFAULTS
+    from ..hf.settings import DEFAULTS
 
     def saved(name, given):
         if given is not None:
@@ -58,7 +58,7 @@ def load_eval_model(model: str | None = None, gguf_file: str | None = None, p=No
     saved values (or the defaults)."""
     import torch
 
-    from .models import load_model
+    from ..models import load_model
 
     if model is not None and not os.path.exists(model) and os.path.sep in model:
         raise FileNotFoundError(f"--model={model!r}: no such directory or file")
@@ -180,11 +180,11 @@ def strided_perplexity(model, tokenizer, text: str, context: int = 1024, stride:
     """Per-token loss over ``text`` in windows of ``context`` tokens starting every ``stride`` tokens; each
     token is scored once, in the first window whose end covers it (so with ``stride < context`` every scored
     token but those of the first window sees at least ``context - stride`` tokens before it).
-    ``stride=None`` (or ``= context``) is :func:`ppa_hf.perplexity.perplexity` (non-overlapping windows)."""
+    ``stride=None`` (or ``= context``) is :func:`ppa_hf.recipes.perplexity.perplexity` (non-overlapping windows)."""
     import torch
     from tqdm.auto import tqdm
 
-    from .pattern import check_int
+    from ..pattern import check_int
     from .perplexity import perplexity
 
     context = check_int(context, "--context", 2)
@@ -236,7 +236,7 @@ def samples_path(output: str) -> str:
 def check_eval_args(task: str, data: str | None, shots: int, limit: int | None, batch_size: int,
                     max_new_tokens: int, p=None):
     """Validate before anything is loaded (errors name the option, the value and what is allowed)."""
-    from .pattern import check_int, check_p
+    from ..pattern import check_int, check_p
 
     if task not in TASKS:
         raise ValueError(f"--task={task!r} is not known; --task must be one of {', '.join(TASKS)}")
@@ -254,11 +254,13 @@ def check_eval_args(task: str, data: str | None, shots: int, limit: int | None, 
 
 
 def default_data_path(task: str) -> str | None:
-    """``../shared/data`` beside the checkout when it exists (the offline copies), else ``None`` (the Hub)."""
-    here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    path = os.path.join(os.path.dirname(here), "shared", "data",
-                        {"gsm8k": "gsm8k/test.jsonl", "math500": "math500/test.jsonl"}[task])
-    return path if os.path.isfile(path) else None
+    """The offline copy of ``task``'s test set (:func:`~ppa_hf.recipes.data.default_data_dir`), else ``None`` (the
+    Hub)."""
+    from .data import default_data_dir
+
+    folder = default_data_dir()
+    path = os.path.join(folder, {"gsm8k": "gsm8k/test.jsonl", "math500": "math500/test.jsonl"}[task]) if folder else None
+    return path if path and os.path.isfile(path) else None
 
 
 def run_eval(task: str, model: str | None = None, gguf_file: str | None = None, p=None, window=None,

@@ -1,6 +1,6 @@
 """Local ``evaluate`` metric modules shipped with ppa_hf (they load offline: no Hub access).
 
-``evaluate.load(ppa_hf.metrics.metric_path("ppa_math_accuracy"), "gsm8k")``, or use :func:`load_metric`.
+``evaluate.load(ppa_hf.recipes.metrics.metric_path("ppa_math_accuracy"), "gsm8k")``, or use :func:`load_metric`.
 """
 
 from __future__ import annotations

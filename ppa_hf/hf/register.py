@@ -5,8 +5,8 @@ from __future__ import annotations
 from transformers import AttentionInterface, PreTrainedConfig
 from transformers.masking_utils import AttentionMaskInterface
 
-from .attention import ppa_attention_forward
-from .masking import ppa_mask_interface
+from .dispatch import ppa_attention_forward
+from .mask import ppa_mask_interface
 from .settings import FIELDS, write_settings
 
 ATTN_IMPLEMENTATION = "ppa"
@@ -59,7 +59,8 @@ def apply(model, p, window: int = 64, sink_tokens: int = 0, backend: str = "auto
         p: power in [0, 1], or a list with one value per layer (1 = full attention for that layer).
         window: local window ``w`` (the query itself included), integer >= 1.
         sink_tokens: the first ``s`` real tokens of each sequence are always attended, integer >= 0.
-        backend: ``auto`` | ``naive`` | ``flex`` | ``decode`` | ``triton`` (see ``attention.choose_backend``).
+        backend: ``auto`` | ``sdpa_mask`` | ``flex`` | ``decode`` | ``triton`` (see
+            :func:`ppa_hf.hf.dispatch.choose_path`).
         granularity: ``token`` (the paper's pattern) or ``block``.
         block_size: block size of the block-granular pattern.
     """

@@ -1,0 +1,172 @@
+"""The ``"ppa"`` entry of Transformers' ``AttentionInterface``: one layer's attention call, and the one place that
+chooses an attention path (:func:`choose_path`). Ops never choose: an op that cannot serve its inputs raises."""
+
+from __future__ import annotations
+
+import torch
+
+from ..layout import PPALayout
+from ..ops import (decode_index, flex_attention_ppa, flex_available, gather_decode_attention, layout_block_mask,
+                   sdpa_mask_attention, single_sequence_block_mask)
+from .settings import PPASettings, read_settings
+
+DECODE_MAX_QUERIES = 16  # "a few new queries": above this the gathered path stops paying
+DECODE_MIN_KEYS = 1024  # below this (auto) the dense mask is as cheap as the index list
+# FlexAttention only above this many (query, key) entries per row: below it the dense-mask SDPA path is faster
+# (H200, SmolLM2 shape, 50 left-padded prompts of 700-1000 tokens: 0.4-0.6 s prefill against 2.5 s for Flex,
+# plus two Flex compilations of about 20 s; benchmarks/generation_profile.py).
+FLEX_MIN_ENTRIES = 4096 * 4096
+# Up to this many queries (decoding, short chunks) the dense-mask path folds the GQA query heads into the query axis
+# instead of repeating K and V per query head: the copy is then of the small queries and mask, not of the whole
+# cache (at 50 sequences x 1k cached tokens the repeat copied about 230 MB per layer and step).
+GQA_FOLD_MAX_QUERIES = 16
+
+PATHS = ("sdpa_mask", "flex", "gather_decode", "triton", "triton_decode")
+
+_UNSUPPORTED_KWARGS = {
+    "softcap": "attention logit soft-capping",
+    "position_bias": "an additive position bias",
+    "s_aux": "learned attention-sink logits",
+    "sinks": "learned attention-sink logits",
+}
+
+
+def _triton():
+    from ..ops import triton  # imported on first use: importing Triton costs start-up time
+
+    return triton
+
+
+def _refuse(module, is_causal, kwargs):
+    name = type(module).__name__
+    if getattr(module, "is_cross_attention", False):
+        raise ValueError(f"attn_implementation='ppa' cannot run cross-attention ({name}); PPA is causal self-attention")
+    if is_causal is False or getattr(module, "is_causal", True) is False:
+        raise ValueError(f"attn_implementation='ppa' cannot run non-causal attention ({name}); PPA is causal")
+    for key, what in _UNSUPPORTED_KWARGS.items():
+        if kwargs.get(key) is not None:
+            raise ValueError(f"attn_implementation='ppa' does not support {what} ({key!r}, used by {name})")
+
+
+def choose_path(settings: PPASettings, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                layout: PPALayout, dropout: float) -> str:
+    """The one place that picks a path (one of :data:`PATHS`) for this call.
+
+    An explicit ``ppa_backend`` is obeyed or refused with a ``ValueError``, never replaced by another path:
+
+    * ``sdpa_mask``: the dense-mask SDPA path; ``flex``: FlexAttention; ``decode``: gathered decoding in torch
+      (any number of queries);
+    * ``triton``: the fused Triton decode kernel for up to ``DECODE_MAX_QUERIES`` queries (the full pattern included),
+      the block-sparse Triton kernel otherwise (every row one sequence from kv index 0: no left padding, no packing).
+
+    ``auto``: attention dropout -> ``sdpa_mask``; a few queries against at least ``DECODE_MIN_KEYS`` keys and ``p <
+    1`` -> the Triton decode kernel on CUDA in half precision, else the torch gather; other few-query calls ->
+    ``sdpa_mask``; the block-sparse Triton kernel where it can run; FlexAttention on CUDA for inputs above
+    ``FLEX_MIN_ENTRIES`` query-key pairs; else ``sdpa_mask`` (exact, trains on CPU).
+    """
+    backend = settings.backend
+    if dropout > 0 and backend not in ("auto", "sdpa_mask"):
+        raise ValueError(
+            f"ppa_backend={backend!r} has no attention dropout (got dropout={dropout}); "
+            "use ppa_backend='sdpa_mask' or 'auto', or set the model's attention dropout to 0"
+        )
+    q_len, kv_len = query.shape[2], key.shape[2]
+    few_queries = q_len <= DECODE_MAX_QUERIES
+    if backend == "sdpa_mask":
+        return "sdpa_mask"
+    if backend == "flex":
+        if not flex_available():
+            raise ValueError("ppa_backend='flex' needs torch >= 2.5 (torch.nn.attention.flex_attention is missing)")
+        return "flex"
+    if backend == "decode":
+        return "gather_decode"
+    if backend == "triton":
+        reason = _triton().unsupported_reason(query, key, value)
+        if reason is None and not few_queries and layout.single_sequence_rows() is None:
+            reason = ("the block-sparse kernel needs every row to be one sequence starting at kv index 0 (no left "
+                      "padding, no packed sequences)")
+        if reason is not None:
+            raise ValueError(f"ppa_backend='triton' cannot serve this call: {reason}; use ppa_backend='auto'")
+        return "triton_decode" if few_queries else "triton"
+    # auto
+    if dropout > 0:
+        return "sdpa_mask"
+    if few_queries:
+        if kv_len < DECODE_MIN_KEYS or settings.pattern.is_full:
+            # a small dense mask; FlexAttention would recompile for every new cache length
+            return "sdpa_mask"
+        half = query.dtype in (torch.float16, torch.bfloat16)  # fp32 stays exact: the kernel's dots are tf32
+        return "triton_decode" if half and _triton().supports(query, key, value) else "gather_decode"
+    if _triton().supports(query, key, value) and layout.single_sequence_rows() is not None:
+        return "triton"
+    if query.device.type == "cuda" and flex_available() and q_len * kv_len > FLEX_MIN_ENTRIES:
+        return "flex"
+    return "sdpa_mask"
+
+
+def common_dtype(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor):
+    """``query``/``key``/``value`` in one dtype. Under autocast that is the autocast dtype, as SDPA would use: the
+    rotary embedding leaves ``query``/``key`` in the fp32 of the weights while ``value`` comes out of an autocast
+    linear in bf16, and the fused kernels need one dtype. Outside autocast a mismatch is promoted."""
+    device_type = query.device.type
+    if torch.is_autocast_enabled(device_type):
+        dtype = torch.get_autocast_dtype(device_type)
+    elif query.dtype == key.dtype == value.dtype:
+        return query, key, value
+    else:
+        dtype = torch.promote_types(torch.promote_types(query.dtype, key.dtype), value.dtype)
+    return query.to(dtype), key.to(dtype), value.to(dtype)
+
+
+def run_path(path: str, query, key, value, layout: PPALayout, settings: PPASettings, scale, dropout: float,
+             max_distance) -> torch.Tensor:
+    """Run ``path`` (from :func:`choose_path`): ``[B, H, Q, D]``."""
+    pattern = settings.pattern
+    if path in ("gather_decode", "triton_decode"):
+        index, count = decode_index(layout, pattern, max_distance)
+        if path == "triton_decode":
+            return _triton().triton_decode_attention(query, key, value, index, count, scale)
+        return gather_decode_attention(query, key, value, index, count, scale)
+    if path == "sdpa_mask":
+        fold = query.shape[2] <= GQA_FOLD_MAX_QUERIES
+        return sdpa_mask_attention(query, key, value, layout, pattern, scale, dropout, max_distance, fold_gqa=fold)
+    q_valid = None
+    if path == "triton":
+        q_start, k_start, q_valid = layout.single_sequence_rows()
+        out = _triton().triton_ppa_attention(query, key, value, pattern, q_start, k_start, max_distance, scale)
+    elif path == "flex":
+        rows = layout.single_sequence_rows() if query.device.type == "cuda" else None
+        if rows is not None:  # one sequence per row from kv index 0: the BlockMask comes from the tables
+            q_start, k_start, q_valid = rows
+            block_mask = single_sequence_block_mask(pattern, query.shape[2], key.shape[2], query.device, q_start,
+                                                    k_start, max_distance)
+        else:
+            block_mask = layout_block_mask(layout, pattern, max_distance)
+        out = flex_attention_ppa(query, key, value, block_mask, scale)
+    else:
+        raise ValueError(f"path={path!r} is not known; it must be one of {', '.join(PATHS)}")
+    if q_valid is not None:  # right padding: padded queries return zeros, as on every path
+        out = out * q_valid[:, None, :, None].to(out.dtype)
+    return out
+
+
+def ppa_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                          attention_mask, dropout: float = 0.0, scaling: float | None = None,
+                          is_causal: bool | None = None, **kwargs):
+    """Transformers attention function. ``query [B, H, Q, D]``, ``key``/``value [B, Hkv, K, D]``; returns
+    ``(output [B, Q, H, D], None)``. The PPA parameters come from ``module.config``."""
+    _refuse(module, is_causal, kwargs)
+    if not isinstance(attention_mask, PPALayout):
+        raise ValueError(
+            "attn_implementation='ppa' needs the PPA mask interface's layout, but got "
+            f"{type(attention_mask).__name__}; pass a 2D padding mask (or none), not a prepared 4D mask"
+        )
+    settings = read_settings(module.config, getattr(module, "layer_idx", None))
+    layout = attention_mask.with_position_ids(kwargs.get("position_ids"))
+    if key.shape[2] != layout.kv_length:
+        raise ValueError(f"PPA layout covers {layout.kv_length} keys but attention got {key.shape[2]}")
+    max_distance = kwargs.get("sliding_window")  # the model's own sliding window, intersected with PPA
+    query, key, value = common_dtype(query, key, value)
+    path = choose_path(settings, query, key, value, layout, dropout)
+    out = run_path(path, query, key, value, layout, settings, scaling, dropout, max_distance)
+    return out.transpose(1, 2).contiguous(), None

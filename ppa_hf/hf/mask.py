@@ -1,0 +1,55 @@
+"""The ``"ppa"`` entry of Transformers' ``AttentionMaskInterface``.
+
+Transformers calls the mask interface once per forward pass (not once per layer). Instead of a dense
+``[B, 1, Q, K]`` tensor it gets a :class:`~ppa_hf.layout.PPALayout`: where each token sits inside its own sequence
+(padding, packed sequences, cache offsets resolved once). Each attention layer then applies its own pattern to the
+layout (so per-layer ``p`` works).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..layout import PPALayout, previous_valid, layout_from_links
+from .settings import fill_defaults, read_settings
+
+
+def _refuse_non_causal(mask_function, device):
+    zero, one = torch.tensor(0, device=device), torch.tensor(1, device=device)
+    if bool(mask_function(zero, zero, zero, one)):
+        raise ValueError(
+            "attn_implementation='ppa' supports causal self-attention only, but this model asked for a "
+            "non-causal (bidirectional or cross-attention) mask; PPA will not run with the wrong mask"
+        )
+
+
+def ppa_mask_interface(batch_size: int, q_length: int, kv_length: int, q_offset=0, kv_offset: int = 0,
+                       mask_function=None, attention_mask: torch.Tensor | None = None, device="cpu",
+                       config=None, **kwargs) -> PPALayout:
+    """Build the :class:`PPALayout` of this forward pass (signature of Transformers' mask interfaces)."""
+    if isinstance(attention_mask, PPALayout):  # prepared ahead, e.g. by generate() with a static cache
+        return attention_mask
+    if config is not None:
+        read_settings(config, 0)  # fail early on a missing or invalid setting, before any layer runs
+        fill_defaults(config)
+    total = int(kv_offset) + int(kv_length)
+    if attention_mask is None:
+        valid = torch.ones(batch_size, total, dtype=torch.bool, device=device)
+    else:
+        valid = attention_mask.to(device=device, dtype=torch.bool)[:, :total]
+        if valid.shape[-1] < total:  # static caches: slots not yet written are not real tokens
+            valid = torch.nn.functional.pad(valid, (0, total - valid.shape[-1]), value=False)
+    if mask_function is not None and total > 1:
+        _refuse_non_causal(mask_function, device)
+    prev = previous_valid(valid)
+    link = prev >= 0
+    if mask_function is not None and total > 1:
+        # Transformers' own mask function knows about packed sequences (position ids that restart):
+        # a token continues a sequence iff it may attend the previous real token.
+        b = torch.arange(batch_size, device=device)[:, None]
+        j = torch.arange(total, device=device)[None, :].expand(batch_size, -1)
+        allowed = mask_function(b, torch.zeros_like(b), j, prev.clamp(min=0))
+        link = link & torch.as_tensor(allowed, device=device).expand_as(link)
+    seg, pos = layout_from_links(valid, link)
+    q_index = torch.arange(q_length, device=device) + q_offset
+    return PPALayout(seg, pos, q_index, kv_offset, kv_length)

@@ -1,0 +1,156 @@
+"""What the Triton kernels share: availability, supported shapes, launch configurations, the pattern's tables as
+device tensors, and the one in-kernel form of the pattern's predicate (:func:`tile_mask`).
+
+Kernels run on CUDA (bf16 / fp16 / fp32) and, for tests, on CPU under ``TRITON_INTERPRET=1``.
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import torch
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover - triton is optional
+    triton = tl = None
+
+from ...cache import BoundedCache
+from ...pattern import PPAPattern
+
+LOG2E = 1.4426950408889634
+SUPPORTED_HEAD_DIMS = (16, 32, 64, 128, 256)
+SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def triton_available(device=None) -> bool:
+    """Triton importable, and either a CUDA device or the interpreter (``TRITON_INTERPRET=1``)."""
+    if triton is None:
+        return False
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        return True
+    return device is None or torch.device(device).type == "cuda"
+
+
+def unsupported_reason(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> str | None:
+    """Why the kernels cannot take these inputs (``None`` when they can)."""
+    if not triton_available(query.device):
+        return f"Triton cannot run on {query.device.type} here" + (" (not installed)" if triton is None else "")
+    if query.shape[-1] not in SUPPORTED_HEAD_DIMS or value.shape[-1] != query.shape[-1]:
+        return (f"head size {query.shape[-1]} (value {value.shape[-1]}) is not one of "
+                f"{', '.join(map(str, SUPPORTED_HEAD_DIMS))} for query, key and value alike")
+    if query.dtype not in SUPPORTED_DTYPES or not query.dtype == key.dtype == value.dtype:
+        return f"dtypes {query.dtype}/{key.dtype}/{value.dtype}: one of float16, bfloat16, float32 for all three"
+    if query.shape[1] % key.shape[1]:
+        return f"{query.shape[1]} query heads are not a multiple of {key.shape[1]} KV heads"
+    return None
+
+
+def supports(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> bool:
+    """Shapes, dtypes and device the kernels handle."""
+    return unsupported_reason(query, key, value) is None
+
+
+def last_contiguous(x: torch.Tensor) -> torch.Tensor:
+    """``x`` with a unit stride in its last dimension (the kernels index rows by stride, elements by one)."""
+    return x if x.stride(-1) == 1 else x.contiguous()
+
+
+def interpreted(device) -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1" or torch.device(device).type != "cuda"
+
+
+def env_config(name, default):
+    """A ``"BM,BN,warps,stages"`` override from the environment (tuning), else ``default``."""
+    raw = os.environ.get(name)
+    return tuple(int(x) for x in raw.split(",")) if raw else default
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The pattern's tables on the device (int8 for the kernels), and word tables: 64 table entries per load
+# ----------------------------------------------------------------------------------------------------------------------
+_TABLES = BoundedCache("triton tables", 64)
+
+
+def pattern_tables(pattern: PPAPattern, length: int, device):
+    """``(token_table, block_table)`` as int8 device tensors for positions below ``length`` (a block table of one
+    ``True`` at token granularity, where the kernels never read it)."""
+
+    def build():
+        tok, blk = pattern.tables(length + 1, device)
+        blk = blk if blk is not None else torch.ones(1, dtype=torch.bool, device=device)
+        return tok.to(torch.int8).contiguous(), blk.to(torch.int8).contiguous()
+
+    return _TABLES.get(("tables", pattern, length, str(device)), build)
+
+
+WORD_OFFSET = 256  # word tables start at offset -WORD_OFFSET (partial tiles reach d >= -(BM + BN))
+
+
+def word_tables(pattern: PPAPattern, tok: torch.Tensor):
+    """Two int64 tables that turn the token offset table into 64-bit row masks (one load per tile row instead of
+    one per element): ``fwd[x + OFF]`` has bit ``c`` = ``tok[x - c]`` (rows = queries, columns = keys: a row's
+    column ``c`` has offset ``x - c``), ``bwd[x + OFF]`` has bit ``c`` = ``tok[x + c]`` (rows = keys, columns =
+    queries). Offsets outside ``[0, len(tok))`` read as not attended."""
+
+    def build():
+        t = tok.cpu().numpy().astype(bool)
+        n = t.size
+        padded = np.zeros(n + 2 * WORD_OFFSET + 128, dtype=np.uint64)
+        padded[WORD_OFFSET + 64: WORD_OFFSET + 64 + n] = t  # padded[i] = tok[i - OFF - 64]
+        size = n + WORD_OFFSET + 64
+        x = np.arange(size) - WORD_OFFSET  # x + OFF = table index
+        fwd = np.zeros(size, dtype=np.uint64)
+        bwd = np.zeros(size, dtype=np.uint64)
+        for c in range(64):
+            fwd |= padded[x - c + WORD_OFFSET + 64] << np.uint64(c)
+            bwd |= padded[np.minimum(x + c + WORD_OFFSET + 64, padded.size - 1)] << np.uint64(c)
+        to = lambda a: torch.from_numpy(a.view(np.int64)).to(tok.device)  # noqa: E731
+        return to(fwd), to(bwd)
+
+    return _TABLES.get(("words", pattern, tok.numel(), str(tok.device)), build)
+
+
+if triton is not None:
+
+    @triton.jit
+    def _word_mask(WORDS, n_words, x, ncols: tl.constexpr):
+        """``[len(x), ncols]`` bool: bit ``c`` of ``WORDS[x + OFF]`` (``ncols <= 64``)."""
+        w = tl.load(WORDS + tl.minimum(tl.maximum(x + 256, 0), n_words - 1))
+        c = tl.arange(0, ncols).to(tl.int64)
+        return ((w[:, None] >> c[None, :]) & 1) != 0
+
+    @triton.jit
+    def tile_mask(qpos, kpos, kv_end, TOK, tok_len, WORDS, n_words, BLK, blk_len, block_size, sinks, max_distance,
+                  NCOLS: tl.constexpr, KEYS_ON_ROWS: tl.constexpr, GRAN_BLOCK: tl.constexpr,
+                  HAS_SINKS: tl.constexpr, HAS_MD: tl.constexpr, USE_WORDS: tl.constexpr):
+        """:meth:`PPAPattern.keep` of a tile, read from the pattern's tables: ``[len(qpos), len(kpos)]`` bool, or
+        ``[len(kpos), len(qpos)]`` when ``KEYS_ON_ROWS``. The token part comes from the token table, one load per
+        element, or (``USE_WORDS``, columns consecutive, ``NCOLS <= 64``) from the word table of that orientation,
+        one load per row; the block part from the block table; sinks and a model's own window from scalars."""
+        if KEYS_ON_ROWS:
+            d = qpos[None, :] - kpos[:, None]
+            kk = kpos[:, None]
+            qq = qpos[None, :]
+        else:
+            d = qpos[:, None] - kpos[None, :]
+            kk = kpos[None, :]
+            qq = qpos[:, None]
+        ok = (d >= 0) & (kk < kv_end)
+        if USE_WORDS:
+            if KEYS_ON_ROWS:
+                hit = _word_mask(WORDS, n_words, tl.min(qpos, 0) - kpos, NCOLS)
+            else:
+                hit = _word_mask(WORDS, n_words, qpos - tl.min(kpos, 0), NCOLS)
+        else:
+            hit = tl.load(TOK + tl.minimum(tl.maximum(d, 0), tok_len - 1)) != 0
+        if GRAN_BLOCK:
+            db = qq // block_size - kk // block_size
+            hit = hit | (tl.load(BLK + tl.minimum(tl.maximum(db, 0), blk_len - 1)) != 0)
+        if HAS_SINKS:
+            hit = hit | (kk < sinks)
+        if HAS_MD:
+            ok = ok & (d < max_distance)
+        return ok & hit

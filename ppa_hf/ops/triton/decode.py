@@ -1,0 +1,129 @@
+"""Fused gathered decoding in Triton: each query reads only its attended key rows through an index list
+(``w + T**p`` rows, not ``T``); gather + scores + softmax + PV in one kernel, split over the rows (split-K) so that
+batch 1 fills the GPU, then a small combine kernel."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .common import LOG2E, interpreted, last_contiguous, tl, triton, unsupported_reason
+
+if triton is not None:
+
+    @triton.jit
+    def _decode_kernel(Q, K, V, IDX, CNT, OP, MP, LP, scale_log2,
+                       sqb, sqh, sqm, skb, skh, skn, svb, svh, svn, sib, siq, scb,
+                       HKV, G, NQ, n_split, chunk,
+                       HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, GP: tl.constexpr):
+        pid = tl.program_id(0)
+        split = tl.program_id(1)
+        qi = pid % NQ
+        hk = (pid // NQ) % HKV
+        b = pid // (NQ * HKV)
+        offs_g = tl.arange(0, GP)
+        offs_d = tl.arange(0, HEAD_DIM)
+        offs_n = tl.arange(0, BLOCK_N)
+        gmask = offs_g < G
+        heads = hk * G + offs_g
+        q = tl.load(Q + b.to(tl.int64) * sqb + heads[:, None].to(tl.int64) * sqh + qi * sqm + offs_d[None, :],
+                    mask=gmask[:, None], other=0.0)
+        n = tl.load(CNT + b * scb + qi)
+        lo = split * chunk
+        hi = tl.minimum(lo + chunk, n)
+        m_i = tl.full([GP], -1.0e30, dtype=tl.float32)
+        l_i = tl.zeros([GP], dtype=tl.float32)
+        acc = tl.zeros([GP, HEAD_DIM], dtype=tl.float32)
+        k_ptr = K + b.to(tl.int64) * skb + hk.to(tl.int64) * skh
+        v_ptr = V + b.to(tl.int64) * svb + hk.to(tl.int64) * svh
+        idx_ptr = IDX + b.to(tl.int64) * sib + qi * siq
+        for start in range(lo, hi, BLOCK_N):
+            offs = start + offs_n
+            j = tl.load(idx_ptr + offs, mask=offs < hi, other=-1).to(tl.int64)
+            valid = j >= 0  # -1: not attended (see ppa_hf.ops.gather.decode_index)
+            j = tl.maximum(j, 0)
+            k = tl.load(k_ptr + j[:, None] * skn + offs_d[None, :], mask=valid[:, None], other=0.0)
+            s = tl.dot(q, tl.trans(k)) * scale_log2
+            s = tl.where(valid[None, :], s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            p = tl.exp2(s - m_new[:, None])
+            alpha = tl.exp2(m_i - m_new)
+            l_i = l_i * alpha + tl.sum(p, 1)
+            v = tl.load(v_ptr + j[:, None] * svn + offs_d[None, :], mask=valid[:, None], other=0.0)
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+            m_i = m_new
+        row = (b * HKV * G + heads) * NQ + qi  # [GP] flat (b, h, q)
+        tl.store(OP + (row[:, None] * n_split + split).to(tl.int64) * HEAD_DIM + offs_d[None, :], acc,
+                 mask=gmask[:, None])
+        tl.store(MP + row * n_split + split, m_i, mask=gmask)
+        tl.store(LP + row * n_split + split, l_i, mask=gmask)
+
+    @triton.jit
+    def _combine_kernel(OP, MP, LP, O, n_split, H, NQ, sob, soh, som,
+                        HEAD_DIM: tl.constexpr, SPLITS: tl.constexpr):
+        row = tl.program_id(0)  # flat (b, h, q)
+        qi = row % NQ
+        h = (row // NQ) % H
+        b = row // (NQ * H)
+        offs_s = tl.arange(0, SPLITS)
+        smask = offs_s < n_split
+        offs_d = tl.arange(0, HEAD_DIM)
+        m = tl.load(MP + row * n_split + offs_s, mask=smask, other=-1.0e30)
+        l = tl.load(LP + row * n_split + offs_s, mask=smask, other=0.0)
+        m_max = tl.max(m, 0)
+        w = tl.exp2(m - m_max)
+        w = tl.where(smask, w, 0.0)
+        acc = tl.load(OP + (row * n_split + offs_s[:, None]).to(tl.int64) * HEAD_DIM + offs_d[None, :],
+                      mask=smask[:, None], other=0.0)
+        num = tl.sum(acc * w[:, None], 0)
+        den = tl.sum(l * w, 0)
+        out = num / tl.where(den == 0.0, 1.0, den)
+        tl.store(O + b.to(tl.int64) * sob + h.to(tl.int64) * soh + qi * som + offs_d, out.to(O.dtype.element_ty))
+
+
+def _num_sms(device) -> int:
+    if torch.device(device).type != "cuda":
+        return 4
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def triton_decode_attention(query, key, value, index: torch.Tensor, count: torch.Tensor,
+                            scale: float | None = None, block_n: int = 64, splits: int | None = None) -> torch.Tensor:
+    """``query [B, H, Q, D]`` against ``key``/``value [B, Hkv, T, D]`` (a KV cache) reading only the rows
+    ``index [B or 1, Q, N]`` (kv indices, -1 for none; the first ``count [B or 1, Q]`` entries of each row are read,
+    see :func:`ppa_hf.ops.gather.decode_index`). Returns ``[B, H, Q, D]``; a query with no key gets zeros."""
+    reason = unsupported_reason(query, key, value)
+    if reason is not None:
+        raise ValueError(f"the Triton decode kernel cannot run: {reason}")
+    B, H, NQ, D = query.shape
+    Hkv = key.shape[1]
+    G = H // Hkv
+    key, value, query = last_contiguous(key), last_contiguous(value), last_contiguous(query)
+    index = index.to(torch.int32) if index.dtype != torch.int32 else index
+    count = count.to(torch.int32)
+    N = index.shape[-1]
+    scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
+    if interpreted(query.device):
+        block_n = 16
+    if splits is None:
+        want = 2 * _num_sms(query.device)
+        splits = max(1, min(-(-want // (B * Hkv * NQ)), -(-N // block_n), 64))
+    chunk = -(-max(N, 1) // splits)
+    chunk = -(-chunk // block_n) * block_n
+    splits = max(1, -(-max(N, 1) // chunk))
+    rows = B * H * NQ
+    op = torch.empty((rows, splits, D), device=query.device, dtype=torch.float32)
+    mp = torch.empty((rows, splits), device=query.device, dtype=torch.float32)
+    lp = torch.empty((rows, splits), device=query.device, dtype=torch.float32)
+    gp = max(16, triton.next_power_of_2(G))
+    _decode_kernel[(B * Hkv * NQ, splits)](
+        query, key, value, index, count, op, mp, lp, scale * LOG2E,
+        query.stride(0), query.stride(1), query.stride(2), key.stride(0), key.stride(1), key.stride(2),
+        value.stride(0), value.stride(1), value.stride(2),
+        index.stride(0) if index.shape[0] > 1 else 0, index.stride(1), count.stride(0) if count.shape[0] > 1 else 0,
+        Hkv, G, NQ, splits, chunk, HEAD_DIM=D, BLOCK_N=block_n, GP=gp, num_warps=4, num_stages=3)
+    out = torch.empty_like(query)
+    _combine_kernel[(rows,)](op, mp, lp, out, splits, H, NQ, out.stride(0), out.stride(1), out.stride(2),
+                             HEAD_DIM=D, SPLITS=max(2, triton.next_power_of_2(splits)), num_warps=4)
+    return out
