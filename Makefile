@@ -1,7 +1,10 @@
 # The two commands of the README. Both do all set-up first (idempotent; fast when already installed).
 PYTHON ?= python3
+# GPU runs: output folder (one subfolder per target) and the GSM8K / MATH-500 JSONL folder.
+OUT ?= outputs/gpu
+DATA ?= ../shared/data
 
-.PHONY: setup demo test masks
+.PHONY: setup demo test masks results-gpu scaleout-gpu workflows-gpu
 
 setup:
 	bash scripts/setup.sh
@@ -19,3 +22,20 @@ masks:
 	for p in 0 0.25 0.5 0.75 0.875 1; do $(PYTHON) -m ppa_hf.cli mask --p $$p --length 256 --window 32 --out docs/img/mask_p$${p}_w32_s0.png; done
 	$(PYTHON) -m ppa_hf.cli mask --p 0.5 --length 256 --window 32 --sink-tokens 4 --out docs/img/mask_p0.5_w32_s4.png
 	$(PYTHON) -m ppa_hf.cli mask --p 0.75 --length 1024 --window 64 --granularity block --block-size 64 --out docs/img/mask_p0.75_w64_s0_block64.png
+
+# GPU reproduction: the runs behind the measured figures of docs/, on a CUDA machine where this package, its `dev`
+# extra and a CUDA build of torch are installed (no set-up step: `setup` would install a CPU torch if none is there).
+# Each target writes logs, CSV/JSON outputs, timings.txt and machine.txt (GPU, versions, commit, date) to $(OUT)/NAME.
+
+# docs/results.md: zero-shot perplexity, the fine-tuned S-curve, sinks, block granularity (one GPU)
+results-gpu:
+	OUT=$(OUT)/results DATA=$(DATA) PYTHON=$(PYTHON) bash scripts/results_gpu.sh
+
+# docs/distributed.md: 1B loss curves on 1 and 2 GPUs (DDP, FSDP), FSDP resume across GPU counts, throughput
+# (the 2-GPU runs are skipped, and listed as skipped, on a one-GPU machine)
+scaleout-gpu:
+	OUT=$(OUT)/scaleout DATA=$(DATA) PYTHON=$(PYTHON) bash scripts/scaleout_gpu.sh
+
+# docs/evaluate.md and docs/finetune.md: one-GPU eval, LoRA fine-tune, lm-eval and sweep timings
+workflows-gpu:
+	OUT=$(OUT)/workflows DATA=$(DATA) PYTHON=$(PYTHON) bash scripts/workflows_gpu.sh
