@@ -19,23 +19,19 @@ class PPALayout:
         pos: ``[B, T]`` long, the token's position inside its sequence (0 = the sequence's first real token).
         q_index: ``[Q]`` long, absolute kv-axis index of each query.
         kv_offset, kv_length: the keys handed to attention are absolute indices ``kv_offset .. kv_offset+K-1``.
-        contiguous: every row holds at most one sequence, as consecutive real tokens (left/right padding only);
-            then a key's kv index is ``row_start + pos`` and index distance equals position distance.
-        row_start: ``[B]`` long, absolute index of each row's first real token (meaningful when ``contiguous``).
+
+    Building a layout never synchronises with the device (it is built inside compiled decoding steps);
+    :meth:`single_sequence_rows` does, unless ``q_start`` says up front that every row is one unpadded sequence
+    from kv index 0 whose queries start at position ``q_start`` (the mask interface knows this when there is no
+    padding mask and no packing).
     """
 
-    def __init__(self, seg, pos, q_index, kv_offset: int, kv_length: int):
+    def __init__(self, seg, pos, q_index, kv_offset: int, kv_length: int, q_start: int | None = None):
         self.seg, self.pos, self.q_index = seg, pos, q_index
         self.kv_offset, self.kv_length = int(kv_offset), int(kv_length)
-        valid = seg >= 0
-        n_seg = seg.max(dim=-1).values + 1
-        idx = torch.arange(seg.shape[-1], device=seg.device)
-        first = torch.where(valid, idx, seg.shape[-1]).min(dim=-1).values
-        last = torch.where(valid, idx, -1).max(dim=-1).values
-        count = valid.sum(-1)
-        self.row_start = torch.where(count > 0, first, 0)
-        self.contiguous = bool(((n_seg <= 1) & ((count == 0) | (last - first + 1 == count))).all())
         self.cache: dict = {}  # per-forward derived objects (dense masks, BlockMasks, index lists), one per key
+        if q_start is not None:
+            self.cache[("single_sequence_rows",)] = (int(q_start), self.kv_offset, None)
 
     # Shape-like attributes so model code that inspects the mask keeps working.
     @property
@@ -90,21 +86,27 @@ class PPALayout:
 
         Then query row ``r`` sits at position ``q_start + r`` and key column ``c`` at ``k_start + c``; ``q_valid`` is
         ``[B, Q]`` bool when some queries are padding (their output must be zeroed), else ``None``. Cached (one host
-        synchronisation per forward pass)."""
+        synchronisation per forward pass, none when the layout was built with ``q_start``)."""
         key = ("single_sequence_rows",)
         if key not in self.cache:
-            result = None
-            Q = int(self.q_index.numel())
-            if self.contiguous and Q > 0:
-                q0 = int(self.q_index[0])
-                ok = bool((self.row_start == 0).all()) and bool(
-                    (self.q_index == torch.arange(q0, q0 + Q, device=self.q_index.device)).all())
-                if ok:
-                    q_valid = self.q_seg() >= 0
-                    result = (q0, self.kv_offset, None if bool(q_valid.all()) else q_valid)
-            self.cache[key] = result
+            self.cache[key] = self._single_sequence_rows()
         return self.cache[key]
 
+    def _single_sequence_rows(self):
+        Q, T = int(self.q_index.numel()), self.seg.shape[-1]
+        if Q == 0:
+            return None
+        valid = self.seg >= 0
+        count = valid.sum(-1)
+        idx = torch.arange(T, device=self.seg.device)
+        last = torch.where(valid, idx, -1).max(dim=-1).values
+        # one sequence per row, its real tokens at kv indices 0 .. count-1 (right padding at most)
+        rows_ok = (self.seg.max(dim=-1).values <= 0) & (last + 1 == count)
+        q0 = int(self.q_index[0])
+        if not bool(rows_ok.all()) or not bool((self.q_index == idx[q0:q0 + Q]).all()):
+            return None
+        q_valid = self.q_seg() >= 0
+        return q0, self.kv_offset, None if bool(q_valid.all()) else q_valid
 
 def previous_valid(valid: torch.Tensor) -> torch.Tensor:
     """``[B, T]``: index of the last valid token strictly before each index (``-1`` if none)."""

@@ -187,6 +187,22 @@ def block_far_offsets(p: float, block_size: int, limit_blocks: int) -> np.ndarra
 TABLES = BoundedCache("pattern tables", 256)
 
 
+def _device_table(pattern_key: tuple, kind: str, size: int, device: str) -> torch.Tensor:
+    """A table of :meth:`PPAPattern._table_np` on ``device``, cached. A cached table is a plain dictionary read, which
+    torch.compile traces as a guarded constant input; building one is host work (exact arithmetic in numpy) kept
+    out of traced code. Eager forward passes build every table their pattern needs, see :meth:`PPAPattern.prime`."""
+    table = TABLES._items.get((kind, pattern_key, size, device))
+    return table if table is not None else _build_table(pattern_key, kind, size, device)
+
+
+@torch.compiler.disable
+def _build_table(pattern_key: tuple, kind: str, size: int, device: str) -> torch.Tensor:
+    def build():
+        return torch.from_numpy(PPAPattern(*pattern_key)._table_np(kind, size)).to(device)
+
+    return TABLES.get((kind, pattern_key, size, device), build)
+
+
 class PPAPattern:
     """One PPA pattern: ``p``, window, sinks and granularity. Hashable.
 
@@ -209,8 +225,9 @@ class PPAPattern:
             raise ValueError(f"granularity={granularity!r} is not allowed; granularity must be 'token' or 'block'")
         self.granularity = granularity
         self.block_size = check_int(block_size, "block_size", 1)
+        # every parameter, as plain values (the block size only matters at block granularity)
         self._key = (self.p, self.window, self.sink_tokens, self.granularity,
-                     self.block_size if self.granularity == "block" else 0)
+                     self.block_size if self.granularity == "block" else 128)
 
     def __eq__(self, other):
         return isinstance(other, PPAPattern) and self._key == other._key
@@ -258,27 +275,36 @@ class PPAPattern:
     def token_table(self, length: int, device="cpu") -> torch.Tensor:
         """``[>= length]`` bool tensor of :meth:`token_table_np` (size rounded up to a power of two: decoding step
         after step reuses one table)."""
-        size = _round_up_pow2(max(length, 1))
-        return TABLES.get(("tok", self, size, str(device)),
-                          lambda: torch.from_numpy(self.token_table_np(size)).to(device))
+        return _device_table(self._key, "token", _round_up_pow2(max(length, 1)), str(device))
 
     def block_table(self, length: int, device="cpu") -> torch.Tensor:
         """``[>= n_blocks(length)]`` bool tensor of :meth:`block_table_np` for positions below ``length``."""
-        size = _round_up_pow2(self.n_blocks(length))
-        return TABLES.get(("blk", self, size, str(device)),
-                          lambda: torch.from_numpy(self.block_table_np(size)).to(device))
+        return _device_table(self._key, "block", _round_up_pow2(self.n_blocks(length)), str(device))
 
     def offsets(self, length: int, device="cpu") -> torch.Tensor:
         """Sorted attended token offsets of :meth:`token_table` (long tensor; all below its power-of-two size)."""
-        table = self.token_table(length, device)
-        return TABLES.get(("offsets", self, table.numel(), str(device)),
-                          lambda: torch.from_numpy(np.flatnonzero(self.token_table_np(table.numel()))).to(device))
+        return _device_table(self._key, "offsets", _round_up_pow2(max(length, 1)), str(device))
 
     def block_offsets(self, length: int, device="cpu") -> torch.Tensor:
         """Sorted attended block offsets of :meth:`block_table` (long tensor; empty at token granularity)."""
-        table = self.block_table(length, device)
-        return TABLES.get(("block_offsets", self, table.numel(), str(device)),
-                          lambda: torch.from_numpy(np.flatnonzero(self.block_table_np(table.numel()))).to(device))
+        return _device_table(self._key, "block_offsets", _round_up_pow2(self.n_blocks(length)), str(device))
+
+    def prime(self, length: int, device="cpu") -> None:
+        """Build every device table the attention paths read for positions below ``length`` (cheap when cached), so
+        that a compiled step after this eager one only reads them."""
+        self.tables(length, device)
+        self.offsets(length, device)
+        if self.is_block:
+            self.block_offsets(length, device)
+
+    def _table_np(self, kind: str, size: int) -> np.ndarray:
+        if kind == "token":
+            return self.token_table_np(size)
+        if kind == "block":
+            return self.block_table_np(size)
+        if kind == "offsets":
+            return np.flatnonzero(self.token_table_np(size))
+        return np.flatnonzero(self.block_table_np(size))  # block_offsets
 
     def keep(self, q_pos: torch.Tensor, k_pos: torch.Tensor, length: int | None = None,
              max_distance: int | None = None, tables=None) -> torch.Tensor:

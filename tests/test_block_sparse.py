@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from ppa_hf.ops.tiles import EMPTY, FULL, PARTIAL, csr_lists, tile_classes
+from ppa_hf.ops.tiles import EMPTY, FULL, PARTIAL, TOKEN_PARTIAL, csr_lists, device_lists, tile_classes
 from ppa_hf.pattern import PPAPattern
 
 PATTERNS = [PPAPattern(0.75), PPAPattern(0.5, 16, 3), PPAPattern(0.25, 8), PPAPattern(0.0, 20), PPAPattern(1.0),
@@ -26,6 +26,9 @@ def test_tile_classes_exact_for_empty_and_full(pattern, shape):
     q_len, kv_len, bm, bn, md = shape
     classes = tile_classes(pattern, q_len, kv_len, bm, bn, max_distance=md)
     keep = _keep(pattern, q_len, kv_len, md)
+    token = pattern.token_table_np(kv_len + 1)
+    d = np.arange(kv_len - q_len, kv_len)[:, None] - np.arange(kv_len)[None, :]
+    token_keep = (d >= 0) & token[np.clip(d, 0, None)]
     nq, nk = classes.shape
     assert (nq, nk) == (-(-q_len // bm), -(-kv_len // bn))
     wasted = 0
@@ -37,6 +40,9 @@ def test_tile_classes_exact_for_empty_and_full(pattern, shape):
                 assert not tile.any()
             elif c == FULL:
                 assert tile.all() and tile.shape[1] == bn
+            elif c == TOKEN_PARTIAL:  # the token table alone is the mask, on a whole-width tile
+                assert tile.shape[1] == bn
+                assert np.array_equal(tile, token_keep[a * bm:(a + 1) * bm, b * bn:(b + 1) * bn])
             else:
                 wasted += (not tile.any()) or bool(tile.all())
     assert wasted <= 0.02 * classes.size  # PARTIAL is exact up to a few straddling tiles
@@ -49,6 +55,25 @@ def test_block_granular_skips_most_tiles_at_length():
     kept = int((classes != EMPTY).sum())
     assert kept < 0.2 * causal  # the spec's "skips 85% of tiles at 32k"
     assert int((classes == PARTIAL).sum()) <= 2 * 256  # diagonal and window tiles only
+
+
+def test_token_pattern_partial_tiles_are_token_partial():
+    classes = tile_classes(PPAPattern(0.75, 64, 2), 2000, 2000, 64, 64)
+    assert (classes == TOKEN_PARTIAL).sum() > 0.9 * (classes != EMPTY).sum() - 2 * classes.shape[0]
+    assert (classes[:, 0] != TOKEN_PARTIAL).all()  # the sink column needs the whole predicate
+    assert not (tile_classes(PPAPattern(0.75, 64, 0, "block", 64), 2000, 2000, 64, 64) == TOKEN_PARTIAL).any()
+
+
+def test_device_lists_put_token_partial_tiles_first():
+    pattern = PPAPattern(0.5, 16, 3)
+    classes = tile_classes(pattern, 500, 500, 32, 32, 0, 0, None)
+    for transpose in (False, True):
+        fp, fi, pp, pi, pm = (t.numpy() for t in device_lists(pattern, 500, 500, 32, 32, 0, 0, None, "cpu", transpose))
+        c = classes.T if transpose else classes
+        for r in range(c.shape[0]):
+            assert sorted(fi[fp[r]:fp[r + 1]].tolist()) == np.flatnonzero(c[r] == FULL).tolist()
+            assert pi[pp[r]:pm[r]].tolist() == np.flatnonzero(c[r] == TOKEN_PARTIAL).tolist()
+            assert pi[pm[r]:pp[r + 1]].tolist() == np.flatnonzero(c[r] == PARTIAL).tolist()
 
 
 def test_csr_lists_roundtrip():

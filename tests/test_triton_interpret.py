@@ -1,7 +1,7 @@
 """The Triton kernels on CPU through the Triton interpreter (TRITON_INTERPRET=1), tiny shapes, fp32, against the
 float64 reference: forward and every gradient of the block-sparse kernel (token and block granularity, sinks, a
 model sliding window, GQA, odd lengths, q_len != kv_len), the word-mask and the element-mask variants, and the
-fused decode kernel. Runs in a subprocess because Triton reads TRITON_INTERPRET when the kernels are defined."""
+fused decode kernel, and the custom ops torch.compile sees (torch.library.opcheck). Runs in a subprocess because Triton reads TRITON_INTERPRET when the kernels are defined."""
 
 import os
 import subprocess
@@ -39,8 +39,9 @@ SCRIPT = textwrap.dedent("""
     run(PPAPattern(1.0), 1, 2, 1, 33, 33, 32)
     os.environ["PPA_TRITON_WORDS"] = "0"
     run(PPAPattern(0.875, 6, 1), 1, 2, 1, 61, 61, 16)
-    for pat in (PPAPattern(0.75, 8, 1), PPAPattern(0.5, 8, 0, "block", 16)):
-        B, H, Hkv, Q, T, D = 2, 4, 2, 3, 200, 16
+    for pat, (B, H, Hkv, Q) in [(PPAPattern(0.75, 8, 1), (2, 4, 2, 3)), (PPAPattern(0.5, 8, 0, "block", 16), (2, 4, 2, 3)),
+                                (PPAPattern(0.75, 8, 3), (1, 2, 1, 1))]:  # the last: one program, several splits
+        T, D = 200, 16
         q, k, v = torch.randn(B, H, Q, D), torch.randn(B, Hkv, T, D), torch.randn(B, Hkv, T, D)
         keep = pat.keep(torch.arange(T - Q, T)[:, None], torch.arange(T)[None])
         index, count = pat.key_lists(torch.arange(T - Q, T), T)
@@ -50,6 +51,16 @@ SCRIPT = textwrap.dedent("""
         err = (o.double() - r).abs().max().item()
         print("decode", pat.name, err)
         assert err < 1e-4
+    # the custom ops that torch.compile sees: schema, fake tensors, autograd registration, AOT dispatch
+    from ppa_hf.ops.triton import prefill, decode  # noqa: F401  (registers the ops)
+    q, k, v = (torch.randn(1, h, 40, 16, requires_grad=True) for h in (2, 1, 1))
+    res = torch.library.opcheck(torch.ops.ppa_hf.prefill_forward.default,
+                                (q, k, v, [0.75, 8, 1, 128], "token", 0, 0, None, 0.25))
+    assert set(res.values()) == {"SUCCESS"}, res
+    index, count = PPAPattern(0.75, 8, 1).key_lists(torch.arange(37, 40), 40)
+    res = torch.library.opcheck(torch.ops.ppa_hf.triton_decode.default,
+                                (torch.randn(1, 2, 3, 16), k.detach(), v.detach(), index[None], count[None], 0.25))
+    assert set(res.values()) == {"SUCCESS"}, res
     print("ALL OK")
 """)
 

@@ -9,9 +9,10 @@ layout (so per-layer ``p`` works).
 from __future__ import annotations
 
 import torch
+from transformers.masking_utils import causal_mask_function
 
 from ..layout import PPALayout, previous_valid, layout_from_links
-from .settings import fill_defaults, read_settings
+from .settings import fill_defaults, layer_patterns, read_settings
 
 
 def _refuse_non_causal(mask_function, device):
@@ -26,24 +27,30 @@ def _refuse_non_causal(mask_function, device):
 def ppa_mask_interface(batch_size: int, q_length: int, kv_length: int, q_offset=0, kv_offset: int = 0,
                        mask_function=None, attention_mask: torch.Tensor | None = None, device="cpu",
                        config=None, **kwargs) -> PPALayout:
-    """Build the :class:`PPALayout` of this forward pass (signature of Transformers' mask interfaces)."""
+    """Build the :class:`PPALayout` of this forward pass (signature of Transformers' mask interfaces).
+
+    No host synchronisation and no data-dependent Python, so a compiled decoding step traces through it."""
     if isinstance(attention_mask, PPALayout):  # prepared ahead, e.g. by generate() with a static cache
         return attention_mask
+    total = int(kv_offset) + int(kv_length)
     if config is not None:
         read_settings(config, 0)  # fail early on a missing or invalid setting, before any layer runs
         fill_defaults(config)
-    total = int(kv_offset) + int(kv_length)
+        if not torch.compiler.is_compiling():  # tables for this length, so a compiled step only reads them
+            for pattern in layer_patterns(config):
+                pattern.prime(total, device)
     if attention_mask is None:
         valid = torch.ones(batch_size, total, dtype=torch.bool, device=device)
     else:
         valid = attention_mask.to(device=device, dtype=torch.bool)[:, :total]
         if valid.shape[-1] < total:  # static caches: slots not yet written are not real tokens
             valid = torch.nn.functional.pad(valid, (0, total - valid.shape[-1]), value=False)
-    if mask_function is not None and total > 1:
-        _refuse_non_causal(mask_function, device)
+    plain_causal = mask_function is None or mask_function is causal_mask_function
+    if not plain_causal and total > 1 and not torch.compiler.is_compiling():
+        _refuse_non_causal(mask_function, device)  # (a compiled step was checked by its eager first call)
     prev = previous_valid(valid)
     link = prev >= 0
-    if mask_function is not None and total > 1:
+    if not plain_causal and total > 1:
         # Transformers' own mask function knows about packed sequences (position ids that restart):
         # a token continues a sequence iff it may attend the previous real token.
         b = torch.arange(batch_size, device=device)[:, None]
@@ -52,4 +59,6 @@ def ppa_mask_interface(batch_size: int, q_length: int, kv_length: int, q_offset=
         link = link & torch.as_tensor(allowed, device=device).expand_as(link)
     seg, pos = layout_from_links(valid, link)
     q_index = torch.arange(q_length, device=device) + q_offset
-    return PPALayout(seg, pos, q_index, kv_offset, kv_length)
+    # no padding mask and the plain causal mask: every row is one unpadded sequence, known without looking
+    q_start = q_offset if attention_mask is None and plain_causal and isinstance(q_offset, int) else None
+    return PPALayout(seg, pos, q_index, kv_offset, kv_length, q_start=q_start)

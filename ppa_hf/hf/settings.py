@@ -21,6 +21,8 @@ from __future__ import annotations
 import functools
 from dataclasses import dataclass, field
 
+import torch
+
 from ..pattern import PPAPattern, check_int, check_p
 
 BACKENDS = ("auto", "sdpa_mask", "flex", "decode", "triton")
@@ -108,6 +110,8 @@ def read_settings(config, layer_idx: int | None) -> PPASettings:
     per_layer = isinstance(p, (list, tuple))
     key = (tuple(p) if per_layer else p, *raw[1:], _num_layers(config) if per_layer else None,
            layer_idx if per_layer else None)
+    if torch.compiler.is_compiling():  # traced once; the memo is for eager calls
+        return _validated_settings.__wrapped__(key)
     try:
         return _validated_settings(key)
     except TypeError:  # an unhashable value (e.g. an array for p): validate without the memo
@@ -131,6 +135,13 @@ def _validated_settings(key: tuple) -> PPASettings:
         granularity=values["ppa_granularity"],
         block_size=values["ppa_block_size"],
     )
+
+
+def layer_patterns(config) -> set[PPAPattern]:
+    """The distinct patterns of the model's layers (one unless ``ppa_p`` is a per-layer list)."""
+    p = vars(config).get("ppa_p")
+    layers = range(_num_layers(config)) if isinstance(p, (list, tuple)) else [None]
+    return {read_settings(config, i).pattern for i in layers}
 
 
 def write_settings(config, p, window=64, sink_tokens=0, backend="auto", granularity="token", block_size=128):

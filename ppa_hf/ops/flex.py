@@ -10,7 +10,7 @@ import torch
 from ..cache import BoundedCache
 from ..layout import PPALayout
 from ..pattern import PPAPattern
-from .tiles import FULL, PARTIAL, tile_classes
+from .tiles import FULL, PARTIAL, TOKEN_PARTIAL, tile_classes
 
 try:
     from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
@@ -62,8 +62,8 @@ def layout_block_mask(layout: PPALayout, pattern: PPAPattern, max_distance: int 
     return layout.cache[key]
 
 
-def _kv_blocks(classes: np.ndarray, kind: int, device):
-    sel = classes == kind
+def _kv_blocks(classes: np.ndarray, kinds, device):
+    sel = np.isin(classes, kinds)
     num = sel.sum(-1).astype(np.int32)
     # Selected block indices first (ascending), the rest after: a stable argsort of "not selected".
     order = np.argsort(~sel, axis=-1, kind="stable").astype(np.int32)
@@ -82,8 +82,8 @@ def single_sequence_block_mask(pattern: PPAPattern, q_len: int, kv_len: int, dev
     def build():
         classes = tile_classes(pattern, q_len, kv_len, block_size, block_size, q_start, k_start, max_distance,
                                ragged_partial=False)  # FlexAttention masks the overhang itself
-        kv_num, kv_idx = _kv_blocks(classes, PARTIAL, device)
-        full_num, full_idx = _kv_blocks(classes, FULL, device)
+        kv_num, kv_idx = _kv_blocks(classes, (PARTIAL, TOKEN_PARTIAL), device)
+        full_num, full_idx = _kv_blocks(classes, (FULL,), device)
         tables = pattern.tables(max(q_start + q_len, k_start + kv_len, 1), device)
         qs, ks = int(q_start), int(k_start)
 

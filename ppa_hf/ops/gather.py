@@ -14,7 +14,6 @@ import torch
 
 from ..layout import PPALayout
 from ..pattern import PPAPattern
-from .reference import layout_keep
 
 
 def decode_index(layout: PPALayout, pattern: PPAPattern, max_distance: int | None = None):
@@ -22,25 +21,28 @@ def decode_index(layout: PPALayout, pattern: PPAPattern, max_distance: int | Non
     attends. The first ``count`` entries of a row hold them; entries that are not attended hold -1. Cached on the
     layout (built once per forward pass, shared by every layer).
 
-    When every row holds one sequence of consecutive real tokens (no packing; left or right padding; the usual
-    ``generate`` cache) the lists come from :meth:`PPAPattern.key_lists` on the query positions: elementwise work,
-    no host synchronisation, and ``N`` depends only on the cache length. Otherwise (packed sequences) from the
-    layout's keep mask, sorted (one synchronisation for ``N``)."""
+    The key positions come from :meth:`PPAPattern.key_lists` on the query positions; a position becomes a kv index
+    through the rank of the query among the real tokens of its row (a sequence's tokens are consecutive real tokens,
+    so position ``P`` of the query's sequence is real token number ``rank(query) - pos(query) + P``). This serves
+    every layout (left or right padding, packed sequences, holes) with elementwise work and gathers: no host
+    synchronisation, and ``N`` depends only on the kv axis length (static under a static cache)."""
     key = ("decode_index", pattern, max_distance)
     if key not in layout.cache:
-        q_real = layout.q_seg() >= 0  # padding queries attend nothing
-        if layout.contiguous:
-            keys, count = pattern.key_lists(layout.q_pos(), layout.seg.shape[-1], max_distance)
-            local = keys + (layout.row_start - layout.kv_offset)[:, None, None]  # position -> index among the keys
-            ok = (keys >= 0) & (local >= 0) & (local < layout.kv_length) & q_real[..., None]
-            index = torch.where(ok, local, -1)
-            count = torch.where(q_real, count, 0)
-        else:
-            keep = layout_keep(layout, pattern, max_distance)[:, 0]  # [B, Q, K]
-            count = keep.sum(-1)
-            n = max(int(count.max()), 1)
-            order = torch.sort((~keep).to(torch.uint8), dim=-1, stable=True).indices[..., :n]  # kept ones first
-            index = torch.where(torch.arange(n, device=keep.device) < count[..., None], order, -1)
+        seg, B, T = layout.seg, layout.seg.shape[0], layout.seg.shape[-1]
+        real = seg >= 0
+        rank = real.long().cumsum(-1) - 1  # [B, T]: index among the row's real tokens
+        # real token number r of row b sits at kv index kv_of_rank[b, r] (padding is written to a spare slot T)
+        kv_of_rank = torch.full((B, T + 1), -1, dtype=torch.long, device=seg.device)
+        kv_of_rank.scatter_(1, torch.where(real, rank, T), torch.arange(T, device=seg.device).expand(B, T))
+        q_pos = layout.q_pos()  # [B, Q]
+        q_real = layout.q_seg() >= 0
+        keys, count = pattern.key_lists(q_pos, T, max_distance)  # [B, Q, N] positions, -1 = none
+        first = rank[:, layout.q_index] - q_pos  # rank of each query's sequence's first token
+        key_rank = (first[..., None] + keys).clamp(0, T)
+        kv = kv_of_rank.gather(1, key_rank.flatten(1)).view(keys.shape) - layout.kv_offset
+        ok = (keys >= 0) & (kv >= 0) & (kv < layout.kv_length) & q_real[..., None]
+        index = torch.where(ok, kv, -1)
+        count = torch.where(q_real, count, 0)  # padding queries attend nothing
         layout.cache[key] = (index.to(torch.int32).contiguous(), count.to(torch.int32).contiguous())
     return layout.cache[key]
 

@@ -12,14 +12,14 @@ from .reference import expand_kv, layout_keep
 
 
 def sdpa_mask(layout: PPALayout, pattern: PPAPattern, max_distance: int | None = None):
-    """``(attn_mask [B, 1, Q, K] bool, row_any [B, 1, Q, 1] bool or None)`` for SDPA, cached on the layout (shared by
-    the layers of one forward pass). A query with no key would give NaN in SDPA: its row lets it see everything and
-    ``row_any`` zeroes its output afterwards."""
+    """``(attn_mask [B, 1, Q, K] bool, row_any [B, 1, Q, 1] bool)`` for SDPA, cached on the layout (shared by the
+    layers of one forward pass). A query with no key would give NaN in SDPA: its row lets it see everything and
+    ``row_any`` zeroes its output afterwards (always applied: checking first would synchronise)."""
     cache_key = ("sdpa_mask", pattern, max_distance)
     if cache_key not in layout.cache:
         keep = layout_keep(layout, pattern, max_distance)
         row_any = keep.any(-1, keepdim=True)
-        layout.cache[cache_key] = (keep, None) if bool(row_any.all()) else (keep | ~row_any, row_any)
+        layout.cache[cache_key] = (keep | ~row_any, row_any)
     return layout.cache[cache_key]
 
 
@@ -41,7 +41,7 @@ def sdpa_mask_attention(query, key, value, layout: PPALayout, pattern: PPAPatter
             key, value = expand_kv(key, groups), expand_kv(value, groups)
         out = F.scaled_dot_product_attention(query, key, value, attn_mask=attn_mask, dropout_p=dropout,
                                              scale=scale, enable_gqa=query.shape[1] != key.shape[1])
-    return out if row_any is None else out * row_any.to(out.dtype)
+    return out * row_any.to(out.dtype)
 
 
 def _sdpa_groups_folded(query, key, value, attn_mask, groups: int, dropout: float, scale) -> torch.Tensor:

@@ -5,7 +5,11 @@ one of
 
 * ``EMPTY`` (0): no pair of the tile is attended; kernels skip it,
 * ``PARTIAL`` (1): some pairs are attended; kernels evaluate the pattern per element,
-* ``FULL`` (2): every pair is attended; kernels run it as a dense tile, with no per-element mask.
+* ``FULL`` (2): every pair is attended; kernels run it as a dense tile, with no per-element mask,
+* ``TOKEN_PARTIAL`` (3): a PARTIAL tile whose pairs are attended exactly where the token table says so (``d >= 0``
+  and ``token_table[d]``; no block part, no sink, no model window, no key past the end); kernels read its mask from
+  the word tables alone, the cheapest per-element mask. Every partial tile of the token pattern away from sinks and
+  the sequence end is one.
 
 No ``L x L`` tensor is built: a tile covers the contiguous range of backward offsets ``d = i - j`` in
 ``[q0 - k1, q1 - k0]`` (every integer of it is realised by some pair of the tile), so "some / every offset of the
@@ -30,7 +34,7 @@ import torch
 from ..cache import BoundedCache
 from ..pattern import PPAPattern
 
-EMPTY, PARTIAL, FULL = 0, 1, 2
+EMPTY, PARTIAL, FULL, TOKEN_PARTIAL = 0, 1, 2, 3
 
 
 def _prefix(table: np.ndarray) -> np.ndarray:
@@ -49,7 +53,8 @@ def _range_count(prefix: np.ndarray, lo: np.ndarray, hi: np.ndarray) -> np.ndarr
 @lru_cache(maxsize=64)
 def tile_classes(pattern: PPAPattern, q_len: int, kv_len: int, block_m: int, block_n: int, q_start: int | None = None,
                  k_start: int = 0, max_distance: int | None = None, ragged_partial: bool = True) -> np.ndarray:
-    """``[ceil(q_len/BM), ceil(kv_len/BN)]`` int8 array of EMPTY / PARTIAL / FULL (see the module docstring).
+    """``[ceil(q_len/BM), ceil(kv_len/BN)]`` int8 array of EMPTY / PARTIAL / FULL / TOKEN_PARTIAL (see the module
+    docstring).
 
     ``q_start`` defaults to ``kv_len - q_len + k_start`` (the queries are the last ``q_len`` keys).
     ``ragged_partial``: a key tile that runs past ``kv_len`` is never FULL (kernels then mask the overhang).
@@ -98,23 +103,35 @@ def tile_classes(pattern: PPAPattern, q_len: int, kv_len: int, block_m: int, blo
     if ragged_partial and kv_len % block_n:
         last = out[:, -1]
         last[last == FULL] = PARTIAL
+    if not pattern.is_block:  # the token table alone decides, where no sink, model window or overhang interferes
+        whole = (kb + 1) * block_n <= kv_len
+        token_only = (out == PARTIAL) & (k0 >= s) & (dmax < md) & whole
+        out[token_only] = TOKEN_PARTIAL
+    out.setflags(write=False)
     return out
 
 
 def tile_density(classes: np.ndarray) -> dict:
     """Counts of EMPTY / PARTIAL / FULL tiles (for reports)."""
     return {"empty": int((classes == EMPTY).sum()), "partial": int((classes == PARTIAL).sum()),
-            "full": int((classes == FULL).sum()), "tiles": int(classes.size)}
+            "token_partial": int((classes == TOKEN_PARTIAL).sum()), "full": int((classes == FULL).sum()),
+            "tiles": int(classes.size)}
 
 
-def csr_lists(classes: np.ndarray, kind: int, transpose: bool = False):
-    """CSR of the tiles of ``kind`` per row (per column when ``transpose``): ``(ptr [n+1] int32, idx [nnz] int32)``,
-    indices ascending."""
+def csr_lists(classes: np.ndarray, kinds, transpose: bool = False):
+    """CSR of the tiles whose class is in ``kinds`` per row (per column when ``transpose``): ``(ptr [n+1] int32,
+    idx [nnz] int32)``; within a row, tiles in the order of ``kinds``, then ascending."""
     c = classes.T if transpose else classes
-    rows, cols = np.nonzero(c == kind)
+    kinds = (kinds,) if isinstance(kinds, int) else tuple(kinds)
+    rank = np.full(c.shape, len(kinds), dtype=np.int64)
+    for i, kind in enumerate(kinds):
+        rank[c == kind] = i
+    order = np.argsort(rank * c.shape[1] + np.arange(c.shape[1])[None, :], axis=1, kind="stable")
+    n = (rank < len(kinds)).sum(1)
     ptr = np.zeros(c.shape[0] + 1, dtype=np.int32)
-    np.cumsum(np.bincount(rows, minlength=c.shape[0]), out=ptr[1:])
-    return ptr, cols.astype(np.int32)
+    np.cumsum(n, out=ptr[1:])
+    idx = np.concatenate([order[r, : n[r]] for r in range(c.shape[0])]) if c.shape[0] else np.zeros(0, np.int64)
+    return ptr, idx.astype(np.int32)
 
 
 _LISTS = BoundedCache("tile lists", 64)
@@ -122,15 +139,20 @@ _LISTS = BoundedCache("tile lists", 64)
 
 def device_lists(pattern: PPAPattern, q_len: int, kv_len: int, block_m: int, block_n: int, q_start: int, k_start: int,
                  max_distance, device, transpose: bool = False):
-    """``(full_ptr, full_idx, part_ptr, part_idx)`` int32 tensors on ``device``: the FULL and PARTIAL tiles of each
-    query tile (of each key tile when ``transpose``), cached per arguments."""
+    """``(full_ptr, full_idx, part_ptr, part_idx, part_mid)`` int32 tensors on ``device``: the FULL tiles of each query
+    tile (of each key tile when ``transpose``), and its partial tiles, TOKEN_PARTIAL ones first: row ``r``'s
+    TOKEN_PARTIAL tiles are ``part_idx[part_ptr[r]:part_mid[r]]``, its other PARTIAL ones
+    ``part_idx[part_mid[r]:part_ptr[r+1]]``. Cached per arguments."""
 
     def build():
         classes = tile_classes(pattern, q_len, kv_len, block_m, block_n, q_start, k_start, max_distance)
-        lists = (*csr_lists(classes, FULL, transpose), *csr_lists(classes, PARTIAL, transpose))
+        fp, fi = csr_lists(classes, FULL, transpose)
+        pp, pi = csr_lists(classes, (TOKEN_PARTIAL, PARTIAL), transpose)
+        per_row = (classes.T if transpose else classes) == TOKEN_PARTIAL
+        mid = (pp[:-1] + per_row.sum(1)).astype(np.int32)
         # an empty index list still needs one element to be a valid kernel argument
         return tuple(torch.from_numpy(np.ascontiguousarray(x if x.size else np.zeros(1, np.int32))).to(device)
-                     for x in lists)
+                     for x in (fp, fi, pp, pi, mid))
 
     return _LISTS.get((pattern, q_len, kv_len, block_m, block_n, q_start, k_start, max_distance, str(device),
                        transpose), build)

@@ -116,11 +116,12 @@ def word_tables(pattern: PPAPattern, tok: torch.Tensor):
 if triton is not None:
 
     @triton.jit
-    def _word_mask(WORDS, n_words, x, ncols: tl.constexpr):
-        """``[len(x), ncols]`` bool: bit ``c`` of ``WORDS[x + OFF]`` (``ncols <= 64``)."""
+    def word_mask(WORDS, n_words, x, ncols: tl.constexpr):
+        """``[len(x), ncols]`` bool: bit ``c`` of ``WORDS[x + OFF]`` (``ncols <= 64``): one 8-byte load per row, then
+        per element a shift that moves bit ``c`` into the sign bit and a sign test."""
         w = tl.load(WORDS + tl.minimum(tl.maximum(x + 256, 0), n_words - 1))
         c = tl.arange(0, ncols).to(tl.int64)
-        return ((w[:, None] >> c[None, :]) & 1) != 0
+        return (w[:, None] << (63 - c)[None, :]) < 0
 
     @triton.jit
     def tile_mask(qpos, kpos, kv_end, TOK, tok_len, WORDS, n_words, BLK, blk_len, block_size, sinks, max_distance,
@@ -141,9 +142,9 @@ if triton is not None:
         ok = (d >= 0) & (kk < kv_end)
         if USE_WORDS:
             if KEYS_ON_ROWS:
-                hit = _word_mask(WORDS, n_words, tl.min(qpos, 0) - kpos, NCOLS)
+                hit = word_mask(WORDS, n_words, tl.min(qpos, 0) - kpos, NCOLS)
             else:
-                hit = _word_mask(WORDS, n_words, qpos - tl.min(kpos, 0), NCOLS)
+                hit = word_mask(WORDS, n_words, qpos - tl.min(kpos, 0), NCOLS)
         else:
             hit = tl.load(TOK + tl.minimum(tl.maximum(d, 0), tok_len - 1)) != 0
         if GRAN_BLOCK:

@@ -4,6 +4,7 @@ batch 1 fills the GPU, then a small combine kernel."""
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -13,10 +14,14 @@ from .common import LOG2E, interpreted, last_contiguous, tl, triton, unsupported
 if triton is not None:
 
     @triton.jit
-    def _decode_kernel(Q, K, V, IDX, CNT, OP, MP, LP, scale_log2,
-                       sqb, sqh, sqm, skb, skh, skn, svb, svh, svn, sib, siq, scb,
-                       HKV, G, NQ, n_split, chunk,
-                       HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, GP: tl.constexpr):
+    def _decode_kernel(Q, K, V, IDX, CNT, OP, MP, LP, O, scale_log2,
+                       sqb, sqh, sqm, skb, skh, skn, svb, svh, svn, sib, siq, scb, sob, soh, som,
+                       HKV, G, NQ, n_split,
+                       HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, GP: tl.constexpr, SINGLE: tl.constexpr):
+        """One program per (batch row, KV head, query) and split: the query heads of one KV head attend that
+        split's share of the row's listed keys (the ``count`` entries shared evenly by the splits). ``SINGLE``
+        (one split): the output is written normalised; else the partial results go to ``OP/MP/LP`` for
+        :func:`_combine_kernel`."""
         pid = tl.program_id(0)
         split = tl.program_id(1)
         qi = pid % NQ
@@ -30,6 +35,7 @@ if triton is not None:
         q = tl.load(Q + b.to(tl.int64) * sqb + heads[:, None].to(tl.int64) * sqh + qi * sqm + offs_d[None, :],
                     mask=gmask[:, None], other=0.0)
         n = tl.load(CNT + b * scb + qi)
+        chunk = tl.cdiv(tl.cdiv(n, n_split), BLOCK_N) * BLOCK_N
         lo = split * chunk
         hi = tl.minimum(lo + chunk, n)
         m_i = tl.full([GP], -1.0e30, dtype=tl.float32)
@@ -53,11 +59,16 @@ if triton is not None:
             v = tl.load(v_ptr + j[:, None] * svn + offs_d[None, :], mask=valid[:, None], other=0.0)
             acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
             m_i = m_new
-        row = (b * HKV * G + heads) * NQ + qi  # [GP] flat (b, h, q)
-        tl.store(OP + (row[:, None] * n_split + split).to(tl.int64) * HEAD_DIM + offs_d[None, :], acc,
-                 mask=gmask[:, None])
-        tl.store(MP + row * n_split + split, m_i, mask=gmask)
-        tl.store(LP + row * n_split + split, l_i, mask=gmask)
+        if SINGLE:
+            out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
+            tl.store(O + b.to(tl.int64) * sob + heads[:, None].to(tl.int64) * soh + qi * som + offs_d[None, :],
+                     out.to(O.dtype.element_ty), mask=gmask[:, None])
+        else:
+            row = (b * HKV * G + heads) * NQ + qi  # [GP] flat (b, h, q)
+            tl.store(OP + (row[:, None] * n_split + split).to(tl.int64) * HEAD_DIM + offs_d[None, :], acc,
+                     mask=gmask[:, None])
+            tl.store(MP + row * n_split + split, m_i, mask=gmask)
+            tl.store(LP + row * n_split + split, l_i, mask=gmask)
 
     @triton.jit
     def _combine_kernel(OP, MP, LP, O, n_split, H, NQ, sob, soh, som,
@@ -82,48 +93,70 @@ if triton is not None:
         tl.store(O + b.to(tl.int64) * sob + h.to(tl.int64) * soh + qi * som + offs_d, out.to(O.dtype.element_ty))
 
 
-def _num_sms(device) -> int:
+@functools.lru_cache(maxsize=None)
+def _num_sms(device: str) -> int:
     if torch.device(device).type != "cuda":
         return 4
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
 def triton_decode_attention(query, key, value, index: torch.Tensor, count: torch.Tensor,
-                            scale: float | None = None, block_n: int = 64, splits: int | None = None) -> torch.Tensor:
+                            scale: float | None = None) -> torch.Tensor:
     """``query [B, H, Q, D]`` against ``key``/``value [B, Hkv, T, D]`` (a KV cache) reading only the rows
     ``index [B or 1, Q, N]`` (kv indices, -1 for none; the first ``count [B or 1, Q]`` entries of each row are read,
-    see :func:`ppa_hf.ops.gather.decode_index`). Returns ``[B, H, Q, D]``; a query with no key gets zeros."""
+    see :func:`ppa_hf.ops.gather.decode_index`). Returns ``[B, H, Q, D]``; a query with no key gets zeros.
+
+    Eager calls launch the kernels directly (least host time per layer); under torch.compile the same work runs as
+    the custom op ``ppa_hf::triton_decode``, which Dynamo does not trace into and CUDA graphs capture."""
     reason = unsupported_reason(query, key, value)
     if reason is not None:
         raise ValueError(f"the Triton decode kernel cannot run: {reason}")
+    scale = 1.0 / math.sqrt(query.shape[-1]) if scale is None else float(scale)
+    if torch.compiler.is_compiling():
+        return torch.ops.ppa_hf.triton_decode(query, key, value, index, count, scale)
+    return _decode(query, key, value, index, count, scale)
+
+
+def _decode(query, key, value, index, count, scale: float) -> torch.Tensor:
     B, H, NQ, D = query.shape
     Hkv = key.shape[1]
     G = H // Hkv
     key, value, query = last_contiguous(key), last_contiguous(value), last_contiguous(query)
-    index = index.to(torch.int32) if index.dtype != torch.int32 else index
-    count = count.to(torch.int32)
+    index = index if index.dtype == torch.int32 else index.to(torch.int32)
+    count = count if count.dtype == torch.int32 else count.to(torch.int32)
     N = index.shape[-1]
-    scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
-    if interpreted(query.device):
-        block_n = 16
-    if splits is None:
-        want = 2 * _num_sms(query.device)
-        splits = max(1, min(-(-want // (B * Hkv * NQ)), -(-N // block_n), 64))
-    chunk = -(-max(N, 1) // splits)
-    chunk = -(-chunk // block_n) * block_n
-    splits = max(1, -(-max(N, 1) // chunk))
+    block_n = 16 if interpreted(query.device) else 64
+    # about two programs per multiprocessor; each split takes an even share of its row's listed keys
+    programs = B * Hkv * NQ
+    splits = max(1, min(-(-2 * _num_sms(str(query.device)) // programs), -(-N // block_n), 64))
+    out = torch.empty_like(query)
     rows = B * H * NQ
-    op = torch.empty((rows, splits, D), device=query.device, dtype=torch.float32)
-    mp = torch.empty((rows, splits), device=query.device, dtype=torch.float32)
-    lp = torch.empty((rows, splits), device=query.device, dtype=torch.float32)
+    if splits > 1:
+        op = torch.empty((rows, splits, D), device=query.device, dtype=torch.float32)
+        mp = torch.empty((rows, splits), device=query.device, dtype=torch.float32)
+        lp = torch.empty((rows, splits), device=query.device, dtype=torch.float32)
+    else:
+        op = mp = lp = out  # not written
     gp = max(16, triton.next_power_of_2(G))
-    _decode_kernel[(B * Hkv * NQ, splits)](
-        query, key, value, index, count, op, mp, lp, scale * LOG2E,
+    _decode_kernel[(programs, splits)](
+        query, key, value, index, count, op, mp, lp, out, scale * LOG2E,
         query.stride(0), query.stride(1), query.stride(2), key.stride(0), key.stride(1), key.stride(2),
         value.stride(0), value.stride(1), value.stride(2),
         index.stride(0) if index.shape[0] > 1 else 0, index.stride(1), count.stride(0) if count.shape[0] > 1 else 0,
-        Hkv, G, NQ, splits, chunk, HEAD_DIM=D, BLOCK_N=block_n, GP=gp, num_warps=4, num_stages=3)
-    out = torch.empty_like(query)
-    _combine_kernel[(rows,)](op, mp, lp, out, splits, H, NQ, out.stride(0), out.stride(1), out.stride(2),
-                             HEAD_DIM=D, SPLITS=max(2, triton.next_power_of_2(splits)), num_warps=4)
+        out.stride(0), out.stride(1), out.stride(2),
+        Hkv, G, NQ, splits, HEAD_DIM=D, BLOCK_N=block_n, GP=gp, SINGLE=splits == 1, num_warps=4, num_stages=3)
+    if splits > 1:
+        _combine_kernel[(rows,)](op, mp, lp, out, splits, H, NQ, out.stride(0), out.stride(1), out.stride(2),
+                                 HEAD_DIM=D, SPLITS=max(2, triton.next_power_of_2(splits)), num_warps=4)
     return out
+
+
+@torch.library.custom_op("ppa_hf::triton_decode", mutates_args=())
+def _decode_op(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, index: torch.Tensor, count: torch.Tensor,
+               scale: float) -> torch.Tensor:
+    return _decode(query, key, value, index, count, scale)
+
+
+@_decode_op.register_fake
+def _(query, key, value, index, count, scale):
+    return torch.empty_like(query)

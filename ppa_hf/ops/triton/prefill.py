@@ -10,6 +10,7 @@ sequence per batch row (or right padding), any length.
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 
@@ -18,7 +19,7 @@ import torch
 from ...pattern import PPAPattern
 from ..tiles import device_lists
 from .common import (LOG2E, env_config, interpreted, last_contiguous, pattern_tables, tile_mask, tl, triton,
-                     unsupported_reason, word_tables)
+                     unsupported_reason, word_mask, word_tables)
 
 
 def configs(head_dim: int, dtype: torch.dtype, device):
@@ -96,7 +97,7 @@ if triton is not None:
     def _fwd_kernel(Q, K, V, O, LSE, scale_log2,
                     sqb, sqh, sqm, skb, skh, skn, svb, svh, svn, sob, soh, som,
                     H, G, q_len, kv_len, q_start, k_start, lse_stride,
-                    FPTR, FIDX, PPTR, PIDX, TOK, tok_len, BLK, blk_len, block_size, sinks, max_distance, WF, WB, n_words,
+                    FPTR, FIDX, PPTR, PIDX, PMID, TOK, tok_len, BLK, blk_len, block_size, sinks, max_distance, WF, WB, n_words,
                     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                     GRAN_BLOCK: tl.constexpr, HAS_SINKS: tl.constexpr, HAS_MD: tl.constexpr,
                     USE_WORDS: tl.constexpr):
@@ -122,13 +123,19 @@ if triton is not None:
             m_i, l_i, acc = _fwd_tile(q, k_ptr, v_ptr, cols, offs_d, skn, svn, kv_len, scale_log2, None,
                                       m_i, l_i, acc, False)
 
-        # PARTIAL tiles: the pattern per element.
+        # Partial tiles: TOKEN_PARTIAL ones (the token table's word bits are the whole mask), then the others
+        # (the whole predicate per element).
         start = tl.load(PPTR + pid_m)
+        mid = tl.load(PMID + pid_m)
         end = tl.load(PPTR + pid_m + 1)
         for it in range(start, end):
-            cols = tl.load(PIDX + it) * BLOCK_N + offs_n
-            mask = tile_mask(qpos, k_start + cols, kv_end, TOK, tok_len, WF, n_words, BLK, blk_len, block_size,
-                             sinks, max_distance, BLOCK_N, False, GRAN_BLOCK, HAS_SINKS, HAS_MD, USE_WORDS)
+            k0 = tl.load(PIDX + it) * BLOCK_N
+            cols = k0 + offs_n
+            if USE_WORDS and it < mid:
+                mask = word_mask(WF, n_words, qpos - (k_start + k0), BLOCK_N)
+            else:
+                mask = tile_mask(qpos, k_start + cols, kv_end, TOK, tok_len, WF, n_words, BLK, blk_len, block_size,
+                                 sinks, max_distance, BLOCK_N, False, GRAN_BLOCK, HAS_SINKS, HAS_MD, USE_WORDS)
             m_i, l_i, acc = _fwd_tile(q, k_ptr, v_ptr, cols, offs_d, skn, svn, kv_len, scale_log2, mask,
                                       m_i, l_i, acc, True)
 
@@ -163,7 +170,7 @@ if triton is not None:
                          sqb, sqh, sqm, skb, skh, skn, svb, svh, svn, sdob, sdoh, sdom,
                          sdkb, sdkh, sdkn, sdvb, sdvh, sdvn,
                          H, HKV, G, q_len, kv_len, q_start, k_start, lse_stride,
-                         FPTR, FIDX, PPTR, PIDX, TOK, tok_len, BLK, blk_len, block_size, sinks, max_distance, WF, WB, n_words,
+                         FPTR, FIDX, PPTR, PIDX, PMID, TOK, tok_len, BLK, blk_len, block_size, sinks, max_distance, WF, WB, n_words,
                          HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                          GRAN_BLOCK: tl.constexpr, HAS_SINKS: tl.constexpr, HAS_MD: tl.constexpr,
                     USE_WORDS: tl.constexpr):
@@ -186,6 +193,7 @@ if triton is not None:
         fstart = tl.load(FPTR + pid_n)
         fend = tl.load(FPTR + pid_n + 1)
         pstart = tl.load(PPTR + pid_n)
+        pmid = tl.load(PMID + pid_n)
         pend = tl.load(PPTR + pid_n + 1)
         for g in range(G):
             h = hk * G + g
@@ -201,9 +209,12 @@ if triton is not None:
             for it in range(pstart, pend):
                 qb = tl.load(PIDX + it)
                 rows = qb * BLOCK_M + offs_m
-                maskT = tile_mask(q_start + rows, kpos, kv_end, TOK, tok_len, WB, n_words, BLK, blk_len,
-                                  block_size, sinks, max_distance, BLOCK_M, True, GRAN_BLOCK, HAS_SINKS, HAS_MD,
-                                  USE_WORDS)
+                if USE_WORDS and it < pmid:  # TOKEN_PARTIAL: the word bits are the whole mask
+                    maskT = word_mask(WB, n_words, q_start + qb * BLOCK_M - kpos, BLOCK_M)
+                else:
+                    maskT = tile_mask(q_start + rows, kpos, kv_end, TOK, tok_len, WB, n_words, BLK, blk_len,
+                                      block_size, sinks, max_distance, BLOCK_M, True, GRAN_BLOCK, HAS_SINKS, HAS_MD,
+                                      USE_WORDS)
                 dk, dv = _dkdv_tile(k, v, q_ptr, do_ptr, lse_ptr, delta_ptr, rows, offs_d, sqm, sdom, q_len,
                                     scale_log2, maskT, dk, dv, True)
         dk = dk * sm_scale
@@ -216,7 +227,7 @@ if triton is not None:
     def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, scale_log2, sm_scale,
                        sqb, sqh, sqm, skb, skh, skn, svb, svh, svn, sdob, sdoh, sdom, sdqb, sdqh, sdqm,
                        H, G, q_len, kv_len, q_start, k_start, lse_stride,
-                       FPTR, FIDX, PPTR, PIDX, TOK, tok_len, BLK, blk_len, block_size, sinks, max_distance, WF, WB, n_words,
+                       FPTR, FIDX, PPTR, PIDX, PMID, TOK, tok_len, BLK, blk_len, block_size, sinks, max_distance, WF, WB, n_words,
                        HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                        GRAN_BLOCK: tl.constexpr, HAS_SINKS: tl.constexpr, HAS_MD: tl.constexpr,
                     USE_WORDS: tl.constexpr):
@@ -242,11 +253,16 @@ if triton is not None:
             dq = _dq_tile(q, do, lse, delta, k_ptr, v_ptr, cols, offs_d, skn, svn, kv_len, scale_log2, None, dq,
                           False)
         start = tl.load(PPTR + pid_m)
+        mid = tl.load(PMID + pid_m)
         end = tl.load(PPTR + pid_m + 1)
         for it in range(start, end):
-            cols = tl.load(PIDX + it) * BLOCK_N + offs_n
-            mask = tile_mask(qpos, k_start + cols, kv_end, TOK, tok_len, WF, n_words, BLK, blk_len, block_size,
-                             sinks, max_distance, BLOCK_N, False, GRAN_BLOCK, HAS_SINKS, HAS_MD, USE_WORDS)
+            k0 = tl.load(PIDX + it) * BLOCK_N
+            cols = k0 + offs_n
+            if USE_WORDS and it < mid:  # TOKEN_PARTIAL: the word bits are the whole mask
+                mask = word_mask(WF, n_words, qpos - (k_start + k0), BLOCK_N)
+            else:
+                mask = tile_mask(qpos, k_start + cols, kv_end, TOK, tok_len, WF, n_words, BLK, blk_len, block_size,
+                                 sinks, max_distance, BLOCK_N, False, GRAN_BLOCK, HAS_SINKS, HAS_MD, USE_WORDS)
             dq = _dq_tile(q, do, lse, delta, k_ptr, v_ptr, cols, offs_d, skn, svn, kv_len, scale_log2, mask, dq,
                           True)
         dq = dq * sm_scale
@@ -289,17 +305,16 @@ class _Ctx:
 def _forward(ctx: _Ctx, q, k, v, scale):
     bm, bn, warps, stages = ctx.fwd_cfg
     nq = triton.cdiv(ctx.Lq, bm)
-    lse_len = triton.cdiv(ctx.Lq, 128) * 128
-    lse_len = max(lse_len, nq * bm)
+    lse_len = _lse_len(q)
     o = torch.empty_like(q)
     lse = torch.full((ctx.B, ctx.H, lse_len), float("inf"), device=q.device, dtype=torch.float32)
-    fp, fi, pp, pi = ctx.lists(bm, bn)
+    fp, fi, pp, pi, pm = ctx.lists(bm, bn)
     _fwd_kernel[(nq, ctx.B * ctx.H)](
         q, k, v, o, lse, scale * LOG2E,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), o.stride(0), o.stride(1), o.stride(2),
         ctx.H, ctx.G, ctx.Lq, ctx.Lk, ctx.q_start, ctx.k_start, lse_len,
-        fp, fi, pp, pi, *ctx.pattern_args(),
+        fp, fi, pp, pi, pm, *ctx.pattern_args(),
         HEAD_DIM=ctx.D, BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages, USE_WORDS=ctx.use_words(bn),
         **ctx.flags)
     return o, lse
@@ -317,57 +332,104 @@ def _backward(ctx: _Ctx, q, k, v, o, lse, do, scale):
     args = (*ctx.pattern_args(),)
     bm, bn, warps, stages = ctx.dkdv_cfg
     assert lse_len >= triton.cdiv(ctx.Lq, bm) * bm
-    fp, fi, pp, pi = ctx.lists(bm, bn, transpose=True)
+    fp, fi, pp, pi, pm = ctx.lists(bm, bn, transpose=True)
     _bwd_dkdv_kernel[(triton.cdiv(ctx.Lk, bn), ctx.B * ctx.Hkv)](
         q, k, v, do, lse, delta, dk, dv, scale * LOG2E, scale,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), do.stride(0), do.stride(1), do.stride(2),
         dk.stride(0), dk.stride(1), dk.stride(2), dv.stride(0), dv.stride(1), dv.stride(2),
         ctx.H, ctx.Hkv, ctx.G, ctx.Lq, ctx.Lk, ctx.q_start, ctx.k_start, lse_len,
-        fp, fi, pp, pi, *args,
+        fp, fi, pp, pi, pm, *args,
         HEAD_DIM=ctx.D, BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages, USE_WORDS=ctx.use_words(bm),
         **ctx.flags)
     bm, bn, warps, stages = ctx.dq_cfg
     assert lse_len >= triton.cdiv(ctx.Lq, bm) * bm
-    fp, fi, pp, pi = ctx.lists(bm, bn)
+    fp, fi, pp, pi, pm = ctx.lists(bm, bn)
     _bwd_dq_kernel[(triton.cdiv(ctx.Lq, bm), ctx.B * ctx.H)](
         q, k, v, do, lse, delta, dq, scale * LOG2E, scale,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), do.stride(0), do.stride(1), do.stride(2),
         dq.stride(0), dq.stride(1), dq.stride(2),
         ctx.H, ctx.G, ctx.Lq, ctx.Lk, ctx.q_start, ctx.k_start, lse_len,
-        fp, fi, pp, pi, *args,
+        fp, fi, pp, pi, pm, *args,
         HEAD_DIM=ctx.D, BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages, USE_WORDS=ctx.use_words(bn),
         **ctx.flags)
     return dq, dk, dv
 
 
-class _PPAFunction(torch.autograd.Function):
-    @staticmethod
-    def forward(fctx, q, k, v, pattern, q_start, k_start, max_distance, scale):
-        q, k, v = last_contiguous(q), last_contiguous(k), last_contiguous(v)
-        ctx = _Ctx(pattern, q, k, q_start, k_start, max_distance)
-        o, lse = _forward(ctx, q, k, v, scale)
-        fctx.save_for_backward(q, k, v, o, lse)
-        fctx.ppa, fctx.scale = ctx, scale
-        return o
+@functools.lru_cache(maxsize=256)
+def _pattern(key: tuple) -> PPAPattern:
+    return PPAPattern(*key)
 
-    @staticmethod
-    def backward(fctx, do):
-        q, k, v, o, lse = fctx.saved_tensors
-        dq, dk, dv = _backward(fctx.ppa, q, k, v, o, lse, do, fctx.scale)
-        return dq, dk, dv, None, None, None, None, None
+
+# The kernels enter autograd and torch.compile as custom ops: Dynamo does not trace into them (their host-side work,
+# tile lists and tables, stays out of the graph), and their fake versions give the output shapes.
+@torch.library.custom_op("ppa_hf::prefill_forward", mutates_args=())
+def _prefill_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern_key: list[float], granularity: str,
+                     q_start: int, k_start: int, max_distance: int | None, scale: float
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+    q, k, v = last_contiguous(q), last_contiguous(k), last_contiguous(v)
+    ctx = _Ctx(_pattern(_key(pattern_key, granularity)), q, k, q_start, k_start, max_distance)
+    return _forward(ctx, q, k, v, scale)
+
+
+@_prefill_forward.register_fake
+def _(q, k, v, pattern_key, granularity, q_start, k_start, max_distance, scale):
+    return torch.empty_like(q), q.new_empty((q.shape[0], q.shape[1], _lse_len(q)), dtype=torch.float32)
+
+
+@torch.library.custom_op("ppa_hf::prefill_backward", mutates_args=())
+def _prefill_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor, lse: torch.Tensor,
+                      do: torch.Tensor, pattern_key: list[float], granularity: str, q_start: int, k_start: int,
+                      max_distance: int | None, scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    q, k, v = last_contiguous(q), last_contiguous(k), last_contiguous(v)
+    ctx = _Ctx(_pattern(_key(pattern_key, granularity)), q, k, q_start, k_start, max_distance)
+    return _backward(ctx, q, k, v, o, lse, do, scale)
+
+
+@_prefill_backward.register_fake
+def _(q, k, v, o, lse, do, pattern_key, granularity, q_start, k_start, max_distance, scale):
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, *args = inputs
+    ctx.save_for_backward(q, k, v, *output)
+    ctx.args = args
+
+
+def _prefill_grad(ctx, do, dlse):
+    q, k, v, o, lse = ctx.saved_tensors
+    dq, dk, dv = _prefill_backward(q, k, v, o, lse, do, *ctx.args)
+    return dq, dk, dv, None, None, None, None, None, None
+
+
+_prefill_forward.register_autograd(_prefill_grad, setup_context=_setup_context)
+
+
+def _key(pattern_key, granularity: str) -> tuple:
+    p, window, sinks, block_size = pattern_key
+    return (float(p), int(window), int(sinks), granularity, int(block_size))
+
+
+def _lse_len(q: torch.Tensor) -> int:
+    """Row length of the LSE buffer: the query length rounded up to whole tiles of every kernel."""
+    tiles = max(cfg[0] for cfg in configs(q.shape[-1], q.dtype, q.device))
+    return max(-(-q.shape[2] // 128) * 128, -(-q.shape[2] // tiles) * tiles)
 
 
 def triton_ppa_attention(query, key, value, pattern: PPAPattern, q_start: int | None = None, k_start: int = 0,
                          max_distance: int | None = None, scale: float | None = None) -> torch.Tensor:
     """PPA attention of one unpadded sequence per batch row. ``query [B, H, Q, D]``, ``key``/``value
     [B, Hkv, K, D]`` -> ``[B, H, Q, D]``; query row ``r`` sits at position ``q_start + r`` (default: the last
-    ``Q`` of the keys), key ``c`` at ``k_start + c``. Differentiable (Triton backward)."""
+    ``Q`` of the keys), key ``c`` at ``k_start + c``. Differentiable (Triton backward); traceable by torch.compile."""
     reason = unsupported_reason(query, key, value)
     if reason is not None:
         raise ValueError(f"the Triton attention kernel cannot run: {reason}")
     if q_start is None:
         q_start = key.shape[2] - query.shape[2] + k_start
     scale = 1.0 / math.sqrt(query.shape[-1]) if scale is None else float(scale)
-    return _PPAFunction.apply(query, key, value, pattern, int(q_start), int(k_start), max_distance, scale)
+    p, window, sinks, granularity, block_size = pattern._key
+    out, _ = _prefill_forward(query, key, value, [p, window, sinks, block_size], granularity, int(q_start),
+                              int(k_start), max_distance, scale)
+    return out

@@ -1,0 +1,60 @@
+"""torch.compile through PPA on CPU: a static-cache decoding step traces with no more graph breaks than stock sdpa's
+(no host synchronisation, no data-dependent Python), and the compiled step gives the eager step's logits. The GPU
+side (Triton custom ops, CUDA graphs, generate(cache_implementation="static")) is in tests/test_gpu_kernels.py."""
+
+import pytest
+import torch
+import torch._dynamo as dynamo
+from transformers import AutoModelForCausalLM, StaticCache
+
+import ppa_hf  # noqa: F401
+from ppa_hf.models import tiny_config
+
+SETTINGS = [
+    dict(ppa_p=0.5, ppa_window=4),  # auto: the dense-mask path for a short cache
+    dict(ppa_p=0.75, ppa_window=4, ppa_sink_tokens=2, ppa_backend="decode"),  # gathered decoding
+    dict(ppa_p=0.5, ppa_window=4, ppa_granularity="block", ppa_block_size=8, ppa_backend="decode"),
+]
+
+
+def _model_and_step(family, attn, settings):
+    torch.manual_seed(0)
+    config = tiny_config(family, **settings)
+    model = AutoModelForCausalLM.from_config(config, attn_implementation=attn).eval()
+    ids = torch.randint(1, 128, (2, 40))
+    mask = torch.ones_like(ids)
+    mask[1, :9] = 0  # left padding
+    cache = StaticCache(config=config, max_cache_len=96)
+    with torch.no_grad():
+        nxt = model(ids, attention_mask=mask, past_key_values=cache, use_cache=True).logits[:, -1:].argmax(-1)
+    step_mask = torch.cat([mask, torch.ones(2, 1, dtype=mask.dtype)], 1)
+
+    def step():
+        with torch.no_grad():
+            return model(nxt, attention_mask=step_mask, past_key_values=cache, use_cache=True,
+                         cache_position=torch.tensor([40]), position_ids=torch.tensor([[40], [31]])).logits
+
+    return step
+
+
+def _breaks(step) -> int:
+    dynamo.reset()
+    return dynamo.explain(step)().graph_break_count
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_static_cache_decode_step_has_no_more_graph_breaks_than_sdpa(family):
+    stock = _breaks(_model_and_step(family, "sdpa", {}))
+    for settings in SETTINGS:
+        ppa = _breaks(_model_and_step(family, "ppa", settings))
+        print(f"{family} {settings}: graph breaks ppa {ppa}, sdpa {stock}")
+        assert ppa <= stock, (settings, ppa, stock)
+
+
+@pytest.mark.parametrize("settings", SETTINGS, ids=lambda s: s.get("ppa_backend", "auto") + s.get("ppa_granularity", ""))
+def test_compiled_decode_step_matches_eager(settings):
+    # a step writes its token into the static cache: each run gets its own (identical) model, cache and prefill
+    eager = _model_and_step("llama", "ppa", settings)()
+    dynamo.reset()
+    compiled = torch.compile(_model_and_step("llama", "ppa", settings), backend="aot_eager", fullgraph=True)()
+    torch.testing.assert_close(compiled, eager, atol=1e-5, rtol=1e-5)
