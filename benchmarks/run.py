@@ -1,443 +1,487 @@
-"""One runner for every PPA speed benchmark (attention-level forward / backward / decode, model-level).
+"""One runner for the speed figures of docs/benchmarks.md: every row in one process against stock attention.
 
-    python -m benchmarks.run --suite full --out bench_out          # everything (H200: about 8 minutes)
-    python -m benchmarks.run --suite smoke --out bench_out         # a quick subset
-    python -m benchmarks.run --parts attention,decode,model --lengths 16384,32768 --ps 0.75
+    python -m benchmarks.run kernels  [--out benchmarks/results]   # attention alone vs SDPA flash: kernels.csv
+    python -m benchmarks.run train    [--out benchmarks/results]   # whole model, training step and prefill vs
+                                                                   # attn_implementation="sdpa": model_train.csv
+    python -m benchmarks.run generate [--out benchmarks/results]   # whole model, ms per new token vs "sdpa":
+                                                                   # model_generate.csv
+    python -m benchmarks.run tune     [--out benchmarks/results]   # Triton launch configurations: tune.csv
 
-Writes ``attention.csv``, ``decode.csv``, ``model.csv`` and ``results.md`` (a markdown table headed with the GPU,
-torch, triton, transformers and the commit) under ``--out``. Times are medians of CUDA-event timings
-(``triton.testing.do_bench``; decode also under CUDA-graph replay). TFLOP/s count attended (query, key) pairs
-only: forward ``4 * pairs * D * H``, backward ``2.5x`` that, so a sparse method is not credited for work it skips.
+Each part appends its rows to its CSV as they are measured (a run cut short keeps what it measured) and rewrites
+``results.md`` (markdown tables headed by GPU, versions, commit, date and command). Inputs are built outside the
+timed region; kernel times are ``triton.testing.do_bench`` medians (20th-80th percentiles as the spread); a model
+step is timed with CUDA events over repeated runs (median, min, max). Random weights and tokens: speed does not
+depend on them. Needs a CUDA GPU.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import datetime
 import math
 import os
+import platform
 import subprocess
 import sys
 import time
 
 import torch
-import torch.nn.attention  # noqa: F401
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from ppa_hf.ops.flex import single_sequence_block_mask as pattern_block_mask  # noqa: E402
-from ppa_hf.ops.tiles import tile_classes, tile_density  # noqa: E402
+import ppa_hf  # noqa: E402
 from ppa_hf.pattern import PPAPattern  # noqa: E402
 
-B, H, HKV, D = 1, 32, 8, 128
 DTYPE = torch.bfloat16
+SHAPES = {  # Llama-style decoder shapes, random weights (no download)
+    "llama-1b": dict(hidden_size=2048, intermediate_size=8192, num_attention_heads=32, num_key_value_heads=8,
+                     head_dim=64),
+    "llama-8b-layers": dict(hidden_size=4096, intermediate_size=14336, num_attention_heads=32, num_key_value_heads=8,
+                            head_dim=128),
+}
+VOCAB = 32000
+PPA_VARIANTS = [("token", 0.75), ("block", 0.75), ("block", 0.5)]
 
 
-def meta() -> dict:
+def machine() -> dict:
     import transformers
     import triton
 
     try:
         commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                                cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip() or "unknown"
+                                cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
+                               text=True, cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip()
+        commit = (commit + ("+dirty" if dirty else "")) or "unknown"
     except OSError:
         commit = "unknown"
-    return {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
-            "transformers": transformers.__version__, "commit": os.environ.get("PPA_COMMIT", commit),
+    return {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "transformers": transformers.__version__,
+            "triton": triton.__version__, "python": platform.python_version(),
+            "commit": os.environ.get("PPA_COMMIT", commit),
             "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")}
 
 
-def bench_ms(fn, rep=100, warmup=25) -> float:
-    """Median ms: ``triton.testing.do_bench`` for short calls; for calls over 50 ms, 1 warm-up and 3 timed runs
-    with CUDA events (do_bench would spend 5 calls estimating first)."""
+# ----------------------------------------------------------------------------------------------------------------------
+# Timing
+# ----------------------------------------------------------------------------------------------------------------------
+def kernel_ms(fn) -> tuple[float, float, float]:
+    """``(median, p20, p80)`` ms of ``fn`` by ``triton.testing.do_bench``; calls over 40 ms by 5 CUDA-event runs."""
     from triton.testing import do_bench
 
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
     fn()
-    end.record()
-    torch.cuda.synchronize()
-    if start.elapsed_time(end) < 50:
-        return float(do_bench(fn, warmup=warmup, rep=rep, return_mode="median"))
+    once = event_ms(fn, 1)[0]
+    if once > 40:
+        return event_ms(fn, 5)
+    med, lo, hi = do_bench(fn, warmup=25, rep=100, quantiles=[0.5, 0.2, 0.8])
+    return float(med), float(lo), float(hi)
+
+
+def event_ms(fn, reps: int) -> tuple[float, float, float]:
+    """``(median, min, max)`` ms over ``reps`` runs, each between two CUDA events."""
     times = []
-    for _ in range(3):
+    for _ in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
         fn()
         end.record()
         torch.cuda.synchronize()
         times.append(start.elapsed_time(end))
-    return float(sorted(times)[1])
+    times.sort()
+    return times[len(times) // 2], times[0], times[-1]
 
 
-def attended_pairs(pattern: PPAPattern, L: int) -> int:
-    """Exact number of attended (query, key) pairs of one sequence of length L (on the GPU, chunked)."""
-    if pattern.is_full:
-        return L * (L + 1) // 2
-    dev = "cuda"
-    k = torch.arange(L, device=dev)[None]
-    tables = pattern.tables(L + 1, dev)
-    total = 0
-    step = max(1, (1 << 27) // L)
-    for s in range(0, L, step):
-        q = torch.arange(s, min(L, s + step), device=dev)[:, None]
-        total += int(pattern.keep(q, k, tables=tables).sum())
-    return total
+def copy_bandwidth_gbs() -> float:
+    """Device copy bandwidth, bytes read per second (a 4 GiB device-to-device copy; reads + writes / 2)."""
+    src = torch.empty(2**31, dtype=torch.float16, device="cuda").normal_()
+    dst = torch.empty_like(src)
+    ms = kernel_ms(lambda: dst.copy_(src))[0]
+    del src, dst
+    torch.cuda.empty_cache()
+    return 2**32 / (ms / 1e3) / 1e9
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# Attention level
+# CSV / markdown
 # ----------------------------------------------------------------------------------------------------------------------
-def _flex():
-    from ppa_hf.ops.flex import _flex_fn
+def append_rows(path: str, rows: list[dict]) -> None:
+    """Append ``rows`` to the CSV at ``path`` (the header is the union of the old and new columns)."""
+    old = []
+    if os.path.exists(path):
+        with open(path) as handle:
+            old = list(csv.DictReader(handle))
+    allrows = old + rows
+    fields = list(dict.fromkeys(k for r in allrows for k in r))
+    with open(path, "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=fields, restval="")
+        writer.writeheader()
+        writer.writerows(allrows)
 
-    return _flex_fn(torch.device("cuda"))
+
+def markdown(path: str, title: str, rows: list[dict], cols: list[str], info: dict) -> None:
+    def cell(v):
+        if isinstance(v, float):
+            return "-" if math.isnan(v) else (f"{v:.3g}" if abs(v) < 100 else f"{v:.0f}")
+        return str(v)
+
+    with open(path, "a") as handle:
+        handle.write(f"\n## {title}\n\nGPU: {info['gpu']}; torch {info['torch']}; transformers {info['transformers']}; "
+                     f"triton {info['triton']}; Python {info['python']}; commit {info['commit']}; {info['date']}\n\n"
+                     f"Command: `python -m benchmarks.run {' '.join(sys.argv[1:])}`\n\n")
+        handle.write("| " + " | ".join(cols) + " |\n|" + "---|" * len(cols) + "\n")
+        for r in rows:
+            handle.write("| " + " | ".join(cell(r.get(c, "")) for c in cols) + " |\n")
 
 
-def methods_for(L: int, ps, grans):
-    """(name, p, granularity, pattern or None, callable factory)."""
+class Out:
+    """Rows of one part: appended to ``<out>/<name>.csv`` as they come, printed, and tabled in results.md."""
+
+    def __init__(self, out_dir: str, name: str, info: dict):
+        self.path = os.path.join(out_dir, f"{name}.csv")
+        self.out_dir, self.info, self.rows = out_dir, info, []
+
+    def add(self, row: dict) -> dict:
+        row = {k: self.info[k] for k in ("gpu", "torch", "transformers", "commit", "date")} | row
+        self.rows.append(row)
+        append_rows(self.path, [row])
+        print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()
+                       if k not in ("gpu", "torch", "transformers", "commit", "date")), flush=True)
+        return row
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Kernels: attention alone
+# ----------------------------------------------------------------------------------------------------------------------
+def sdpa_flash(q, k, v):
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+
+
+def ppa_kernel(impl: str, pattern: PPAPattern, L: int):
+    if impl == "triton":
+        from ppa_hf.ops.triton import triton_ppa_attention
+
+        return lambda q, k, v: triton_ppa_attention(q, k, v, pattern)
+    from ppa_hf.ops.flex import _flex_fn, single_sequence_block_mask
+
+    def flex(q, k, v):
+        block_mask = single_sequence_block_mask(pattern, L, L, q.device)
+        return _flex_fn(q.device)(q, k, v, block_mask=block_mask, enable_gqa=True)
+
+    return flex
+
+
+def time_attention(fn, q, k, v, do):
+    def fwd():
+        return fn(q, k, v)
+
+    def fwdbwd():
+        torch.autograd.grad(fn(q, k, v), (q, k, v), do)
+
+    fwdbwd()  # compile / build tile lists outside the timing
+    return kernel_ms(fwd), kernel_ms(fwdbwd)
+
+
+def part_kernels(args, info):
+    out = Out(args.out, "kernels", info)
+    variants = [("triton", "token", 0.75), ("triton", "block", 0.75), ("triton", "token", 0.5),
+                ("triton", "token", 1.0), ("flex", "block", 0.75)]
+    for D in args.head_dims:
+        for L in args.lengths:
+            torch.manual_seed(0)
+            q, k, v = (torch.randn(1, h, L, D, device="cuda", dtype=DTYPE, requires_grad=True) for h in (32, 8, 8))
+            do = torch.randn_like(q)
+            (f, _, _), (fb, fb_lo, fb_hi) = time_attention(sdpa_flash, q, k, v, do)
+            out.add(dict(head_dim=D, L=L, impl="sdpa_flash", granularity="dense", p=1.0, fwd_ms=f, fwdbwd_ms=fb,
+                         fwdbwd_p20=fb_lo, fwdbwd_p80=fb_hi, speedup_fwd=1.0, speedup_fwdbwd=1.0))
+            for impl, gran, p in variants:
+                if L > 32768 and impl == "flex":
+                    continue
+                pattern = PPAPattern(p, 64, 0, gran, 128)
+                try:
+                    (f2, _, _), (fb2, lo2, hi2) = time_attention(ppa_kernel(impl, pattern, L), q, k, v, do)
+                except Exception as err:  # record and go on
+                    print(f"{impl} {pattern.name} L={L} D={D}: {type(err).__name__}: {err}", flush=True)
+                    continue
+                out.add(dict(head_dim=D, L=L, impl=impl, granularity=gran if p < 1 else "dense", p=p, fwd_ms=f2,
+                             fwdbwd_ms=fb2, fwdbwd_p20=lo2, fwdbwd_p80=hi2, speedup_fwd=f / f2, speedup_fwdbwd=fb / fb2))
+            del q, k, v, do
+            torch.cuda.empty_cache()
+    markdown(os.path.join(args.out, "results.md"), "Attention alone (ms; speedup vs SDPA flash, causal)", out.rows,
+             ["head_dim", "L", "impl", "granularity", "p", "fwd_ms", "fwdbwd_ms", "speedup_fwd", "speedup_fwdbwd"], info)
+
+
+def part_tune(args, info):
+    """Launch configurations of the Triton kernels, one direction at a time (the others at their defaults)."""
     from ppa_hf.ops.triton import triton_ppa_attention
 
-    out = []
-
-    def sdpa(q, k, v):
-        with torch.nn.attention.sdpa_kernel(torch.nn.attention.SDPBackend.FLASH_ATTENTION):
-            return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
-
-    def flex_with(pattern):
-        def f(q, k, v):
-            bm = pattern_block_mask(pattern, L, L, q.device)
-            return _flex()(q, k, v, block_mask=bm, enable_gqa=True)
-        return f
-
-    def tri_with(pattern):
-        return lambda q, k, v: triton_ppa_attention(q, k, v, pattern)
-
-    out.append(("sdpa_dense_causal", 1.0, "dense", PPAPattern(1.0), sdpa))
-    out.append(("flex_dense_causal", 1.0, "dense", PPAPattern(1.0), flex_with(PPAPattern(1.0))))
-    out.append(("triton_dense_causal", 1.0, "dense", PPAPattern(1.0), tri_with(PPAPattern(1.0))))
-    sw = PPAPattern(0.0, 64)
-    out.append(("flex_sliding_window64", 0.0, "window", sw, flex_with(sw)))
-    out.append(("triton_sliding_window64", 0.0, "window", sw, tri_with(sw)))
-    for p in ps:
-        for gran in grans:
-            pat = PPAPattern(p, 64, 0, gran, 128)
-            out.append((f"flex_{gran}", p, gran, pat, flex_with(pat)))
-            out.append((f"triton_{gran}", p, gran, pat, tri_with(pat)))
-    return out
-
-
-def attention_bench(lengths, ps, grans, rows, log, skip=(), long_from=32768, long_ps=(1.0, 0.0, 0.75),
-                    long_skip=("flex_token", "flex_dense_causal", "flex_sliding_window64")):
-    """Every method at every length up to ``long_from``; above it, only ``long_ps`` and not ``long_skip``."""
-    torch.manual_seed(0)
-    for L in lengths:
-        q = torch.randn(B, H, L, D, device="cuda", dtype=DTYPE, requires_grad=True)
-        k = torch.randn(B, HKV, L, D, device="cuda", dtype=DTYPE, requires_grad=True)
-        v = torch.randn(B, HKV, L, D, device="cuda", dtype=DTYPE, requires_grad=True)
-        do = torch.randn(B, H, L, D, device="cuda", dtype=DTYPE)
-        rep = 100 if L <= 32768 else 60
-        base = {}
-        for name, p, gran, pat, fn in methods_for(L, ps, grans):
-            if any(s in f"{name}@{p}@{L}" for s in skip):
-                continue
-            if L > long_from and (p not in long_ps or name in long_skip):
-                continue
-            pairs = attended_pairs(pat, L)
-            try:
-                t0 = time.time()
-                fn(q, k, v)  # compile / build masks outside the timing
-                torch.autograd.grad(fn(q, k, v), (q, k, v), do)
-                torch.cuda.synchronize()
-                setup_s = time.time() - t0
-                fwd = bench_ms(lambda: fn(q, k, v), rep=rep)
-                fb = bench_ms(lambda: torch.autograd.grad(fn(q, k, v), (q, k, v), do), rep=rep)
-                torch.cuda.synchronize()
-                torch.cuda.reset_peak_memory_stats()
-                torch.autograd.grad(fn(q, k, v), (q, k, v), do)
-                torch.cuda.synchronize()
-                peak = torch.cuda.max_memory_allocated() / 2**30
-                err = ""
-            except Exception as exc:  # record, keep going
-                fwd = fb = peak = float("nan")
-                setup_s = 0.0
-                err = f"{type(exc).__name__}: {str(exc)[:120]}"
-            bwd = fb - fwd
-            flops_fwd = 4.0 * pairs * D * H * B
-            if name == "sdpa_dense_causal":
-                base = {"fwd": fwd, "bwd": bwd, "fb": fb}
-            tiles = tile_density(tile_classes(pat, L, L, 128, 128)) if pat is not None else {}
-            row = dict(L=L, method=name, p=p, granularity=gran, fwd_ms=fwd, bwd_ms=bwd, fwd_bwd_ms=fb,
-                       fwd_tflops=flops_fwd / fwd / 1e9, bwd_tflops=2.5 * flops_fwd / bwd / 1e9 if bwd > 0 else float("nan"),
-                       speedup_fwd=base.get("fwd", float("nan")) / fwd, speedup_bwd=base.get("bwd", float("nan")) / bwd,
-                       speedup_fwd_bwd=base.get("fb", float("nan")) / fb, peak_gib=peak, pairs=pairs,
-                       pair_fraction=pairs / (L * (L + 1) / 2), tiles_128_kept=(tiles.get("partial", 0) + tiles.get("full", 0)),
-                       tiles_128_full=tiles.get("full", 0), setup_s=setup_s, error=err)
-            rows.append(row)
-            log(f"L={L:>6} {name:<24} p={p:<5} fwd {fwd:8.3f} ms  bwd {bwd:8.3f} ms  fwd+bwd {fb:8.3f} ms  "
-                f"x{row['speedup_fwd']:.2f}/x{row['speedup_bwd']:.2f}/x{row['speedup_fwd_bwd']:.2f}  "
-                f"{row['fwd_tflops']:.0f}/{row['bwd_tflops']:.0f} TF/s  peak {peak:.2f} GiB {err}")
+    out = Out(args.out, "tune", info)
+    fwd_cfgs = ["128,64,8,3", "128,64,4,3", "128,64,8,4", "128,128,8,3", "64,64,4,3"]
+    dq_cfgs = ["128,64,8,2", "128,64,8,3", "64,64,4,3"]
+    dkdv_cfgs = ["64,128,8,2", "64,128,8,3", "64,64,4,3", "64,128,4,2"]
+    for D in args.head_dims:
+        L = args.lengths[0]
+        torch.manual_seed(0)
+        q, k, v = (torch.randn(1, h, L, D, device="cuda", dtype=DTYPE, requires_grad=True) for h in (32, 8, 8))
+        do = torch.randn_like(q)
+        for gran, p in [("token", 0.75), ("block", 0.75)]:
+            pattern = PPAPattern(p, 64, 0, gran, 128)
+            fn = ppa_kernel("triton", pattern, L)
+            for env, cfgs, what in [("PPA_TRITON_FWD", fwd_cfgs, "fwd"), ("PPA_TRITON_DQ", dq_cfgs, "fwdbwd"),
+                                    ("PPA_TRITON_DKDV", dkdv_cfgs, "fwdbwd")]:
+                for cfg in cfgs:
+                    os.environ[env] = cfg
+                    try:
+                        (f, _, _), (fb, _, _) = time_attention(fn, q, k, v, do)
+                    except Exception as err:
+                        print(f"{env}={cfg} {pattern.name} D={D}: {type(err).__name__}: {str(err)[:200]}", flush=True)
+                        continue
+                    finally:
+                        os.environ.pop(env, None)
+                    out.add(dict(head_dim=D, L=L, granularity=gran, p=p, knob=env, config=cfg,
+                                 ms=f if what == "fwd" else fb, measured=what))
         del q, k, v, do
         torch.cuda.empty_cache()
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# Decode
+# Whole model: training step and prefill
 # ----------------------------------------------------------------------------------------------------------------------
-def decode_index_for(pattern, T, nq=1):
-    keep = pattern.keep(torch.arange(T - nq, T, device="cuda")[:, None], torch.arange(T, device="cuda")[None],
-                        length=T + 1)
-    count = keep.sum(-1, dtype=torch.int32)
-    n = int(count.max())
-    slot = torch.where(keep, keep.cumsum(-1) - 1, n)
-    index = torch.zeros(nq, n + 1, dtype=torch.int32, device="cuda")
-    index.scatter_(-1, slot, torch.arange(T, dtype=torch.int32, device="cuda").expand(nq, T).contiguous())
-    return index[None, :, :n].contiguous(), count[None], n
-
-
-def decode_bench(caches, batches, ps, grans, rows, log):
-    from triton.testing import do_bench_cudagraph
-
-    from ppa_hf.ops.triton import triton_decode_attention
-
-    torch.manual_seed(0)
-    for T in caches:
-        for Bt in batches:
-            q = torch.randn(Bt, H, 1, D, device="cuda", dtype=DTYPE)
-            k = torch.randn(Bt, HKV, T, D, device="cuda", dtype=DTYPE)
-            v = torch.randn(Bt, HKV, T, D, device="cuda", dtype=DTYPE)
-
-            def dense():
-                return F.scaled_dot_product_attention(q, k, v, enable_gqa=True)
-
-            t_dense = bench_ms(dense) * 1e3
-            t_dense_g = do_bench_cudagraph(dense, rep=100, return_mode="median") * 1e3
-            dense_bytes = Bt * HKV * T * D * 2 * 2
-            rows.append(dict(T=T, batch=Bt, method="sdpa_dense", p=1.0, granularity="dense", keys=T, us=t_dense,
-                             us_graph=t_dense_g, tbps=dense_bytes / t_dense_g / 1e6, speedup=1.0, speedup_graph=1.0,
-                             index_us=0.0))
-            log(f"decode T={T} B={Bt} sdpa_dense {t_dense:.1f} us (graph {t_dense_g:.1f} us) "
-                f"{dense_bytes / t_dense_g / 1e6:.2f} TB/s")
-            for p in ps:
-                for gran in grans:
-                    pat = PPAPattern(p, 64, 0, gran, 128)
-                    if gran == "block" and p != 0.75:
-                        continue
-                    index, count = [x[None] for x in pat.key_lists(torch.tensor([T - 1], device="cuda"), T)]
-                    n = int(count.max())
-
-                    def ppa():
-                        return triton_decode_attention(q, k, v, index, count)
-
-                    ref = F.scaled_dot_product_attention(
-                        q.float(), k.float(), v.float(), enable_gqa=True,
-                        attn_mask=pat.keep(torch.tensor([[T - 1]], device="cuda"),
-                                           torch.arange(T, device="cuda")[None], length=T + 1))
-                    err = (ppa().float() - ref).abs().max().item()
-                    t = bench_ms(ppa) * 1e3
-                    tg = do_bench_cudagraph(ppa, rep=100, return_mode="median") * 1e3
-                    t_idx = bench_ms(lambda: [x[None] for x in pat.key_lists(torch.tensor([T - 1], device="cuda"), T)], rep=30) * 1e3
-                    # the spec's baseline: index_select the attended rows, then SDPA
-                    idx_long = index[0, 0].long()
-
-                    def gather_sdpa():
-                        return F.scaled_dot_product_attention(q, k.index_select(2, idx_long),
-                                                              v.index_select(2, idx_long), enable_gqa=True)
-
-                    t_g = bench_ms(gather_sdpa) * 1e3
-                    nbytes = Bt * HKV * n * D * 2 * 2
-                    rows.append(dict(T=T, batch=Bt, method=f"triton_decode_{gran}", p=p, granularity=gran, keys=n,
-                                     us=t, us_graph=tg, tbps=nbytes / tg / 1e6, speedup=t_dense / t,
-                                     speedup_graph=t_dense_g / tg, index_us=t_idx, max_err_vs_fp32=err))
-                    rows.append(dict(T=T, batch=Bt, method=f"index_select_sdpa_{gran}", p=p, granularity=gran, keys=n,
-                                     us=t_g, us_graph=float("nan"), tbps=float("nan"), speedup=t_dense / t_g,
-                                     speedup_graph=float("nan"), index_us=0.0))
-                    log(f"decode T={T} B={Bt} p={p} {gran}: keys {n}  triton {t:.1f} us (graph {tg:.1f} us, "
-                        f"{nbytes / tg / 1e6:.2f} TB/s) x{t_dense / t:.1f} (graph x{t_dense_g / tg:.1f}); "
-                        f"index_select+sdpa {t_g:.1f} us; index build {t_idx:.1f} us/step; err {err:.2e}")
-            del q, k, v
-            torch.cuda.empty_cache()
-
-
-# ----------------------------------------------------------------------------------------------------------------------
-# Model level (Llama-shaped, random weights)
-# ----------------------------------------------------------------------------------------------------------------------
-def model_bench(lengths, layers, gen_batches, new_tokens, rows, log, p=0.75):
+def make_model(shape: str, layers: int, max_len: int):
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    import ppa_hf
-
-    cfg = LlamaConfig(vocab_size=32000, hidden_size=4096, intermediate_size=14336, num_hidden_layers=layers,
-                      num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=140000,
-                      rope_theta=500000.0)
+    cfg = LlamaConfig(vocab_size=VOCAB, num_hidden_layers=layers, max_position_embeddings=max_len,
+                      rope_theta=500000.0, **SHAPES[shape])
     torch.manual_seed(0)
-    model = LlamaForCausalLM(cfg).to("cuda", DTYPE)
-    variants = [("sdpa", None), ("ppa_token", "token"), ("ppa_block", "block")]
+    with torch.device("cuda"):
+        model = LlamaForCausalLM(cfg).to(DTYPE)
+    return model
 
-    def use(variant):
-        name, gran = variant
-        if gran is None:
-            model.set_attn_implementation("sdpa")
-        else:
-            ppa_hf.apply(model, p=p, granularity=gran, backend="auto")
 
-    for L in lengths:
-        ids = torch.randint(0, 32000, (1, L), device="cuda")
-        base = None
-        for variant in variants:
-            use(variant)
-            model.train()
+def use_impl(model, impl: str, gran: str | None, p: float | None, backend: str = "auto"):
+    if impl == "sdpa":
+        model.set_attn_implementation("sdpa")
+    else:
+        ppa_hf.apply(model, p=p, granularity=gran, block_size=128, backend=backend)
 
-            def step():
-                out = model(ids, labels=ids, use_cache=False)
-                out.loss.backward()
-                model.zero_grad(set_to_none=True)
 
-            step()
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-            t = bench_ms(step, rep=300, warmup=50)
-            peak = torch.cuda.max_memory_allocated() / 2**30
-            base = base or t
-            rows.append(dict(kind="train_step_fwd_bwd", L=L, batch=1, variant=variant[0], ms=t, tokens_per_s=L / t * 1e3,
-                             speedup=base / t, peak_gib=peak))
-            log(f"model train L={L} {variant[0]:<10} {t:9.1f} ms  x{base / t:.2f}  peak {peak:.1f} GiB")
-        model.eval()
-        for Bt in gen_batches:
-            ids_b = torch.randint(0, 32000, (Bt, L), device="cuda")
-            base = None
-            for variant in variants:
-                use(variant)
-                with torch.no_grad():
-                    def gen(n):
+ATTENTION_KERNELS = ("flash", "fmha", "attention", "_fwd_kernel", "_bwd_dq", "_bwd_dkdv", "flex", "triton_tem")
+
+
+def attention_share(step) -> float:
+    """Fraction of the GPU kernel time of ``step`` spent in attention kernels (flash / efficient SDPA, the PPA
+    Triton kernels, FlexAttention), from torch.profiler's device events."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        step()
+        torch.cuda.synchronize()
+    total = attn = 0.0
+    for evt in prof.events():
+        if evt.device_type != DeviceType.CUDA:
+            continue
+        t = evt.time_range.elapsed_us()
+        total += t
+        if any(s in evt.name.lower() for s in ATTENTION_KERNELS):
+            attn += t
+    return attn / total if total else float("nan")
+
+
+def part_train(args, info):
+    out = Out(args.out, "model_train", info)
+    for shape in args.shapes:
+        for L in args.lengths:
+            layers = args.layers_long if L > 32768 else args.layers
+            if shape == "llama-8b-layers":
+                layers = max(1, layers // 2)
+            model = make_model(shape, layers, L)
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            model.config.use_cache = False
+            ids = torch.randint(0, VOCAB, (1, L), device="cuda")
+            for mode in args.modes:
+                base = None
+                for impl, gran, p in [("sdpa", "dense", 1.0)] + [("ppa", g, p) for g, p in PPA_VARIANTS]:
+                    use_impl(model, impl, gran, p)
+                    if mode == "train":
+                        model.train()
+
+                        def step():
+                            model(ids, labels=ids, use_cache=False).loss.backward()
+                            model.zero_grad(set_to_none=True)
+                    else:
+                        model.eval()
+
+                        def step():
+                            with torch.no_grad():
+                                model(ids, use_cache=False, logits_to_keep=1)
+                    try:
+                        step()
                         torch.cuda.synchronize()
-                        t0 = time.perf_counter()
-                        model.generate(ids_b, attention_mask=torch.ones_like(ids_b), max_new_tokens=n,
-                                       min_new_tokens=n, do_sample=False, pad_token_id=0)
-                        torch.cuda.synchronize()
-                        return time.perf_counter() - t0
-
-                    gen(2)
-                    t1 = gen(1)
-                    tn = gen(new_tokens + 1)
-                decode_tps = Bt * new_tokens / (tn - t1)
-                base = base or decode_tps
-                rows.append(dict(kind="generate", L=L, batch=Bt, variant=variant[0], ms=tn * 1e3,
-                                 tokens_per_s=decode_tps, speedup=decode_tps / base, peak_gib=float("nan"),
-                                 prefill_ms=t1 * 1e3, new_tokens=new_tokens))
-                log(f"model generate L={L} B={Bt} {variant[0]:<10} decode {decode_tps:8.1f} tok/s x{decode_tps / base:.2f}"
-                    f"  (prefill+1 token {t1 * 1e3:.0f} ms, +{new_tokens} tokens {(tn - t1) * 1e3:.0f} ms)")
-            del ids_b
+                        torch.cuda.reset_peak_memory_stats()
+                        med, lo, hi = event_ms(step, args.reps)
+                        peak = torch.cuda.max_memory_allocated() / 2**30
+                        share = attention_share(step) if impl == "sdpa" else float("nan")
+                    except torch.cuda.OutOfMemoryError:
+                        print(f"OOM {shape} L={L} {impl} {gran} {p} {mode}", flush=True)
+                        torch.cuda.empty_cache()
+                        continue
+                    base = base if base is not None else med
+                    out.add(dict(shape=shape, head_dim=SHAPES[shape]["head_dim"], layers=layers, L=L, mode=mode,
+                                 compiled=0, impl=impl, granularity=gran, p=p, step_ms=med, step_ms_min=lo,
+                                 step_ms_max=hi, speedup_vs_sdpa=base / med, peak_gib=peak, attention_share=share))
+            del model, ids
             torch.cuda.empty_cache()
-    del model
-    torch.cuda.empty_cache()
+    if args.compiled:
+        part_train_compiled(args, out)
+    markdown(os.path.join(args.out, "results.md"), "Whole model: training step (fwd+bwd, grad checkpointing) and "
+             "prefill (forward, no grad), batch 1", out.rows,
+             ["shape", "head_dim", "layers", "L", "mode", "compiled", "impl", "granularity", "p", "step_ms",
+              "step_ms_min", "step_ms_max", "speedup_vs_sdpa", "peak_gib", "attention_share"], info)
+
+
+def part_train_compiled(args, out):
+    """The training step under torch.compile (what accelerate's --dynamo_backend inductor does), against compiled
+    sdpa; one shape and length (compilation takes a while per variant)."""
+    shape, L = args.shapes[0], args.lengths[0]
+    base = None
+    for impl, gran, p in [("sdpa", "dense", 1.0)] + [("ppa", g, p) for g, p in PPA_VARIANTS[:2]]:
+        model = make_model(shape, args.layers, L)
+        use_impl(model, impl, gran, p)
+        model.train()
+        compiled = torch.compile(model)
+        ids = torch.randint(0, VOCAB, (1, L), device="cuda")
+
+        def step():
+            compiled(ids, labels=ids, use_cache=False).loss.backward()
+            model.zero_grad(set_to_none=True)
+
+        t0 = time.time()
+        step()
+        step()
+        torch.cuda.synchronize()
+        compile_s = time.time() - t0
+        torch.cuda.reset_peak_memory_stats()
+        med, lo, hi = event_ms(step, args.reps)
+        peak = torch.cuda.max_memory_allocated() / 2**30
+        base = base if base is not None else med
+        out.add(dict(shape=shape, head_dim=SHAPES[shape]["head_dim"], layers=args.layers, L=L, mode="train",
+                     compiled=1, impl=impl, granularity=gran, p=p, step_ms=med, step_ms_min=lo, step_ms_max=hi,
+                     speedup_vs_sdpa=base / med, peak_gib=peak, attention_share=float("nan"),
+                     compile_s=round(compile_s, 1)))
+        del model, compiled
+        torch._dynamo.reset()
+        torch.cuda.empty_cache()
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-def write_csv(path, rows):
-    if not rows:
-        return
-    keys = []
-    for r in rows:
-        keys += [k for k in r if k not in keys]
-    with open(path, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=keys)
-        w.writeheader()
-        w.writerows(rows)
+# Whole model: generation
+# ----------------------------------------------------------------------------------------------------------------------
+def decode_timing(model, batch: int, context: int, steps: int, static: bool, compiled: bool):
+    """``(prefill_ms, first_step_ms, ms_per_token)``: one prefill of ``context`` tokens, one decoding step, then
+    ``steps`` timed steps (greedy; one new token per sequence per step)."""
+    from transformers import DynamicCache, StaticCache
+
+    ids = torch.randint(3, VOCAB, (batch, context), device="cuda")
+    mask = torch.ones(batch, context + steps + 2, dtype=torch.long, device="cuda")
+    cache = (StaticCache(config=model.config, max_cache_len=context + steps + 2) if static
+             else DynamicCache(config=model.config))
+    forward = model.forward
+    if compiled:
+        forward = torch.compile(model.forward, mode="reduce-overhead", fullgraph=True)
+    with torch.no_grad():
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        logits = model(ids, attention_mask=mask[:, :context], past_key_values=cache, use_cache=True,
+                       logits_to_keep=1).logits
+        tok = logits[:, -1:].argmax(-1)
+        torch.cuda.synchronize()
+        prefill_ms = (time.perf_counter() - t0) * 1e3
+        times = []
+        for i in range(steps + 1):
+            pos = torch.tensor([context + i], device="cuda")
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            logits = forward(tok, attention_mask=mask[:, :context + i + 1], past_key_values=cache, use_cache=True,
+                             cache_position=pos, position_ids=pos[None].expand(batch, 1)).logits
+            tok = logits[:, -1:].argmax(-1)
+            torch.cuda.synchronize()
+            times.append((time.perf_counter() - t0) * 1e3)
+    first = times[0]
+    rest = sorted(times[1 + steps // 4:]) if compiled else sorted(times[1:])  # compiled: past the graph captures
+    return prefill_ms, first, rest[len(rest) // 2]
 
 
-def md_table(rows, cols, fmt=None):
-    fmt = fmt or {}
-    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-    for r in rows:
-        cells = []
-        for c in cols:
-            val = r.get(c, "")
-            if isinstance(val, float):
-                val = (fmt.get(c, "{:.3g}")).format(val) if not math.isnan(val) else "-"
-            cells.append(str(val))
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+def part_generate(args, info):
+    out = Out(args.out, "model_generate", info)
+    bandwidth = copy_bandwidth_gbs()
+    print(f"copy bandwidth {bandwidth:.0f} GB/s", flush=True)
+    for layers in args.gen_layers:
+        model = make_model("llama-1b", layers, max(args.contexts) + 4096)
+        model.eval()
+        for cache_kind, compiled in args.gen_modes:
+            for batch in args.batches:
+                for context in args.contexts:
+                    kv_bytes = 2 * layers * batch * 8 * context * 64 * 2
+                    floor = kv_bytes / (bandwidth * 1e9) * 1e3
+                    base = None
+                    for impl, gran, p in [("sdpa", "dense", 1.0)] + [("ppa", g, p) for g, p in PPA_VARIANTS[:2]]:
+                        use_impl(model, impl, gran, p)
+                        try:
+                            prefill, first, per = decode_timing(model, batch, context, args.steps,
+                                                                cache_kind == "static", compiled)
+                        except torch.cuda.OutOfMemoryError:
+                            print(f"OOM layers={layers} B={batch} T={context} {impl}", flush=True)
+                            torch.cuda.empty_cache()
+                            continue
+                        finally:
+                            torch._dynamo.reset()
+                        base = base if base is not None else per
+                        out.add(dict(layers=layers, batch=batch, context=context, cache=cache_kind,
+                                     compiled=int(compiled), impl=impl, granularity=gran, p=p, ms_per_token=per,
+                                     speedup_vs_sdpa=base / per, first_step_ms=first, prefill_ms=prefill,
+                                     dense_floor_ms=floor, copy_gbs=round(bandwidth)))
+                        torch.cuda.empty_cache()
+        del model
+        torch.cuda.empty_cache()
+    markdown(os.path.join(args.out, "results.md"), "Whole model: decoding, ms per new token (greedy, one token per "
+             "sequence per step)", out.rows,
+             ["layers", "batch", "context", "cache", "compiled", "impl", "granularity", "p", "ms_per_token",
+              "speedup_vs_sdpa", "first_step_ms", "prefill_ms", "dense_floor_ms"], info)
 
 
-def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--suite", default="full", choices=["full", "smoke"])
-    ap.add_argument("--out", default="bench_out")
-    ap.add_argument("--parts", default="attention,decode,model")
-    ap.add_argument("--lengths", default=None)
-    ap.add_argument("--ps", default=None)
-    ap.add_argument("--grans", default="token,block")
-    ap.add_argument("--skip", default="", help="comma list of substrings of 'method@p@L' to skip")
-    ap.add_argument("--model-layers", type=int, default=8)
-    ap.add_argument("--model-lengths", default="16384,32768")
-    ap.add_argument("--gen-batches", default="1,8")
-    ap.add_argument("--new-tokens", type=int, default=32)
-    ap.add_argument("--caches", default="32768,131072")
-    args = ap.parse_args()
-    torch._dynamo.config.cache_size_limit = 512
-    if hasattr(torch._dynamo.config, "recompile_limit"):
-        torch._dynamo.config.recompile_limit = 512
-    if hasattr(torch._dynamo.config, "accumulated_recompile_limit"):
-        torch._dynamo.config.accumulated_recompile_limit = 4096
-    smoke = args.suite == "smoke"
-    lengths = [int(x) for x in (args.lengths or ("16384,32768" if smoke else "4096,16384,32768,65536,131072")).split(",")]
-    ps = [float(x) for x in (args.ps or ("0.75" if smoke else "0.5,0.75,0.875")).split(",")]
-    grans = args.grans.split(",")
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("part", choices=["kernels", "train", "generate", "tune"])
+    ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
+    ap.add_argument("--head-dims", type=int, nargs="+", default=[64, 128])
+    ap.add_argument("--lengths", type=int, nargs="+", default=None, help="sequence lengths (kernels, train, tune)")
+    ap.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
+    ap.add_argument("--modes", nargs="+", default=["train", "prefill"], choices=["train", "prefill"])
+    ap.add_argument("--layers", type=int, default=8, help="decoder layers up to 32k (the 8B-layer shape: half)")
+    ap.add_argument("--layers-long", type=int, default=4, help="decoder layers above 32k")
+    ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--compiled", action="store_true", help="train: also the torch.compile'd step")
+    ap.add_argument("--gen-layers", type=int, nargs="+", default=[8])
+    ap.add_argument("--batches", type=int, nargs="+", default=[1, 8])
+    ap.add_argument("--contexts", type=int, nargs="+", default=[32768, 131072])
+    ap.add_argument("--gen-modes", nargs="+", default=["dynamic", "static-compiled"],
+                    choices=["dynamic", "static", "static-compiled"])
+    ap.add_argument("--steps", type=int, default=32, help="timed decoding steps")
+    args = ap.parse_args(argv)
+    args.lengths = args.lengths or ({"kernels": [32768, 131072], "tune": [32768]}.get(args.part, [16384, 32768, 131072]))
+    args.gen_modes = [(m.split("-")[0], m.endswith("compiled")) for m in args.gen_modes]
     os.makedirs(args.out, exist_ok=True)
-    info = meta()
-    logf = open(os.path.join(args.out, "log.txt"), "a")
-
-    def log(msg):
-        print(msg, flush=True)
-        logf.write(msg + "\n")
-        logf.flush()
-
-    log(f"# {info}")
-    log(f"# command: {' '.join(sys.argv)}")
-    parts = args.parts.split(",")
-    att, dec, mod = [], [], []
-    t0 = time.time()
-    try:
-        if "attention" in parts:
-            attention_bench(lengths, ps, grans, att, log, skip=[s for s in args.skip.split(",") if s])
-            write_csv(os.path.join(args.out, "attention.csv"), att)
-            log(f"# attention done in {time.time() - t0:.0f} s")
-        if "decode" in parts:
-            decode_bench([int(x) for x in args.caches.split(",")], [1, 8], ps, grans, dec, log)
-            write_csv(os.path.join(args.out, "decode.csv"), dec)
-            log(f"# decode done in {time.time() - t0:.0f} s")
-        if "model" in parts:
-            model_bench([int(x) for x in args.model_lengths.split(",")], args.model_layers,
-                        [int(x) for x in args.gen_batches.split(",")], args.new_tokens, mod, log)
-            write_csv(os.path.join(args.out, "model.csv"), mod)
-            log(f"# model done in {time.time() - t0:.0f} s")
-    finally:
-        write_csv(os.path.join(args.out, "attention.csv"), att)
-        write_csv(os.path.join(args.out, "decode.csv"), dec)
-        write_csv(os.path.join(args.out, "model.csv"), mod)
-        head = (f"GPU: {info['gpu']}; torch {info['torch']}; triton {info['triton']}; transformers "
-                f"{info['transformers']}; commit {info['commit']}; {info['date']}\n\n"
-                f"Command: `python -m benchmarks.run {' '.join(sys.argv[1:])}`\n\n"
-                f"Shape: batch {B}, {H} query heads, {HKV} KV heads, head dim {D}, bf16; window 64, block 128.\n\n")
-        with open(os.path.join(args.out, "results.md"), "w") as f:
-            f.write(head)
-            if att:
-                f.write("## Attention (ms; speedup vs dense causal SDPA flash; TFLOP/s on attended pairs)\n\n")
-                f.write(md_table(att, ["L", "method", "p", "fwd_ms", "bwd_ms", "fwd_bwd_ms", "speedup_fwd",
-                                       "speedup_bwd", "speedup_fwd_bwd", "fwd_tflops", "bwd_tflops", "peak_gib",
-                                       "pair_fraction", "error"]) + "\n\n")
-            if dec:
-                f.write("## Decode, one new token (us; graph = CUDA-graph replay)\n\n")
-                f.write(md_table(dec, ["T", "batch", "method", "p", "keys", "us", "us_graph", "tbps", "speedup",
-                                       "speedup_graph", "index_us"]) + "\n\n")
-            if mod:
-                f.write("## Model (Llama-shaped, random weights)\n\n")
-                f.write(md_table(mod, ["kind", "L", "batch", "variant", "ms", "tokens_per_s", "speedup", "peak_gib",
-                                       "prefill_ms"]) + "\n")
-        log(f"# total {time.time() - t0:.0f} s")
+    torch._dynamo.config.cache_size_limit = 64
+    info = machine()
+    print(info, flush=True)
+    {"kernels": part_kernels, "train": part_train, "generate": part_generate, "tune": part_tune}[args.part](args, info)
 
 
 if __name__ == "__main__":
-    main()
+    with contextlib.suppress(KeyboardInterrupt):
+        main()

@@ -141,7 +141,6 @@ print(json.dumps(report))
 # and is to be removed once fixed: ppa_hf/ops/triton/prefill.py imports `tile_mask`, which
 # ppa_hf/ops/triton/common.py defines only when triton can be imported, so without triton `ppa_hf.ops.triton`
 # cannot be imported and the `auto` backend's first forward pass raises ImportError.
-KNOWN_BUG_TRITON_REQUIRED = "cannot import name 'tile_mask' from 'ppa_hf.ops.triton.common'"
 
 
 def _canonical(name: str) -> str:
@@ -204,8 +203,6 @@ def test_tqdm_is_the_one_optional_package_the_core_itself_needs():
 
 
 def _check(result: subprocess.CompletedProcess) -> dict:
-    if result.returncode != 0 and KNOWN_BUG_TRITON_REQUIRED in result.stderr:
-        pytest.xfail(f"known plugin bug: {KNOWN_BUG_TRITON_REQUIRED}")
     assert result.returncode == 0, result.stderr[-6000:]
     report = json.loads(result.stdout.strip().splitlines()[-1])
     # only packages the core itself needs may have been loaded (by torch / transformers)

@@ -182,3 +182,104 @@ def test_left_padded_generation_auto_matches_sdpa_mask_on_gpu():
     q = torch.randn(3, 4, 1, 32, device="cuda")
     k = torch.randn(3, 2, 340, 32, device="cuda")
     assert choose_path(settings, q, k, k, None, 0.0) == "sdpa_mask"
+
+
+@cuda
+@needs_triton
+@pytest.mark.parametrize("head_dim", [16, 32, 64, 128, 256])
+def test_triton_every_supported_head_size(head_dim):
+    from ppa_hf.ops.triton import SUPPORTED_HEAD_DIMS, triton_decode_attention, triton_ppa_attention
+
+    assert head_dim in SUPPORTED_HEAD_DIMS
+    for pattern in (PPAPattern(0.75, 32, 1), PPAPattern(0.75, 32, 0, "block", 64)):
+        _check("triton", lambda a, b, c: triton_ppa_attention(a, b, c, pattern), pattern, 1, 4, 2, 333, 333, head_dim,
+               torch.bfloat16)
+        index, count = pattern.key_lists(torch.arange(1999, 2002, device="cuda"), 2002)
+        _check("decode", lambda a, b, c: triton_decode_attention(a, b, c, index[None], count[None]), pattern, 1, 8, 2,
+               3, 2002, head_dim, torch.bfloat16, grads=False)
+
+
+@cuda
+@needs_triton
+def test_unsupported_head_size_is_refused_by_the_kernel_and_routed_by_auto():
+    from ppa_hf.hf.dispatch import choose_path
+    from ppa_hf.hf.settings import PPASettings
+    from ppa_hf.layout import PPALayout
+    from ppa_hf.ops.triton import triton_ppa_attention
+
+    q = torch.randn(1, 4, 300, 80, device="cuda", dtype=torch.bfloat16)
+    k = torch.randn(1, 2, 300, 80, device="cuda", dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match="head size 80"):
+        triton_ppa_attention(q, k, k, PPAPattern(0.75))
+    seg = torch.zeros(1, 300, dtype=torch.long, device="cuda")
+    layout = PPALayout(seg, torch.arange(300, device="cuda")[None], torch.arange(300, device="cuda"), 0, 300, q_start=0)
+    assert choose_path(PPASettings(0.75), q, k, k, layout, 0.0) == "sdpa_mask"
+    with pytest.raises(ValueError, match="ppa_backend='triton' cannot serve this call: head size 80"):
+        choose_path(PPASettings(0.75, backend="triton"), q, k, k, layout, 0.0)
+
+
+def _tiny_cuda_llama(dtype=torch.bfloat16, **ppa):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    import ppa_hf
+
+    cfg = LlamaConfig(vocab_size=512, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=8192,
+                      pad_token_id=0, eos_token_id=1, bos_token_id=2)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(cfg).cuda().to(dtype).eval()
+    if ppa:
+        ppa_hf.apply(model, **ppa)
+    return model
+
+
+@cuda
+@needs_triton
+@pytest.mark.parametrize("granularity", ["token", "block"])
+def test_static_cache_compiled_generation_matches_eager_dynamic(granularity):
+    """generate(cache_implementation="static") compiles the decoding step (CUDA graphs) through the Triton decode
+    custom op; its tokens equal those of eager generation with a dynamic cache."""
+    model = _tiny_cuda_llama(torch.float32, p=0.75, window=16, sink_tokens=1, granularity=granularity,
+                             block_size=64, backend="triton")
+    ids = torch.randint(3, 512, (2, 1100), device="cuda")
+    mask = torch.ones_like(ids)
+    mask[1, :37] = 0  # left padding
+    kw = dict(attention_mask=mask, max_new_tokens=24, min_new_tokens=24, do_sample=False)
+    with torch.no_grad():
+        eager = model.generate(ids, **kw)
+        static = model.generate(ids, cache_implementation="static", **kw)
+    print(f"[static+compile {granularity}] first differing step:",
+          (eager != static).any(0).nonzero()[:1].tolist())
+    assert torch.equal(static, eager)
+
+
+@cuda
+@needs_triton
+@pytest.mark.parametrize("granularity", ["token", "block"])
+def test_decode_steps_do_not_synchronise(granularity):
+    """Eager decoding steps with a static cache: no host synchronisation inside PPA (CUDA's sync debug mode raises
+    on any), for the Triton decode kernel and the torch gather."""
+    from transformers import StaticCache
+
+    for backend in ("triton", "decode"):
+        model = _tiny_cuda_llama(p=0.75, window=16, sink_tokens=2, granularity=granularity, block_size=64,
+                                 backend=backend)
+        ids = torch.randint(3, 512, (2, 1500), device="cuda")
+        mask = torch.ones_like(ids)
+        mask[1, :100] = 0
+        cache = StaticCache(config=model.config, max_cache_len=1600)
+        with torch.no_grad():
+            model(ids, attention_mask=mask, past_key_values=cache, use_cache=True)  # prefill may synchronise
+            tok = torch.randint(3, 512, (2, 1), device="cuda")
+            steps = []  # inputs made before the check: creating them copies from the host
+            for step in range(3):
+                mask = torch.cat([mask, torch.ones_like(mask[:, :1])], 1)
+                steps.append((mask, torch.tensor([1500 + step], device="cuda"), (mask.long().cumsum(-1) - 1)[:, -1:]))
+            torch.cuda.synchronize()
+            torch.cuda.set_sync_debug_mode("error")
+            try:
+                for step_mask, pos, position_ids in steps:
+                    model(tok, attention_mask=step_mask, past_key_values=cache, use_cache=True, cache_position=pos,
+                          position_ids=position_ids)
+            finally:
+                torch.cuda.set_sync_debug_mode("default")

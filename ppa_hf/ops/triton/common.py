@@ -113,6 +113,8 @@ def word_tables(pattern: PPAPattern, tok: torch.Tensor):
     return _TABLES.get(("words", pattern, tok.numel(), str(tok.device)), build)
 
 
+word_mask = tile_mask = None  # the jit functions below, where Triton is installed
+
 if triton is not None:
 
     @triton.jit
