@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import csv
 import json
-import math
 import os
 import random
 import sys
@@ -30,7 +29,9 @@ import torch
 
 import ppa_hf
 from ppa_hf.models import load_model
-from ppa_hf.pattern import check_p
+from ppa_hf.hf.settings import DEFAULTS, GRANULARITIES
+from ppa_hf.pattern import check_int, check_p
+from ppa_hf.recipes.options import add_ppa_arguments, ppa_settings
 from ppa_hf.recipes.perplexity import load_text, perplexity
 
 ZEROSHOT_PS = [0.0, 0.25, 0.5, 0.625, 0.75, 0.875, 1.0]
@@ -156,28 +157,31 @@ def passkey_accuracy(model, task: Passkey, n: int, seed: int, batch_size: int):
     return correct / n, by_depth
 
 
-def finetune(model, task: Passkey, steps, batch_size, lr, seed, device):
-    model.train()
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+def finetune(model, task: Passkey, steps, batch_size, lr, seed, accelerator):
+    """Fine-tune ``model`` on ``steps`` passkey batches through the training module's loop (the same step as
+    examples/finetune.py): loss on the key tokens only, AdamW, gradient norm clipped at 1, this script's schedule
+    (warm-up over 10 steps, then linear decay to 0). Returns the loss of each step."""
+    from ppa_hf.recipes.training import make_optimizer, target_count, train_loop
+
+    opt = make_optimizer(model, lr, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 10) * max(0.0, 1 - s / steps))
     rng = random.Random(seed)
-    losses = []
-    for step in range(steps):
-        ids, labels = task.batch(rng, batch_size)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-            loss = model(input_ids=ids.to(device), labels=labels.to(device), use_cache=False).loss
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        sched.step()
-        opt.zero_grad(set_to_none=True)
-        losses.append(float(loss.detach()))
+
+    def batches(step):  # one micro-batch per step, drawn in step order from the seeded stream
+        ids, labels = task.batch(rng, batch_size)  # [B, context] each; labels -100 except on the key
+        return [{"input_ids": ids, "labels": labels}], target_count(labels)
+
+    rows = train_loop(accelerator, model, opt, sched, batches, last_step=steps, global_batch=batch_size)
     model.eval()
-    return losses
+    return [row["loss"] for row in rows]
 
 
 def scurve(args) -> int:
+    from accelerate import Accelerator
+
     device = _device()
+    # bf16 autocast on a GPU, as before; the accelerator only runs the training step (nothing is prepared)
+    accelerator = Accelerator(cpu=device.type != "cuda", mixed_precision="bf16" if device.type == "cuda" else "no")
     base, tok = load_model(dtype="float32")
     state = {k: v.clone() for k, v in base.state_dict().items()}
     pydoc_ids = tok(load_text("pydoc"), return_tensors="pt", add_special_tokens=False).input_ids[0]
@@ -207,7 +211,7 @@ def scurve(args) -> int:
                      granularity=args.granularity, block_size=args.block_size)
         t0 = time.time()
         zero_acc, _ = passkey_accuracy(model, eval_task, args.eval_samples, 1234, args.eval_batch)
-        losses = finetune(model, train_task, args.steps, args.batch_size, args.lr, seed, device)
+        losses = finetune(model, train_task, args.steps, args.batch_size, args.lr, seed, accelerator)
         train_s = time.time() - t0
         acc, by_depth = passkey_accuracy(model, eval_task, args.eval_samples, 1234, args.eval_batch)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
@@ -271,29 +275,26 @@ def collect(args) -> int:
 
 
 # ---------------------------------------------------------------------------------------------------------- cli
-def main(argv=None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--out-dir", required=True)
     common.add_argument("--ps", type=float, nargs="+", default=ZEROSHOT_PS)
-    common.add_argument("--window", type=int, default=64)
-    common.add_argument("--block-size", type=int, default=128)
-    common.add_argument("--backend", default="auto")
     z = sub.add_parser("zeroshot", parents=[common])
+    add_ppa_arguments(z, omit=("p", "sink_tokens", "granularity"))  # those three are swept
     z.add_argument("--texts", nargs="+", default=["pydoc", "stdlib"])
     z.add_argument("--contexts", type=int, nargs="+", default=[2048, 8192])
     z.add_argument("--sinks", type=int, nargs="+", default=[0, 4])
-    z.add_argument("--granularities", nargs="+", default=["token"])
+    z.add_argument("--granularities", nargs="+", default=[DEFAULTS["ppa_granularity"]], choices=GRANULARITIES)
     z.add_argument("--tokens", type=int, default=65536, help="tokens scored per setting")
     z.add_argument("--batch-size", type=int, default=1)
     z.set_defaults(func=zeroshot)
     s = sub.add_parser("scurve", parents=[common])
+    add_ppa_arguments(s, omit=("p",))
     s.add_argument("--seeds", type=int, nargs="+", default=[0])
     s.add_argument("--knee", type=float, nargs="*", default=[])
     s.add_argument("--knee-seeds", type=int, nargs="*", default=[])
-    s.add_argument("--granularity", default="token")
-    s.add_argument("--sink-tokens", type=int, default=0)
     s.add_argument("--context", type=int, default=2048)
     s.add_argument("--steps", type=int, default=120)
     s.add_argument("--batch-size", type=int, default=8)
@@ -308,8 +309,19 @@ def main(argv=None) -> int:
     c = sub.add_parser("collect", parents=[common], help="rebuild CSVs and plots from run logs")
     c.add_argument("logs", nargs="+")
     c.set_defaults(func=collect)
+    return parser
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
     args = parser.parse_args(argv)
-    args.ps = [check_p(p, "--ps") for p in args.ps]
+    try:
+        args.ps = [check_p(p, "--ps") for p in args.ps]
+        vars(args).update(ppa_settings(args))  # the PPA options this subcommand has, validated
+        if args.command == "zeroshot":
+            args.sinks = [check_int(n, "--sinks", 0) for n in args.sinks]
+    except ValueError as err:
+        parser.error(str(err))
     os.makedirs(args.out_dir, exist_ok=True)
     return args.func(args)
 

@@ -12,7 +12,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import ppa_hf
 from conftest import REPO_ROOT, shared_data, subprocess_env
-from ppa_hf.recipes.evaluation import run_eval, samples_path, strided_perplexity
+from ppa_hf.recipes.evaluation import run_eval, samples_path
+from ppa_hf.recipes.perplexity import perplexity
 
 
 def cli(*args, timeout=600):
@@ -81,22 +82,45 @@ def _tiny(tiny_model_dir, p=0.5):
     return model, tok
 
 
-def test_strided_perplexity(tiny_model_dir):
-    from ppa_hf.recipes.perplexity import perplexity
+def _reference_nll(model, ids, context, stride):
+    """Per-token loss with each token scored once, by the first window whose end covers it: one window at a time,
+    one target at a time (what the batched implementation must reproduce)."""
+    total, count, scored_until = 0.0, 0, 0
+    with torch.no_grad():
+        for start in range(0, ids.numel() - context + 1, stride):
+            window = ids[start:start + context]
+            logp = torch.log_softmax(model(input_ids=window[None]).logits[0].float(), -1)  # [context, V]
+            for pos in range(max(scored_until, start + 1), start + context):  # token `pos` from tokens before it
+                total -= float(logp[pos - start - 1, window[pos - start]])
+                count += 1
+            scored_until = start + context
+    return total / count, count
 
+
+def test_strided_perplexity(tiny_model_dir):
     model, tok = _tiny(tiny_model_dir)
     text = "def f(x):\n    return x * 2\n" * 40
-    n = tok(text, add_special_tokens=False, return_tensors="pt").input_ids.shape[1]
-    plain = strided_perplexity(model, tok, text, context=64, stride=None)
-    same = perplexity(model, tok, text, context=64)
-    assert plain["nll"] == pytest.approx(same["nll"]) and plain["stride"] == 64
-    strided = strided_perplexity(model, tok, text, context=64, stride=16)
+    ids = tok(text, add_special_tokens=False, return_tensors="pt").input_ids[0]
+    n = ids.numel()
+    plain = perplexity(model, tok, text, context=64)
+    assert plain["stride"] == 64 and plain["windows"] == n // 64 and plain["tokens"] == 63 * (n // 64)
+    assert perplexity(model, tok, text, context=64, stride=64) == plain  # stride == context: the same windows
+    strided = perplexity(model, tok, text, context=64, stride=16)
     windows = (n - 64) // 16 + 1
     assert strided["windows"] == windows
     assert strided["tokens"] == 63 + 16 * (windows - 1)  # every token scored once
     assert math.isfinite(strided["nll"]) and strided["ppl"] == pytest.approx(math.exp(strided["nll"]))
-    with pytest.raises(ValueError, match="--stride"):
-        strided_perplexity(model, tok, text, context=64, stride=65)
+    for result, stride in [(plain, 64), (strided, 16)]:
+        nll, count = _reference_nll(model, ids, 64, stride)
+        assert result["tokens"] == count and result["nll"] == pytest.approx(nll, rel=1e-5)
+    # batching windows (the first one scores more targets than the later ones) changes nothing
+    batched = perplexity(model, tok, text, context=64, stride=16, batch_size=3)
+    assert batched["tokens"] == strided["tokens"] and batched["nll"] == pytest.approx(strided["nll"], rel=1e-5)
+    assert perplexity(model, tok, text, context=64, stride=16, max_windows=2)["tokens"] == 63 + 16
+    for bad, match in [(dict(stride=65), "--stride=65"), (dict(stride=0), "--stride=0"), (dict(context=1), "--context"),
+                       (dict(context=10 * n), "fewer than one window")]:
+        with pytest.raises(ValueError, match=match):
+            perplexity(model, tok, text, **{"context": 64, **bad})
 
 
 def test_perplexity_cli(tiny_model_dir, tmp_path):

@@ -6,6 +6,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
+import ppa_hf
 from conftest import REPO_ROOT, run_finetune, shared_data
 
 CPU_1 = str(REPO_ROOT / "examples" / "accelerate_configs" / "cpu_1proc.yaml")
@@ -94,16 +95,19 @@ def test_bad_input_one_line_nonzero_nothing_written(case, tiny_model_dir, tmp_pa
 
 
 def test_random_init_synthetic_gradient_checkpointing(tiny_model_dir, tmp_path):
-    """Throughput-run options: random-init model shape, synthetic data, activation checkpointing, grad accum."""
+    """Throughput-run options: random-init model shape, synthetic data, activation checkpointing, grad accum; the
+    block pattern with its block size and backend reaches the model and its saved config."""
     out = tmp_path / "syn"
     result = run_finetune(["--model-config", "tiny-llama", "--tokenizer", str(tiny_model_dir), "--synthetic-data",
                            "--seq-len", "64", "--batch-size", "2", "--grad-accum", "2", "--max-steps", "2",
                            "--lora-r", "0", "--gradient-checkpointing", "--p", "0.25", "--output-dir", str(out),
-                           "--no-progress"])
+                           "--no-progress", "--granularity", "block", "--block-size", "16", "--backend", "naive"])
     assert result.returncode == 0, result.stderr[-3000:]
     rows = log_rows(out)
     assert [r["step"] for r in rows] == [1, 2] and all(r["tokens"] == 4 * 64 and r["global_batch"] == 4 for r in rows)
-    assert AutoModelForCausalLM.from_pretrained(out, attn_implementation="ppa").config.ppa_p == 0.25
+    config = AutoModelForCausalLM.from_pretrained(out, attn_implementation="ppa").config
+    assert config.ppa_p == 0.25 and (config.ppa_granularity, config.ppa_block_size) == ("block", 16)
+    assert config.ppa_backend == "sdpa_mask"  # the old name is read as the new one
 
 
 def test_embedded_smollm2_lora_two_steps_saves_a_loadable_model(tmp_path):
@@ -118,6 +122,63 @@ def test_embedded_smollm2_lora_two_steps_saves_a_loadable_model(tmp_path):
     model = AutoModelForCausalLM.from_pretrained(out, attn_implementation="ppa")
     assert model.config.ppa_p == 0.75 and model.config.num_hidden_layers == 30
     assert [r["step"] for r in log_rows(out)] == [1, 2]
+
+
+def test_train_loop_on_in_memory_batches_matches_a_plain_loop(tiny_model_dir):
+    """Other loops (examples/results.py's passkey fine-tune) run the fine-tune's own step on batches built in
+    memory: the result is the plain PyTorch loop that results.py had before (Transformers' loss on the labelled
+    tokens only, AdamW, gradient norm clipped at 1, a LambdaLR schedule), step for step."""
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+
+    from ppa_hf.recipes.training import make_optimizer, target_count, train_loop
+
+    g = torch.Generator().manual_seed(0)
+    data = []
+    for _ in range(3):
+        ids = torch.randint(0, 1000, (2, 24), generator=g)  # [B, T]
+        labels = ids.clone()
+        labels[:, :20] = -100  # loss on the last tokens only, as on a passkey
+        labels[1, 20] = -100  # rows with different target counts: the mean is over tokens, not rows
+        data.append((ids, labels))
+
+    def schedule(step):
+        return min(1.0, (step + 1) / 2) * max(0.0, 1 - step / 3)
+
+    def fresh():
+        model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+        return ppa_hf.apply(model, p=0.5, window=8)
+
+    reference = fresh().train()
+    opt = torch.optim.AdamW(reference.parameters(), lr=1e-2, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule)
+    expected = []
+    for ids, labels in data:
+        loss = reference(input_ids=ids, labels=labels, use_cache=False).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(reference.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        expected.append(float(loss.detach()))
+
+    model = fresh()
+    opt = make_optimizer(model, 1e-2)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule)
+    try:
+        rows = train_loop(Accelerator(cpu=True), model, opt, sched,
+                          lambda step: ([{"input_ids": data[step][0], "labels": data[step][1]}],
+                                        target_count(data[step][1])),
+                          last_step=3, global_batch=2)
+    finally:
+        AcceleratorState._reset_state(reset_partial_state=True)  # no accelerator state left for later tests
+    assert [r["step"] for r in rows] == [1, 2, 3] and [r["tokens"] for r in rows] == [48, 48, 48]
+    assert [r["loss"] for r in rows] == pytest.approx(expected, abs=2e-6)
+    assert [r["lr"] for r in rows] == pytest.approx([1e-2 * schedule(s) for s in range(3)])
+    trained = dict(model.named_parameters())
+    for name, param in reference.named_parameters():
+        assert torch.allclose(param, trained[name], atol=1e-6), name
+    assert not torch.equal(trained["lm_head.weight"], fresh().lm_head.weight)
 
 
 def test_materialize_optimizer_state_changes_no_weight():
@@ -186,3 +247,26 @@ def test_tied_weights_saved_once_from_a_gathered_state_dict(tmp_path):
     torch.testing.assert_close(again(ids).logits, model(ids).logits, atol=0, rtol=0)
     untied = AutoModelForCausalLM.from_config(LlamaConfig(**{**config.to_dict(), "tie_word_embeddings": False}))
     assert drop_tied_copies(untied, untied.state_dict()).keys() == untied.state_dict().keys()
+
+
+def test_results_scurve_smoke_embedded_smollm2(tmp_path):
+    """examples/results.py scurve end to end at toy size on the embedded SmolLM2 (its passkey fine-tune runs
+    through the training module's loop): one p, 2 steps, a CSV row with the loss and the held-out perplexity."""
+    import csv
+    import math
+    import subprocess
+    import sys
+
+    from conftest import subprocess_env
+
+    out = tmp_path / "scurve"
+    result = subprocess.run([sys.executable, str(REPO_ROOT / "examples" / "results.py"), "scurve", "--out-dir",
+                             str(out), "--ps", "0.5", "--context", "96", "--steps", "2", "--batch-size", "2",
+                             "--eval-samples", "2", "--eval-batch", "2", "--ppl-windows", "1", "--window", "16"],
+                            capture_output=True, text=True, env=subprocess_env(), cwd=REPO_ROOT, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    with open(out / "scurve.csv") as handle:
+        rows = list(csv.DictReader(handle))
+    assert len(rows) == 1 and rows[0]["p"] == "0.5" and rows[0]["steps"] == "2" and rows[0]["window"] == "16"
+    assert 0 < float(rows[0]["final_loss"]) < 20 and math.isfinite(float(rows[0]["heldout_ppl"]))
+    assert (out / "scurve_passkey_acc.png").exists()

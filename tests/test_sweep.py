@@ -1,6 +1,7 @@
 """`ppa-hf sweep`: a 3-point sweep writes its CSV and S-curve plot, resumes, refuses changed settings."""
 
 import csv
+import json
 import subprocess
 import sys
 
@@ -55,6 +56,26 @@ def test_sweep_with_short_finetune_per_point(tiny_model_dir, tmp_path):
     for p in ("0.25", "1"):
         config = (out / "finetune" / f"p={p}" / "config.json").read_text()
         assert f'"ppa_p": {p}' in config
+
+
+def test_sweep_finetunes_at_the_pattern_it_evaluates(tiny_model_dir, tmp_path):
+    """The per-p fine-tune gets the sweep's whole PPA setting: a block-64 sweep trains at block 64 (it used to
+    train at the default block 128 and backend, then evaluate at 64)."""
+    text = tmp_path / "t.txt"
+    text.write_text("Numbers: " + " ".join(str(i % 13) for i in range(400)))
+    out = tmp_path / "block_sweep"
+    result = sweep("--ps", "0.5", "--model", tiny_model_dir, "--task", "perplexity", "--data", text, "--context", 64,
+                   "--max-windows", 2, "--granularity", "block", "--block-size", 64, "--backend", "sdpa_mask",
+                   "--window", 16, "--sink-tokens", 1, "--finetune-steps", 1, "--train-file",
+                   shared_data("gsm8k", "train.jsonl"), "--seq-len", 64, "--train-batch-size", 2, "--out-dir", out)
+    assert result.returncode == 0, result.stderr[-3000:]
+    config = json.loads((out / "finetune" / "p=0.5" / "config.json").read_text())
+    assert {k: config[k] for k in ("ppa_p", "ppa_granularity", "ppa_block_size", "ppa_backend", "ppa_window",
+                                   "ppa_sink_tokens")} == {"ppa_p": 0.5, "ppa_granularity": "block",
+                                                            "ppa_block_size": 64, "ppa_backend": "sdpa_mask",
+                                                            "ppa_window": 16, "ppa_sink_tokens": 1}
+    point = json.loads((out / "points" / "p=0.5.json").read_text())
+    assert (point["ppa_granularity"], point["ppa_block_size"], point["ppa_window"]) == ("block", 64, 16)
 
 
 def test_sweep_bad_input(tmp_path, capsys):

@@ -2,21 +2,14 @@
 
 from __future__ import annotations
 
+from .options import add_ppa_arguments, ppa_settings
+
 
 def add_eval_arguments(parser, with_p: bool = True, with_output: bool = True):
     parser.add_argument("--model", default=None, help="model directory or Hub id (default: embedded SmolLM2-135M)")
     parser.add_argument("--gguf-file", default=None, help="GGUF file inside --model")
-    if with_p:
-        parser.add_argument("--p", default=None,
-                            help="PPA power in [0, 1] (float or fraction); default: the model's saved ppa_p")
-    parser.add_argument("--window", type=int, default=None, help="PPA window (default: saved, else 64)")
-    parser.add_argument("--sink-tokens", type=int, default=None, help="sink tokens (default: saved, else 0)")
-    parser.add_argument("--backend", default=None, choices=["auto", "sdpa_mask", "naive", "flex", "decode", "triton"],
-                        help="attention path (default: saved, else auto)")
-    parser.add_argument("--granularity", default=None, choices=["token", "block"],
-                        help="PPA pattern granularity (default: saved, else token)")
-    parser.add_argument("--block-size", type=int, default=None,
-                        help="block size of the block pattern (default: saved, else 128)")
+    # None = the model's saved value (else the plugin's default): a fine-tuned model evaluates as it was trained
+    add_ppa_arguments(parser, omit=() if with_p else ("p",), keep_saved=True)
     parser.add_argument("--task", default="gsm8k", help="gsm8k | math500 | perplexity")
     parser.add_argument("--data", default=None,
                         help="local JSONL (gsm8k/math500) or text file / 'pydoc' / 'stdlib' (perplexity); "
@@ -48,13 +41,12 @@ def run(args) -> int:
 
     from .evaluation import run_eval
 
-    summary = run_eval(task=args.task, model=args.model, gguf_file=args.gguf_file, p=args.p, window=args.window,
-                       sink_tokens=args.sink_tokens, data=args.data, fewshot_data=args.fewshot_data,
-                       shots=args.shots, limit=args.limit, batch_size=args.batch_size,
+    summary = run_eval(task=args.task, model=args.model, gguf_file=args.gguf_file, data=args.data,
+                       fewshot_data=args.fewshot_data, shots=args.shots, limit=args.limit, batch_size=args.batch_size,
                        max_new_tokens=args.max_new_tokens, strict=args.strict, output=args.output,
                        context=args.context, stride=args.stride, max_windows=args.max_windows, dtype=args.dtype,
-                       backend=args.backend, granularity=args.granularity, block_size=args.block_size)
-    keys = ["task", "ppa_p", "ppa_window", "ppa_sink_tokens", "ppa_granularity"]
+                       **ppa_settings(args))
+    keys = ["task", "ppa_p", "ppa_window", "ppa_sink_tokens", "ppa_granularity", "ppa_block_size"]
     keys += (["nll", "ppl", "tokens", "windows", "context", "stride"] if args.task == "perplexity"
              else ["accuracy", "correct", "total"] + [k for k in summary if k.startswith("accuracy_")])
     print(json.dumps({k: summary[k] for k in keys + ["seconds"] if k in summary}))

@@ -21,9 +21,11 @@ QUESTION = "What is the capital of France? Answer in one short sentence."
 
 
 def add_arguments(parser):
+    from ppa_hf.recipes.options import add_ppa_arguments
+
     parser.add_argument("--ps", type=float, nargs="+", default=list(DEFAULT_PS), help="values of p to measure")
     parser.add_argument("--sinks", type=int, nargs="+", default=list(DEFAULT_SINKS), help="sink-token counts")
-    parser.add_argument("--window", type=int, default=64)
+    add_ppa_arguments(parser, omit=("p", "sink_tokens"))  # p and sinks are swept: --ps, --sinks
     parser.add_argument("--context", type=int, default=2048, help="tokens per perplexity window")
     parser.add_argument("--windows", type=int, default=4, help="number of windows scored")
     parser.add_argument("--text", default="pydoc", help="'pydoc', 'stdlib' or a text file")
@@ -44,11 +46,13 @@ def run(args) -> int:
     import ppa_hf
     from ppa_hf.models import DEFAULT_MODEL_NAME, load_model
     from ppa_hf.pattern import check_int, check_p
+    from ppa_hf.recipes.options import ppa_settings
     from ppa_hf.recipes.perplexity import load_text, perplexity
     from ppa_hf.recipes.plots import plot_metric_vs_p
 
     ps = [check_p(p, "--ps") for p in args.ps]
     sinks = [check_int(s, "--sinks", 0) for s in args.sinks]
+    ppa = ppa_settings(args)  # window, backend, granularity, block size
     if args.threads:
         torch.set_num_threads(args.threads)
     started = time.time()
@@ -62,7 +66,7 @@ def run(args) -> int:
 
     grid = [(p, s) for s in sinks for p in ps]
     for p, s in tqdm(grid, desc="perplexity sweep", unit="setting"):
-        ppa_hf.apply(model, p=p, window=args.window, sink_tokens=s)
+        ppa_hf.apply(model, p=p, sink_tokens=s, **ppa)
         t0 = time.time()
         result = perplexity(model, tokenizer, text, context=args.context, max_windows=args.windows,
                             progress=True, desc=f"p={p:g} sinks={s}")
@@ -89,7 +93,7 @@ def run(args) -> int:
                                 logy=True)
     print(f"\nwrote {csv_path}\nwrote {png_path}")
 
-    ppa_hf.apply(model, p=0.75, window=args.window, sink_tokens=0)
+    ppa_hf.apply(model, p=0.75, sink_tokens=0, **ppa)
     messages = [{"role": "user", "content": QUESTION}]
     prompt = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
     inputs = tokenizer(prompt, return_tensors="pt", add_special_tokens=False)

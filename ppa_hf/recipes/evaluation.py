@@ -13,7 +13,6 @@ only when the run finishes, so an interrupted or failed run leaves nothing that 
 from __future__ import annotations
 
 import json
-import math
 import os
 import platform
 import time
@@ -74,7 +73,9 @@ def load_eval_model(model: str | None = None, gguf_file: str | None = None, p=No
 
 
 def ppa_summary(config) -> dict:
-    return {k: getattr(config, k, None) for k in ("ppa_p", "ppa_window", "ppa_sink_tokens", "ppa_granularity")}
+    """The PPA settings a model ran with, as recorded in every evaluation summary."""
+    return {k: getattr(config, k, None)
+            for k in ("ppa_p", "ppa_window", "ppa_sink_tokens", "ppa_granularity", "ppa_block_size")}
 
 
 # ------------------------------------------------------------------------------------------ generation
@@ -172,52 +173,6 @@ def evaluate_generation(model, tokenizer, task: str, records: list[dict], shots:
     return metrics, samples
 
 
-# ------------------------------------------------------------------------------------------ perplexity
-
-
-def strided_perplexity(model, tokenizer, text: str, context: int = 1024, stride: int | None = None,
-                       max_windows: int | None = None, batch_size: int = 1, progress: bool = False) -> dict:
-    """Per-token loss over ``text`` in windows of ``context`` tokens starting every ``stride`` tokens; each
-    token is scored once, in the first window whose end covers it (so with ``stride < context`` every scored
-    token but those of the first window sees at least ``context - stride`` tokens before it).
-    ``stride=None`` (or ``= context``) is :func:`ppa_hf.recipes.perplexity.perplexity` (non-overlapping windows)."""
-    import torch
-    from tqdm.auto import tqdm
-
-    from ..pattern import check_int
-    from .perplexity import perplexity
-
-    context = check_int(context, "--context", 2)
-    if stride is None or stride == context:
-        return {**perplexity(model, tokenizer, text, context, max_windows, batch_size, progress), "stride": context}
-    stride = check_int(stride, "--stride", 1)
-    if stride > context:
-        raise ValueError(f"--stride={stride} is larger than --context={context}; stride must be in [1, context]")
-    ids = tokenizer(text, return_tensors="pt", add_special_tokens=False).input_ids[0]
-    if ids.numel() < context:
-        raise ValueError(f"the text has {ids.numel()} tokens, fewer than one window of --context={context}")
-    device = next(model.parameters()).device
-    starts = list(range(0, ids.numel() - context + 1, stride))
-    if max_windows is not None:
-        starts = starts[:max_windows]
-    total, count, prev_end = 0.0, 0, 0
-    with torch.no_grad():
-        for start in tqdm(starts, desc="ppl", disable=not progress, leave=False):
-            end = start + context
-            window = ids[start:end].unsqueeze(0).to(device)
-            first_scored = max(prev_end, start + 1)  # positions [first_scored, end) are new targets
-            logits = model(input_ids=window, use_cache=False).logits[0, :-1].float()
-            targets = window[0, 1:]
-            keep = slice(first_scored - start - 1, None)
-            loss = torch.nn.functional.cross_entropy(logits[keep], targets[keep], reduction="sum")
-            total += float(loss)
-            count += targets[keep].numel()
-            prev_end = end
-    nll = total / count
-    return {"nll": nll, "ppl": math.exp(nll), "tokens": count, "windows": len(starts), "context": context,
-            "stride": stride}
-
-
 # ----------------------------------------------------------------------------------------------- driver
 
 
@@ -302,10 +257,11 @@ def run_eval(task: str, model: str | None = None, gguf_file: str | None = None, 
             apply_eval_settings(lm, p, window, sink_tokens, backend, granularity, block_size)
     summary = {"task": task, "model": model or "SmolLM2-135M-Instruct (embedded GGUF)", **ppa_summary(lm.config)}
     if task == "perplexity":
-        from .perplexity import load_text
+        from .perplexity import load_text, perplexity
 
         text = load_text(data)
-        result = strided_perplexity(lm, tokenizer, text, context, stride, max_windows, progress=progress)
+        result = perplexity(lm, tokenizer, text, context=context, stride=stride, max_windows=max_windows,
+                            progress=progress)
         summary.update({"data": data or "pydoc", **result})
         samples = None
     else:

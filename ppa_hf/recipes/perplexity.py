@@ -1,4 +1,5 @@
-"""Perplexity over long texts, in fixed-length windows (every token of a window is scored once)."""
+"""Perplexity over long texts, in fixed-length windows, consecutive or overlapping (strided); each token is
+scored at most once."""
 
 from __future__ import annotations
 
@@ -46,41 +47,63 @@ def load_text(source: str | None) -> str:
         return handle.read()
 
 
-def token_windows(tokenizer, text: str, context: int, max_windows: int | None = None) -> torch.Tensor:
-    """``[N, context]`` long: consecutive non-overlapping windows of the tokenized text (the tail is dropped)."""
-    if context < 2:
-        raise ValueError(f"context={context} is too short; context must be an integer >= 2")
-    ids = tokenizer(text, return_tensors="pt", add_special_tokens=False).input_ids[0]
-    n = ids.numel() // context
+def token_windows(tokenizer, text: str, context: int, stride: int | None = None,
+                  max_windows: int | None = None) -> torch.Tensor:
+    """``[N, context]`` long: windows of the tokenized text starting every ``stride`` tokens (``None``: every
+    ``context``, i.e. consecutive and non-overlapping); a tail shorter than a window is dropped."""
+    from ..pattern import check_int
+
+    context = check_int(context, "--context", 2)
+    stride = context if stride is None else check_int(stride, "--stride", 1)
+    if stride > context:  # a gap between windows would leave tokens unscored
+        raise ValueError(f"--stride={stride} is larger than --context={context}; stride must be in [1, context]")
     if max_windows is not None:
-        n = min(n, max_windows)
-    if n == 0:
-        raise ValueError(f"the text has {ids.numel()} tokens, fewer than one window of context={context}")
-    return ids[: n * context].view(n, context)
+        check_int(max_windows, "--max-windows", 1)
+    ids = tokenizer(text, return_tensors="pt", add_special_tokens=False).input_ids[0]
+    if ids.numel() < context:
+        raise ValueError(f"the text has {ids.numel()} tokens, fewer than one window of --context={context}")
+    windows = ids.unfold(0, context, stride)  # [N, context], N = (len - context) // stride + 1
+    return windows[:max_windows] if max_windows is not None else windows
 
 
 @torch.no_grad()
-def window_nll(model, windows: torch.Tensor, batch_size: int = 1, progress: bool = False, desc: str = "ppl"):
-    """Summed next-token negative log-likelihood and token count over ``windows [N, T]``."""
+def perplexity(model, tokenizer, text: str, context: int = 1024, max_windows: int | None = None,
+               batch_size: int = 1, progress: bool = False, desc: str = "ppl", stride: int | None = None) -> dict:
+    """Per-token loss of ``text`` under ``model``, in windows of ``context`` tokens starting every ``stride``.
+
+    Each token is scored at most once, by the first window whose end covers it: with ``stride=None`` (or
+    ``stride == context``) the windows are consecutive and each scores its ``context - 1`` next-token targets;
+    with ``stride < context`` each later window scores only its last ``stride`` tokens, so every one of them
+    sees at least ``context - stride`` tokens before it. ``batch_size`` windows go through ``model`` at once.
+
+    Returns ``{"nll": loss per scored token, "ppl": exp(nll), "tokens": scored tokens, "windows": N,
+    "context": context, "stride": stride}``.
+    """
     from tqdm.auto import tqdm
 
+    windows = token_windows(tokenizer, text, context, stride, max_windows)
+    context = windows.shape[1]
+    stride = context if stride is None else int(stride)
+    # targets t of a window [B, context-1] predict token t + 1; a later window skips the targets its predecessor
+    # scored: those before offset `later` (0 when the windows do not overlap)
+    later = max(context - stride - 1, 0)
     device = next(model.parameters()).device
     total, count = 0.0, 0
-    batches = range(0, windows.shape[0], batch_size)
-    for start in tqdm(batches, desc=desc, disable=not progress, leave=False):
-        batch = windows[start : start + batch_size].to(device)
-        logits = model(input_ids=batch, use_cache=False).logits[:, :-1].float()
-        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1),
-                                                 reduction="sum")
-        total += float(loss)
-        count += batch[:, 1:].numel()
-    return total, count
-
-
-def perplexity(model, tokenizer, text: str, context: int = 1024, max_windows: int | None = None,
-               batch_size: int = 1, progress: bool = False, desc: str = "ppl") -> dict:
-    """``{"nll": per-token loss, "ppl": exp(nll), "tokens": scored tokens, "windows": N, "context": T}``."""
-    windows = token_windows(tokenizer, text, context, max_windows)
-    total, count = window_nll(model, windows, batch_size, progress, desc)
+    for first in tqdm(range(0, windows.shape[0], batch_size), desc=desc, disable=not progress, leave=False):
+        batch = windows[first : first + batch_size].to(device)  # [B, context]
+        logits = model(input_ids=batch, use_cache=False).logits[:, :-1].float()  # [B, context-1, V]
+        targets = batch[:, 1:]
+        # rows grouped by their first scored target (only window 0 differs), one loss call per group
+        offsets = [0 if first + row == 0 else later for row in range(batch.shape[0])]
+        for offset in sorted(set(offsets)):
+            rows = [row for row, o in enumerate(offsets) if o == offset]
+            if len(rows) == batch.shape[0]:
+                rows = slice(None)
+            group_logits, group_targets = logits[rows, offset:], targets[rows, offset:]
+            loss = torch.nn.functional.cross_entropy(group_logits.reshape(-1, group_logits.shape[-1]),
+                                                     group_targets.reshape(-1), reduction="sum")
+            total += float(loss)
+            count += group_targets.numel()
     nll = total / count
-    return {"nll": nll, "ppl": math.exp(nll), "tokens": count, "windows": int(windows.shape[0]), "context": context}
+    return {"nll": nll, "ppl": math.exp(nll), "tokens": count, "windows": int(windows.shape[0]), "context": context,
+            "stride": stride}

@@ -50,8 +50,11 @@ def _check_settings(out_dir: str, args) -> None:
             json.dump(current, handle, indent=2)
 
 
-def finetune_point(args, p: float, out_dir: str) -> str:
-    """Short fine-tune at ``p`` (resumes its own checkpoint); returns the model folder."""
+def finetune_point(args, p: float, out_dir: str, ppa: dict) -> str:
+    """Short fine-tune at ``p`` with the sweep's whole PPA setting ``ppa`` (window, sinks, backend, granularity,
+    block size; ``None`` = the fine-tune's default), so the model is trained at the pattern it is evaluated at.
+    Resumes its own checkpoint; returns the model folder."""
+    from .options import option_name
     from .training import build_parser, checkpoint_dirs, train
 
     folder = os.path.join(out_dir, "finetune", _point_name(p))
@@ -60,12 +63,9 @@ def finetune_point(args, p: float, out_dir: str) -> str:
     argv = ["--p", repr(p), "--output-dir", folder, "--max-steps", str(args.finetune_steps),
             "--seq-len", str(args.seq_len), "--batch-size", str(args.train_batch_size), "--lr", str(args.lr),
             "--lora-r", str(args.lora_r), "--seed", str(args.seed), "--save-every", "0", "--no-progress"]
-    if args.window is not None:
-        argv += ["--window", str(args.window)]
-    if args.sink_tokens is not None:
-        argv += ["--sink-tokens", str(args.sink_tokens)]
-    if args.granularity is not None:
-        argv += ["--granularity", args.granularity]
+    for name, value in ppa.items():
+        if name != "p" and value is not None:
+            argv += [option_name(name), str(value)]
     if args.model is not None:
         argv += ["--model", args.model]
     if args.gguf_file is not None:
@@ -81,9 +81,11 @@ def finetune_point(args, p: float, out_dir: str) -> str:
 def run_sweep(args) -> dict:
     from .evaluation import check_eval_args, load_eval_model, run_eval
     from ..pattern import check_int, check_p
+    from .options import ppa_settings
     from .plots import plot_metric_vs_p
 
     ps = [check_p(p, "--ps") for p in args.ps]
+    ppa = ppa_settings(args)  # window, sinks, backend, granularity, block size (None: saved / default)
     if len(set(ps)) != len(ps):
         raise ValueError(f"--ps={args.ps} repeats a value; each p once")
     check_eval_args(args.task, args.data, args.shots, args.limit, args.batch_size, args.max_new_tokens)
@@ -112,17 +114,12 @@ def run_sweep(args) -> dict:
                           strict=args.strict, output=point_json, context=args.context, stride=args.stride,
                           max_windows=args.max_windows, progress=True)
             if args.finetune_steps > 0:
-                model_dir = finetune_point(args, p, out_dir)
-                summary = run_eval(model=model_dir, p=None, dtype=args.dtype, backend=args.backend,
-                                   block_size=args.block_size, **common)
+                model_dir = finetune_point(args, p, out_dir, ppa)
+                summary = run_eval(model=model_dir, p=None, dtype=args.dtype, **ppa, **common)
             else:
                 if loaded is None:  # one load for every point: apply() switches p in place
-                    loaded = load_eval_model(args.model, args.gguf_file, p, args.window, args.sink_tokens,
-                                             dtype=args.dtype, backend=args.backend, granularity=args.granularity,
-                                             block_size=args.block_size)
-                summary = run_eval(model=args.model, gguf_file=args.gguf_file, p=p, window=args.window,
-                                   sink_tokens=args.sink_tokens, loaded=loaded, backend=args.backend,
-                                   granularity=args.granularity, block_size=args.block_size, **common)
+                    loaded = load_eval_model(args.model, args.gguf_file, p, dtype=args.dtype, **ppa)
+                summary = run_eval(model=args.model, gguf_file=args.gguf_file, p=p, loaded=loaded, **ppa, **common)
             print(f"p={p:g}: {key}={summary[key]:.4f} ({time.time() - started:.0f} s)", flush=True)
         rows.append({"p": p, key: summary[key], **({"correct": summary["correct"], "total": summary["total"]}
                                                    if key == "accuracy" else {"nll": summary["nll"],

@@ -15,16 +15,24 @@ Output directory::
                                                   trainer_state.json {"step", "examples_seen", ...}
     train_log.jsonl                               one line per optimizer step: loss, lr, tokens/s, memory
     run_args.json                                 the arguments of the (last) run
+
+:func:`train` in steps: :func:`setup_accelerator`, :func:`resolve_resume`, :func:`build_run` (tokenizer, features,
+model, optimizer, scheduler), :func:`resume_run`, :func:`start_log`, :func:`train_loop` (one :func:`train_step` per
+optimizer step; a callback writes the log and the checkpoints), :func:`save_final`. ``train_loop`` takes any data
+source (``step -> micro-batches``), so other loops reuse it: examples/results.py fine-tunes on passkey batches
+built in memory through it.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
 import shutil
 import time
+from dataclasses import dataclass
 
 MODEL_CONFIGS = {
     # random-init shapes for throughput runs (no weights are downloaded)
@@ -38,6 +46,8 @@ STATE_NAME = "trainer_state.json"
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .options import add_ppa_arguments
+
     parser = argparse.ArgumentParser(description="Fine-tune a causal LM with Power-based Partial Attention.")
     add = parser.add_argument
     add("--model", default=None, help="model directory or Hub id (default: the embedded SmolLM2-135M-Instruct)")
@@ -45,10 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
     add("--model-config", default=None, choices=sorted(MODEL_CONFIGS),
         help="random-init model of this shape instead of --model (throughput runs)")
     add("--tokenizer", default=None, help="tokenizer for --model-config (default: the SmolLM2 tokenizer)")
-    add("--p", default="0.75", help="PPA power p in [0, 1] (float or fraction; 1 = full attention)")
-    add("--window", type=int, default=64, help="PPA local window w")
-    add("--sink-tokens", type=int, default=0, help="PPA sink tokens")
-    add("--granularity", default="token", choices=["token", "block"])
+    add_ppa_arguments(parser, defaults={"p": "0.75"})
     add("--train-file", default=None, help="local JSONL of GSM8K or MATH records (default: Hub GSM8K train)")
     add("--synthetic-data", action="store_true", help="random token sequences of --seq-len (throughput runs)")
     add("--output-dir", required=True)
@@ -81,10 +88,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def check_args(args) -> None:
     """Validate every option before anything heavy happens (errors name option, value, allowed range)."""
-    from ..pattern import check_int, check_p
+    from ..pattern import check_int
+    from .options import ppa_settings
 
-    args.p = check_p(args.p, "--p")
-    for name, minimum in [("window", 1), ("sink_tokens", 0), ("max_steps", 1), ("seq_len", 8), ("batch_size", 1),
+    vars(args).update(ppa_settings(args))  # p, window, sink_tokens, backend, granularity, block_size
+    for name, minimum in [("max_steps", 1), ("seq_len", 8), ("batch_size", 1),
                           ("grad_accum", 1), ("lora_r", 0), ("save_every", 0), ("keep_checkpoints", 1)]:
         setattr(args, name, check_int(getattr(args, name), "--" + name.replace("_", "-"), minimum))
     if args.stop_after is not None:
@@ -132,6 +140,7 @@ def build_model(args, tokenizer):
 
     import ppa_hf
     from ..models import default_gguf, load_causal_lm
+    from .options import ppa_settings
 
     if args.model_config is not None:
         config = LlamaConfig(vocab_size=len(tokenizer), max_position_embeddings=max(4096, args.seq_len),
@@ -142,7 +151,7 @@ def build_model(args, tokenizer):
     else:
         path, gguf = (args.model, args.gguf_file) if args.model is not None else default_gguf()
         model = load_causal_lm(path, gguf, dtype=torch.float32)
-    ppa_hf.apply(model, p=args.p, window=args.window, sink_tokens=args.sink_tokens, granularity=args.granularity)
+    ppa_hf.apply(model, **ppa_settings(args))  # the whole PPA setting: it is saved in the model's config
     if args.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False
@@ -272,28 +281,169 @@ def trim_log(path: str, step: int) -> None:
         handle.writelines(rows)
 
 
-# --------------------------------------------------------------------------------------------- training
+# ------------------------------------------------------------------------------------------ the loop
 
 
-def train(args) -> dict:
-    """Run the fine-tune described by ``args`` (see :func:`build_parser`); returns a summary dict."""
+@dataclass
+class TrainState:
+    """Where a run stands: optimizer steps taken, examples and (non-padding) tokens consumed."""
+
+    step: int = 0
+    examples_seen: int = 0
+    tokens_seen: int = 0
+
+
+class ScheduledBatches:
+    """The fine-tune's data source for :func:`train_loop`: step ``k`` -> (this process's micro-batches, target tokens
+    of the global batch), in :class:`StepSchedule` order (independent of the process count)."""
+
+    def __init__(self, features: list[dict], schedule: StepSchedule, pad_id: int, process_index: int):
+        self.features, self.schedule, self.pad_id, self.rank = features, schedule, pad_id, process_index
+        self.global_batch = schedule.global_batch
+        self._targets = [sum(1 for label in f["labels"][1:] if label != -100) for f in features]
+
+    def __call__(self, step: int) -> tuple[list[dict], int]:
+        from .data import collate
+
+        sched = self.schedule
+        global_targets = sum(self._targets[i] for micro in range(sched.ga) for rank in range(sched.np)
+                             for i in sched.indices(step, micro, rank))
+        micro_batches = [collate([self.features[i] for i in sched.indices(step, micro, self.rank)], self.pad_id)
+                         for micro in range(sched.ga)]
+        return micro_batches, global_targets
+
+
+def target_count(labels) -> int:
+    """Next-token targets with a loss in ``labels [B, T]`` (-100 marks none; label 0 of a row has no logit)."""
+    return int((labels[:, 1:] != -100).sum())
+
+
+def train_step(accelerator, model, optimizer, scheduler, micro_batches: list[dict], global_targets: int,
+               max_grad_norm: float = 1.0) -> dict:
+    """One optimizer step: forward and backward over this process's ``micro_batches``, clip, step, schedule.
+
+    Args:
+        micro_batches: dicts of ``input_ids [B, T]`` long, ``labels [B, T]`` long (``labels[:, t]`` is the target
+            of the logits at ``t - 1``, -100 where there is no loss) and optionally ``attention_mask [B, T]``
+            (absent: no padding). Moved to ``accelerator.device`` here. Gradients of all but the last are
+            accumulated without a DDP sync.
+        global_targets: target tokens (labels != -100, see :func:`target_count`) of the global batch, i.e. of
+            every micro-batch of every process.
+
+    The loss is the mean over every target token of the global batch, whatever the process count: each process
+    backpropagates (its token-loss sum) * num_processes / global_targets, and DDP averages over processes.
+
+    Returns ``{"loss": that mean (float), "lr": the learning rate this step used, "tokens": non-padding tokens of
+    the global batch}``.
+    """
+    import torch
+
+    device = accelerator.device
+    nproc = accelerator.num_processes
+    loss_sum = torch.zeros((), device=device)
+    tokens = torch.zeros((), device=device, dtype=torch.long)
+    for micro, batch in enumerate(micro_batches):
+        batch = {k: v.to(device) for k, v in batch.items()}
+        mask = batch.get("attention_mask")
+        sync = micro == len(micro_batches) - 1
+        ctx = accelerator.no_sync(model) if not sync and nproc > 1 else contextlib.nullcontext()
+        with ctx, accelerator.autocast():
+            logits = model(input_ids=batch["input_ids"], attention_mask=mask, use_cache=False).logits[:, :-1].float()
+            token_loss = torch.nn.functional.cross_entropy(
+                logits.reshape(-1, logits.shape[-1]), batch["labels"][:, 1:].reshape(-1), ignore_index=-100,
+                reduction="sum")
+            accelerator.backward(token_loss * nproc / global_targets)
+        loss_sum += token_loss.detach()
+        tokens += mask.sum() if mask is not None else batch["input_ids"].numel()
+    if accelerator.sync_gradients:
+        # all parameters (frozen ones have no gradient): under FSDP accelerate then uses the sharded model's
+        # own clip, which takes the norm over every rank's shard; a subset would be clipped per shard
+        accelerator.clip_grad_norm_(model.parameters(), max_grad_norm)
+    step_lr = scheduler.get_last_lr()[0]
+    optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    return {"loss": float(accelerator.reduce(loss_sum, reduction="sum")) / global_targets, "lr": step_lr,
+            "tokens": int(accelerator.reduce(tokens, reduction="sum"))}
+
+
+def train_loop(accelerator, model, optimizer, scheduler, batches, last_step: int, global_batch: int,
+               state: TrainState | None = None, on_step=None, max_grad_norm: float = 1.0) -> list[dict]:
+    """Optimizer steps ``state.step + 1 .. last_step`` (logged by their number after the step); returns one log
+    row per step (the rows of ``train_log.jsonl``).
+
+    ``batches(step) -> (micro_batches, global_targets)`` is the data source (see :func:`train_step`):
+    :class:`ScheduledBatches` for the fine-tune, anything else (e.g. batches built in memory) for other callers;
+    ``global_batch`` is the number of examples one step consumes (all processes). ``on_step(state, row)`` runs
+    after each step on every process (logging, checkpoints). ``state`` is updated in place.
+    """
+    import torch
+
+    state = state if state is not None else TrainState()
+    device = accelerator.device
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    model.train()
+    started = time.time()
+    rows = []
+    while state.step < last_step:
+        t0 = time.time()
+        micro_batches, global_targets = batches(state.step)
+        result = train_step(accelerator, model, optimizer, scheduler, micro_batches, global_targets, max_grad_norm)
+        state.step += 1
+        state.examples_seen += global_batch
+        state.tokens_seen += result["tokens"]
+        dt = time.time() - t0
+        row = {"step": state.step, "loss": round(result["loss"], 6), "lr": result["lr"], "tokens": result["tokens"],
+               "tokens_per_s": round(result["tokens"] / dt, 1), "step_s": round(dt, 3),
+               "elapsed_s": round(time.time() - started, 2), "num_processes": accelerator.num_processes,
+               "global_batch": global_batch}
+        if device.type == "cuda":
+            row["peak_mem_gb"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 3)
+        rows.append(row)
+        if on_step is not None:
+            on_step(state, row)
+    return rows
+
+
+# ------------------------------------------------------------------------------------------ the fine-tune
+
+
+@dataclass
+class Run:
+    """What :func:`train` builds: the accelerator and everything it prepared."""
+
+    accelerator: object
+    tokenizer: object
+    features: list
+    model: object
+    optimizer: object
+    scheduler: object
+    deepspeed: bool
+
+    @property
+    def is_main(self) -> bool:
+        return self.accelerator.is_main_process
+
+
+def setup_accelerator(args):
+    """The ``Accelerator`` of the run (seeded); DeepSpeed with ``--grad-accum`` > 1 is refused."""
     import torch
     from accelerate import Accelerator
     from accelerate.utils import set_seed
-    from tqdm.auto import tqdm
 
-    from .data import collate
-
-    check_args(args)
     # torchrun-style launch (accelerate's multi-process launcher) on a machine without GPUs: DDP over gloo
     cpu = args.cpu or (not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1)
     accelerator = Accelerator(mixed_precision=args.mixed_precision, cpu=cpu)
     set_seed(args.seed)
-    deepspeed = accelerator.distributed_type.name == "DEEPSPEED"
-    if deepspeed and args.grad_accum != 1:
+    if accelerator.distributed_type.name == "DEEPSPEED" and args.grad_accum != 1:
         raise ValueError(f"--grad-accum={args.grad_accum} with DeepSpeed: DeepSpeed steps the optimizer itself; use "
                          "--grad-accum 1 and set gradient_accumulation_steps in the DeepSpeed config")
-    is_main = accelerator.is_main_process
+    return accelerator
+
+
+def resolve_resume(args) -> str | None:
+    """The checkpoint folder ``--resume-from`` names (``latest``: the newest complete one), or None."""
     resume = args.resume_from
     if resume == "latest":
         found = checkpoint_dirs(args.output_dir)
@@ -302,7 +452,32 @@ def train(args) -> dict:
         resume = found[-1]
     if resume is not None and not os.path.isfile(os.path.join(resume, STATE_NAME)):
         raise FileNotFoundError(f"--resume-from={resume!r}: not a complete checkpoint (no {STATE_NAME})")
+    return resume
 
+
+def lr_schedule(max_steps: int, warmup_steps: int = 0):
+    """Multiplier of the learning rate at step ``s``: linear warm-up, then linear decay to 10 %."""
+
+    def lr_lambda(step):
+        if warmup_steps and step < warmup_steps:
+            return (step + 1) / warmup_steps
+        return max(0.0, 1.0 - (step - warmup_steps) / max(1, max_steps - warmup_steps)) * 0.9 + 0.1
+
+    return lr_lambda
+
+
+def make_optimizer(model, lr: float, weight_decay: float = 0.0):
+    """AdamW over the trainable parameters of ``model``."""
+    import torch
+
+    return torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=weight_decay)
+
+
+def build_run(args, accelerator) -> Run:
+    """Tokenizer, features, model (PPA on, LoRA), optimizer and scheduler, prepared by ``accelerator``."""
+    import torch
+
+    is_main = accelerator.is_main_process
     tokenizer = load_tokenizer(args)
     features = build_features(args, tokenizer, is_main)
     model = build_model(args, tokenizer)
@@ -312,143 +487,114 @@ def train(args) -> dict:
         print(f"model: {total / 1e6:.1f}M parameters, {trainable / 1e6:.2f}M trainable; PPA p={args.p} "
               f"w={args.window} sinks={args.sink_tokens}; {accelerator.num_processes} process(es), "
               f"mixed precision {accelerator.mixed_precision}, device {accelerator.device}", flush=True)
-    warmup = args.warmup_steps
-
-    def lr_lambda(step):
-        if warmup and step < warmup:
-            return (step + 1) / warmup
-        return max(0.0, 1.0 - (step - warmup) / max(1, args.max_steps - warmup)) * 0.9 + 0.1
-
-    def make_optimizer(of_model):
-        trainable = [p for p in of_model.parameters() if p.requires_grad]
-        return torch.optim.AdamW(trainable, lr=args.lr, weight_decay=args.weight_decay)
-
+    deepspeed = accelerator.distributed_type.name == "DEEPSPEED"
     if deepspeed:  # DeepSpeed wraps model and optimizer in one engine
-        model, optimizer = accelerator.prepare(model, make_optimizer(model))
+        model, optimizer = accelerator.prepare(model, make_optimizer(model, args.lr, args.weight_decay))
     else:  # FSDP shards the parameters when it wraps the model: the optimizer must see the wrapped ones
         model = accelerator.prepare(model)
-        optimizer = accelerator.prepare(make_optimizer(model))
+        optimizer = accelerator.prepare(make_optimizer(model, args.lr, args.weight_decay))
     # the scheduler is stepped once per optimizer step whatever the process count (the data schedule is
     # global), so it is not prepared (accelerate would step it num_processes times); it is still checkpointed
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_schedule(args.max_steps, args.warmup_steps))
     accelerator.register_for_checkpointing(scheduler)
+    return Run(accelerator, tokenizer, features, model, optimizer, scheduler, deepspeed)
 
-    step, examples_seen, tokens_seen = 0, 0, 0
-    if resume is not None:
-        if not deepspeed:
-            materialize_optimizer_state(optimizer)
-        accelerator.load_state(resume)
-        with open(os.path.join(resume, STATE_NAME)) as handle:
-            state = json.load(handle)
-        # a checkpoint records its optimizer's step count: resuming with other (e.g. fresh) moments is an error
-        expected = state.get("optimizer_steps")
-        if expected is not None and not deepspeed:
-            restored = optimizer_step_count(optimizer)
-            if restored != expected:
-                raise RuntimeError(f"--resume-from={resume!r}: the optimizer state was not restored (its step count "
-                                   f"is {restored}, the checkpoint's {expected}); refusing to continue with other "
-                                   "moments")
-        step, examples_seen, tokens_seen = state["step"], state["examples_seen"], state.get("tokens_seen", 0)
-        if is_main:
-            print(f"resumed from {resume} at step {step} (saved by {state.get('num_processes')} process(es))",
-                  flush=True)
-    schedule = StepSchedule(len(features), args.seed, args.batch_size, args.grad_accum, accelerator.num_processes)
-    if resume is not None and examples_seen != step * schedule.global_batch and is_main:
-        print(f"note: the global batch changed ({examples_seen // max(step, 1)} -> {schedule.global_batch}); "
-              "the data stream continues from the same step index", flush=True)
 
+def resume_run(run: Run, resume: str) -> TrainState:
+    """Load the checkpoint ``resume`` into ``run``; refuses one whose optimizer state did not come back."""
+    accelerator, optimizer = run.accelerator, run.optimizer
+    if not run.deepspeed:
+        materialize_optimizer_state(optimizer)
+    accelerator.load_state(resume)
+    with open(os.path.join(resume, STATE_NAME)) as handle:
+        state = json.load(handle)
+    # a checkpoint records its optimizer's step count: resuming with other (e.g. fresh) moments is an error
+    expected = state.get("optimizer_steps")
+    if expected is not None and not run.deepspeed:
+        restored = optimizer_step_count(optimizer)
+        if restored != expected:
+            raise RuntimeError(f"--resume-from={resume!r}: the optimizer state was not restored (its step count "
+                               f"is {restored}, the checkpoint's {expected}); refusing to continue with other "
+                               "moments")
+    if run.is_main:
+        print(f"resumed from {resume} at step {state['step']} (saved by {state.get('num_processes')} process(es))",
+              flush=True)
+    return TrainState(state["step"], state["examples_seen"], state.get("tokens_seen", 0))
+
+
+def start_log(args, run: Run, state: TrainState, resumed: bool, global_batch: int) -> str:
+    """Prepare ``train_log.jsonl`` (trimmed to the resumed step, or new) and write ``run_args.json``; returns
+    the log path."""
     log_path = os.path.join(args.output_dir, LOG_NAME)
-    if is_main:
+    if run.is_main:
+        if resumed and state.examples_seen != state.step * global_batch:
+            print(f"note: the global batch changed ({state.examples_seen // max(state.step, 1)} -> {global_batch}); "
+                  "the data stream continues from the same step index", flush=True)
         os.makedirs(args.output_dir, exist_ok=True)
-        trim_log(log_path, step) if resume is not None else (os.path.exists(log_path) and os.remove(log_path))
+        if resumed:
+            trim_log(log_path, state.step)
+        elif os.path.exists(log_path):
+            os.remove(log_path)
         with open(os.path.join(args.output_dir, "run_args.json"), "w") as handle:
-            json.dump({**vars(args), "num_processes": accelerator.num_processes,
-                       "global_batch": schedule.global_batch}, handle, indent=2, default=str)
-    accelerator.wait_for_everyone()
+            json.dump({**vars(args), "num_processes": run.accelerator.num_processes, "global_batch": global_batch},
+                      handle, indent=2, default=str)
+    run.accelerator.wait_for_everyone()
+    return log_path
+
+
+def checkpoint(args, run: Run, state: TrainState, global_batch: int) -> str:
+    """Save ``checkpoints/step-N`` with the run's position (see :func:`save_checkpoint`)."""
+    meta = {"step": state.step, "examples_seen": state.examples_seen, "tokens_seen": state.tokens_seen,
+            "num_processes": run.accelerator.num_processes, "global_batch": global_batch, "p": args.p,
+            "optimizer_steps": None if run.deepspeed else optimizer_step_count(run.optimizer)}
+    return save_checkpoint(run.accelerator, args.output_dir, state.step, meta, args.keep_checkpoints)
+
+
+def train(args) -> dict:
+    """Run the fine-tune described by ``args`` (see :func:`build_parser`); returns a summary dict."""
+    from tqdm.auto import tqdm
+
+    check_args(args)
+    accelerator = setup_accelerator(args)
+    resume = resolve_resume(args)
+    run = build_run(args, accelerator)
+    state = resume_run(run, resume) if resume is not None else TrainState()
+    schedule = StepSchedule(len(run.features), args.seed, args.batch_size, args.grad_accum,
+                            accelerator.num_processes)
+    log_path = start_log(args, run, state, resume is not None, schedule.global_batch)
 
     last = min(args.max_steps, args.stop_after) if args.stop_after else args.max_steps
-    bar = tqdm(total=args.max_steps, initial=step, desc="fine-tune", disable=not is_main or args.no_progress,
-               dynamic_ncols=True)
-    device = accelerator.device
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    model.train()
-    started = time.time()
-    # the loss of a step is the mean over every answer token of the global batch, whatever the process count:
-    # each process backpropagates (its token-loss sum) * num_processes / (global answer tokens), and DDP averages
-    n_targets = [sum(1 for label in f["labels"][1:] if label != -100) for f in features]
-    while step < last:
-        t0 = time.time()
-        global_targets = sum(n_targets[i] for micro in range(args.grad_accum)
-                             for rank in range(accelerator.num_processes)
-                             for i in schedule.indices(step, micro, rank))
-        loss_sum = torch.zeros((), device=device)
-        tokens = torch.zeros((), device=device, dtype=torch.long)
-        for micro in range(args.grad_accum):
-            batch = collate([features[i] for i in schedule.indices(step, micro, accelerator.process_index)],
-                            tokenizer.pad_token_id)
-            batch = {k: v.to(device) for k, v in batch.items()}
-            sync = micro == args.grad_accum - 1
-            ctx = accelerator.no_sync(model) if not sync and accelerator.num_processes > 1 else _null()
-            with ctx, accelerator.autocast():
-                logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                               use_cache=False).logits[:, :-1].float()
-                token_loss = torch.nn.functional.cross_entropy(
-                    logits.reshape(-1, logits.shape[-1]), batch["labels"][:, 1:].reshape(-1), ignore_index=-100,
-                    reduction="sum")
-                accelerator.backward(token_loss * accelerator.num_processes / global_targets)
-            loss_sum += token_loss.detach()
-            tokens += batch["attention_mask"].sum()
-        if accelerator.sync_gradients:
-            # all parameters (frozen ones have no gradient): under FSDP accelerate then uses the sharded model's
-            # own clip, which takes the norm over every rank's shard; a subset would be clipped per shard
-            accelerator.clip_grad_norm_(model.parameters(), 1.0)
-        step_lr = scheduler.get_last_lr()[0]
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        step += 1
-        examples_seen += schedule.global_batch
-        mean_loss = float(accelerator.reduce(loss_sum, reduction="sum")) / global_targets
-        step_tokens = int(accelerator.reduce(tokens, reduction="sum"))
-        tokens_seen += step_tokens
-        dt = time.time() - t0
-        row = {"step": step, "loss": round(mean_loss, 6), "lr": step_lr, "tokens": step_tokens,
-               "tokens_per_s": round(step_tokens / dt, 1), "step_s": round(dt, 3),
-               "elapsed_s": round(time.time() - started, 2), "num_processes": accelerator.num_processes,
-               "global_batch": schedule.global_batch}
-        if device.type == "cuda":
-            row["peak_mem_gb"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 3)
-        if is_main:
+    bar = tqdm(total=args.max_steps, initial=state.step, desc="fine-tune",
+               disable=not run.is_main or args.no_progress, dynamic_ncols=True)
+
+    def on_step(state: TrainState, row: dict) -> None:
+        if run.is_main:
             with open(log_path, "a") as handle:
                 handle.write(json.dumps(row) + "\n")
-            bar.set_postfix(loss=f"{mean_loss:.4f}", tok_s=f"{row['tokens_per_s']:.0f}")
+            bar.set_postfix(loss=f"{row['loss']:.4f}", tok_s=f"{row['tokens_per_s']:.0f}")
             bar.update(1)
-        if not args.no_save and ((args.save_every and step % args.save_every == 0) or step == last):
-            state = {"step": step, "examples_seen": examples_seen, "tokens_seen": tokens_seen,
-                     "num_processes": accelerator.num_processes, "global_batch": schedule.global_batch,
-                     "p": args.p, "optimizer_steps": None if deepspeed else optimizer_step_count(optimizer)}
-            save_checkpoint(accelerator, args.output_dir, step, state, args.keep_checkpoints)
+        if not args.no_save and ((args.save_every and state.step % args.save_every == 0) or state.step == last):
+            checkpoint(args, run, state, schedule.global_batch)
+
+    started = time.time()
+    batches = ScheduledBatches(run.features, schedule, run.tokenizer.pad_token_id, accelerator.process_index)
+    train_loop(accelerator, run.model, run.optimizer, run.scheduler, batches, last, batches.global_batch, state,
+               on_step)
     bar.close()
 
-    finished = step >= args.max_steps
+    finished = state.step >= args.max_steps
     if finished and not args.no_save:
-        save_final(accelerator, model, tokenizer, args)
+        save_final(accelerator, run.model, run.tokenizer, args)
     accelerator.wait_for_everyone()
-    summary = {"step": step, "finished": finished, "output_dir": args.output_dir,
+    summary = {"step": state.step, "finished": finished, "output_dir": args.output_dir,
                "seconds": round(time.time() - started, 1), "num_processes": accelerator.num_processes}
-    if is_main:
+    if run.is_main:
         print(json.dumps(summary), flush=True)
     accelerator.end_training() if hasattr(accelerator, "end_training") else None
     return summary
 
 
-class _null:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False
+# ------------------------------------------------------------------------------------------ final model
 
 
 def save_final(accelerator, model, tokenizer, args) -> None:
