@@ -237,20 +237,22 @@ def _tiny_cuda_llama(dtype=torch.bfloat16, **ppa):
 @needs_triton
 @pytest.mark.parametrize("granularity", ["token", "block"])
 def test_static_cache_compiled_generation_matches_eager_dynamic(granularity):
-    """generate(cache_implementation="static") compiles the decoding step (CUDA graphs) through the Triton decode
-    custom op; its tokens equal those of eager generation with a dynamic cache."""
-    model = _tiny_cuda_llama(torch.float32, p=0.75, window=16, sink_tokens=1, granularity=granularity,
-                             block_size=64, backend="triton")
-    ids = torch.randint(3, 512, (2, 1100), device="cuda")
-    mask = torch.ones_like(ids)
-    mask[1, :37] = 0  # left padding
-    kw = dict(attention_mask=mask, max_new_tokens=24, min_new_tokens=24, do_sample=False)
-    with torch.no_grad():
-        eager = model.generate(ids, **kw)
-        static = model.generate(ids, cache_implementation="static", **kw)
-    print(f"[static+compile {granularity}] first differing step:",
-          (eager != static).any(0).nonzero()[:1].tolist())
-    assert torch.equal(static, eager)
+    """generate(cache_implementation="static") compiles the decoding step (CUDA graphs) through the Triton kernels'
+    custom ops, and through the torch gather for a left-padded batch; its tokens equal those of eager generation
+    with a dynamic cache (fp32, so that the compiled graph's other fusions cannot flip a greedy choice)."""
+    for backend, left_pad in (("triton", 0), ("auto", 37)):
+        model = _tiny_cuda_llama(torch.float32, p=0.75, window=16, sink_tokens=1, granularity=granularity,
+                                 block_size=64, backend=backend)
+        ids = torch.randint(3, 512, (2, 1100), device="cuda")
+        mask = torch.ones_like(ids)
+        mask[1, :left_pad] = 0  # the block-sparse kernel takes no left padding; auto then decodes by torch gather
+        kw = dict(attention_mask=mask, max_new_tokens=24, min_new_tokens=24, do_sample=False)
+        with torch.no_grad():
+            eager = model.generate(ids, **kw)
+            static = model.generate(ids, cache_implementation="static", **kw)
+        print(f"[static+compile {granularity} {backend}] differing steps:",
+              (eager != static).any(0).nonzero().flatten().tolist())
+        assert torch.equal(static, eager)
 
 
 @cuda

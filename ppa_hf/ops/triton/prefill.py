@@ -23,16 +23,21 @@ from .common import (LOG2E, env_config, interpreted, last_contiguous, pattern_ta
 
 
 def configs(head_dim: int, dtype: torch.dtype, device):
-    """``(fwd, dkdv, dq)`` launch configurations ``(BLOCK_M, BLOCK_N, num_warps, num_stages)`` (overridable for
-    tuning: ``PPA_TRITON_FWD="BM,BN,warps,stages"``, ``PPA_TRITON_DKDV``, ``PPA_TRITON_DQ``)."""
+    """``(fwd, dkdv, dq)`` launch configurations ``(BLOCK_M, BLOCK_N, num_warps, num_stages)``, measured per head size
+    on an H200 (``python -m benchmarks.run tune``; benchmarks/results/tune.csv); overridable for tuning with
+    ``PPA_TRITON_FWD="BM,BN,warps,stages"``, ``PPA_TRITON_DKDV``, ``PPA_TRITON_DQ``. The word masks need
+    ``BLOCK_N <= 64`` (forward, dQ) and ``BLOCK_M <= 64`` (dK/dV)."""
     if interpreted(device):
         small = (16, 16, 4, 1)
         return small, small, small
-    big = head_dim > 128 or dtype == torch.float32
-    fwd = env_config("PPA_TRITON_FWD", (64, 64, 4, 2) if big else (128, 64, 8, 3))
-    dkdv = env_config("PPA_TRITON_DKDV", (32, 64, 4, 2) if big else (64, 128, 8, 2))
-    dq = env_config("PPA_TRITON_DQ", (64, 32, 4, 2) if big else (128, 64, 8, 2))
-    return fwd, dkdv, dq
+    if head_dim > 128 or dtype == torch.float32:
+        default = (64, 64, 4, 2), (32, 64, 4, 2), (64, 32, 4, 2)
+    elif head_dim <= 64:  # 4 warps: 8-13% faster than 8 at head size 64 (token and block patterns)
+        default = (128, 64, 4, 3), (64, 64, 4, 3), (64, 64, 4, 3)
+    else:
+        default = (128, 64, 8, 3), (64, 128, 8, 2), (128, 64, 8, 2)
+    return tuple(env_config(name, cfg) for name, cfg in zip(("PPA_TRITON_FWD", "PPA_TRITON_DKDV", "PPA_TRITON_DQ"),
+                                                             default))
 
 
 if triton is not None:
