@@ -94,13 +94,13 @@ def event_ms(fn, reps: int) -> tuple[float, float, float]:
 
 
 def copy_bandwidth_gbs() -> float:
-    """Device copy bandwidth, bytes read per second (a 4 GiB device-to-device copy; reads + writes / 2)."""
+    """Device copy bandwidth in GB/s, bytes read plus bytes written (a 4 GiB device-to-device copy)."""
     src = torch.empty(2**31, dtype=torch.float16, device="cuda").normal_()
     dst = torch.empty_like(src)
     ms = kernel_ms(lambda: dst.copy_(src))[0]
     del src, dst
     torch.cuda.empty_cache()
-    return 2**32 / (ms / 1e3) / 1e9
+    return 2 * 2**32 / (ms / 1e3) / 1e9
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -403,11 +403,16 @@ def decode_timing(model, batch: int, context: int, steps: int, static: bool, com
         torch.cuda.synchronize()
         prefill_ms = (time.perf_counter() - t0) * 1e3
         times = []
+        if static:  # one mask shape for every step (zeros past the current position): one CUDA graph, not one per step
+            mask[:, context:] = 0
         for i in range(steps + 1):
             pos = torch.tensor([context + i], device="cuda")
+            if static:
+                mask[:, context + i] = 1
+            step_mask = mask if static else mask[:, :context + i + 1]
             torch.cuda.synchronize()
             t0 = time.perf_counter()
-            logits = forward(tok, attention_mask=mask[:, :context + i + 1], past_key_values=cache, use_cache=True,
+            logits = forward(tok, attention_mask=step_mask, past_key_values=cache, use_cache=True,
                              cache_position=pos, position_ids=pos[None].expand(batch, 1)).logits
             tok = logits[:, -1:].argmax(-1)
             torch.cuda.synchronize()
@@ -424,6 +429,9 @@ def part_generate(args, info):
     for layers in args.gen_layers:
         model = make_model("llama-1b", layers, max(args.contexts) + 4096)
         model.eval()
+        for impl, gran, p in [("sdpa", "dense", 1.0)] + [("ppa", g, p) for g, p in PPA_VARIANTS[:2]]:
+            use_impl(model, impl, gran, p)  # one short eager run first: kernel compilation stays out of the timings
+            decode_timing(model, 2, 2048, 2, False, False)
         for cache_kind, compiled in args.gen_modes:
             for batch in args.batches:
                 for context in args.contexts:

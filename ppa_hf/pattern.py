@@ -229,6 +229,12 @@ class PPAPattern:
         self._key = (self.p, self.window, self.sink_tokens, self.granularity,
                      self.block_size if self.granularity == "block" else 128)
 
+    @property
+    def key(self) -> tuple:
+        """Every parameter as plain values, ``(p, window, sink_tokens, granularity, block_size)``: the pattern's
+        identity in cache keys (torch.compile traces plain tuples, not objects with their own ``__hash__``)."""
+        return self._key
+
     def __eq__(self, other):
         return isinstance(other, PPAPattern) and self._key == other._key
 

@@ -271,7 +271,9 @@ def test_decode_steps_do_not_synchronise(granularity):
         mask[1, :100] = 0
         cache = StaticCache(config=model.config, max_cache_len=1600)
         with torch.no_grad():
-            model(ids, attention_mask=mask, past_key_values=cache, use_cache=True)  # prefill may synchronise
+            model.config.ppa_backend = "auto"  # the left-padded prefill (it may synchronise)
+            model(ids, attention_mask=mask, past_key_values=cache, use_cache=True)
+            model.config.ppa_backend = backend
             tok = torch.randint(3, 512, (2, 1), device="cuda")
             steps = []  # inputs made before the check: creating them copies from the host
             for step in range(3):

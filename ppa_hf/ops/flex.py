@@ -52,7 +52,7 @@ def layout_block_mask(layout: PPALayout, pattern: PPAPattern, max_distance: int 
                       block_size: int = 128):
     """The BlockMask of any layout (padding, packed sequences), from :func:`layout_mask_mod`; cached on the layout
     (one per pattern per forward pass)."""
-    key = ("flex", pattern, max_distance, block_size)
+    key = ("flex", pattern.key, max_distance, block_size)
     if key not in layout.cache:
         B, _, Q, K = layout.shape
         layout.cache[key] = create_block_mask(
@@ -94,7 +94,7 @@ def single_sequence_block_mask(pattern: PPAPattern, q_len: int, kv_len: int, dev
         return BlockMask.from_kv_blocks(kv_num, kv_idx, full_num, full_idx, BLOCK_SIZE=block_size,
                                         mask_mod=mask_mod, seq_lengths=(q_len, kv_len))
 
-    return _FLEX.get((pattern, q_len, kv_len, str(device), q_start, k_start, max_distance, block_size), build)
+    return _FLEX.get((pattern.key, q_len, kv_len, str(device), q_start, k_start, max_distance, block_size), build)
 
 
 def flex_attention_ppa(query, key, value, block_mask, scale: float | None = None) -> torch.Tensor:

@@ -26,7 +26,7 @@ def decode_index(layout: PPALayout, pattern: PPAPattern, max_distance: int | Non
     so position ``P`` of the query's sequence is real token number ``rank(query) - pos(query) + P``). This serves
     every layout (left or right padding, packed sequences, holes) with elementwise work and gathers: no host
     synchronisation, and ``N`` depends only on the kv axis length (static under a static cache)."""
-    key = ("decode_index", pattern, max_distance)
+    key = ("decode_index", pattern.key, max_distance)
     if key not in layout.cache:
         seg, B, T = layout.seg, layout.seg.shape[0], layout.seg.shape[-1]
         real = seg >= 0

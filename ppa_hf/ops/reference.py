@@ -19,7 +19,7 @@ def layout_keep(layout: PPALayout, pattern: PPAPattern, max_distance: int | None
 
     Cached on the layout, so the layers of one forward pass that share a pattern build it once.
     """
-    key = ("keep", pattern, max_distance)
+    key = ("keep", pattern.key, max_distance)
     if key not in layout.cache:
         q_seg, k_seg = layout.q_seg()[:, :, None], layout.k_seg()[:, None, :]
         ok = pattern.keep(layout.q_pos()[:, :, None], layout.k_pos()[:, None, :], length=layout.seg.shape[-1],

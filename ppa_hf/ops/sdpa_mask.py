@@ -15,7 +15,7 @@ def sdpa_mask(layout: PPALayout, pattern: PPAPattern, max_distance: int | None =
     """``(attn_mask [B, 1, Q, K] bool, row_any [B, 1, Q, 1] bool)`` for SDPA, cached on the layout (shared by the
     layers of one forward pass). A query with no key would give NaN in SDPA: its row lets it see everything and
     ``row_any`` zeroes its output afterwards (always applied: checking first would synchronise)."""
-    cache_key = ("sdpa_mask", pattern, max_distance)
+    cache_key = ("sdpa_mask", pattern.key, max_distance)
     if cache_key not in layout.cache:
         keep = layout_keep(layout, pattern, max_distance)
         row_any = keep.any(-1, keepdim=True)
