@@ -382,9 +382,12 @@ def part_train_compiled(args, out):
 # ----------------------------------------------------------------------------------------------------------------------
 # Whole model: generation
 # ----------------------------------------------------------------------------------------------------------------------
-def decode_timing(model, batch: int, context: int, steps: int, static: bool, compiled: bool):
+def decode_timing(model, batch: int, context: int, steps: int, static: bool, compiled: bool,
+                  growing_mask: bool = False):
     """``(prefill_ms, first_step_ms, ms_per_token)``: one prefill of ``context`` tokens, one decoding step, then
-    ``steps`` timed steps (greedy; one new token per sequence per step)."""
+    ``steps`` timed steps (greedy; one new token per sequence per step). With a static cache the padding mask
+    covers the whole cache (zeros past the current position: one shape, one CUDA graph) unless ``growing_mask``
+    (one column more per step, as ``generate`` passes it: a new input shape, hence a new CUDA graph, every step)."""
     from transformers import DynamicCache, StaticCache
 
     ids = torch.randint(3, VOCAB, (batch, context), device="cuda")
@@ -403,13 +406,14 @@ def decode_timing(model, batch: int, context: int, steps: int, static: bool, com
         torch.cuda.synchronize()
         prefill_ms = (time.perf_counter() - t0) * 1e3
         times = []
-        if static:  # one mask shape for every step (zeros past the current position): one CUDA graph, not one per step
+        static_mask = static and not growing_mask
+        if static_mask:  # one mask shape for every step (zeros past the current position): one CUDA graph
             mask[:, context:] = 0
         for i in range(steps + 1):
             pos = torch.tensor([context + i], device="cuda")
-            if static:
+            if static_mask:
                 mask[:, context + i] = 1
-            step_mask = mask if static else mask[:, :context + i + 1]
+            step_mask = mask if static_mask else mask[:, :context + i + 1]
             torch.cuda.synchronize()
             t0 = time.perf_counter()
             logits = forward(tok, attention_mask=step_mask, past_key_values=cache, use_cache=True,
@@ -442,7 +446,7 @@ def part_generate(args, info):
                         use_impl(model, impl, gran, p)
                         try:
                             prefill, first, per = decode_timing(model, batch, context, args.steps,
-                                                                cache_kind == "static", compiled)
+                                                                cache_kind == "static", compiled, args.growing_mask)
                         except torch.cuda.OutOfMemoryError:
                             print(f"OOM layers={layers} B={batch} T={context} {impl}", flush=True)
                             torch.cuda.empty_cache()
@@ -450,8 +454,9 @@ def part_generate(args, info):
                         finally:
                             torch._dynamo.reset()
                         base = base if base is not None else per
+                        mask = "growing" if cache_kind == "dynamic" or args.growing_mask else "whole-cache"
                         out.add(dict(layers=layers, batch=batch, context=context, cache=cache_kind,
-                                     compiled=int(compiled), impl=impl, granularity=gran, p=p, ms_per_token=per,
+                                     compiled=int(compiled), mask=mask, impl=impl, granularity=gran, p=p, ms_per_token=per,
                                      speedup_vs_sdpa=base / per, first_step_ms=first, prefill_ms=prefill,
                                      dense_floor_ms=floor, copy_gbs=round(bandwidth)))
                         torch.cuda.empty_cache()
@@ -459,7 +464,7 @@ def part_generate(args, info):
         torch.cuda.empty_cache()
     markdown(os.path.join(args.out, "results.md"), "Whole model: decoding, ms per new token (greedy, one token per "
              "sequence per step)", out.rows,
-             ["layers", "batch", "context", "cache", "compiled", "impl", "granularity", "p", "ms_per_token",
+             ["layers", "batch", "context", "cache", "compiled", "mask", "impl", "granularity", "p", "ms_per_token",
               "speedup_vs_sdpa", "first_step_ms", "prefill_ms", "dense_floor_ms"], info)
 
 
@@ -481,6 +486,8 @@ def main(argv=None):
     ap.add_argument("--gen-modes", nargs="+", default=["dynamic", "static-compiled"],
                     choices=["dynamic", "static", "static-compiled"])
     ap.add_argument("--steps", type=int, default=32, help="timed decoding steps")
+    ap.add_argument("--growing-mask", action="store_true",
+                    help="static caches: a padding mask one column longer each step, as generate() passes it")
     args = ap.parse_args(argv)
     args.lengths = args.lengths or ({"kernels": [32768, 131072], "tune": [32768]}.get(args.part, [16384, 32768, 131072]))
     args.gen_modes = [(m.split("-")[0], m.endswith("compiled")) for m in args.gen_modes]

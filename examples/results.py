@@ -1,7 +1,7 @@
 """Results of docs/results.md: zero-shot patching, a fine-tuned S-curve, sinks, block vs token granularity.
 
-Every table and plot of docs/results.md comes from one of these subcommands (run on a GPU through the
-device tool, or on CPU at small sizes):
+Every table and plot of docs/results.md comes from one of these subcommands (on one GPU: `make results-gpu`;
+on CPU at small sizes):
 
     python examples/results.py zeroshot --out-dir OUT [--contexts 2048 8192] [--texts pydoc stdlib]
         [--ps ...] [--sinks 0 4] [--granularities token block] [--windows N]

@@ -1,6 +1,6 @@
 """GPU correctness of every fast path against the reference (skips without CUDA).
 
-Tolerance rule (issue 4): the error of the fast path against an fp32 reference is at most 2x the error of the same
+Tolerance rule (FlashAttention's): the error of the fast path against an fp32 reference is at most 2x the error of the same
 reference run in the fast path's dtype (bf16 / fp16); 3x for gradients. Both errors are printed (run with ``-s``).
 Awkward shapes throughout: odd lengths, GQA, q_len != kv_len, sinks, a model sliding window, block granularity.
 """

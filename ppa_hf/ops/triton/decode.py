@@ -13,7 +13,13 @@ from .common import LOG2E, interpreted, last_contiguous, tl, triton, unsupported
 
 if triton is not None:
 
-    @triton.jit
+    # The integer arguments change with the batch size, the cache length and the split count: not specialising on
+    # their values (Triton otherwise compiles a new variant for a value of 1 or a multiple of 16) keeps the first
+    # step at a new batch size or length free of compilation.
+    _DECODE_INTS = ["sqb", "sqh", "sqm", "skb", "skh", "skn", "svb", "svh", "svn", "sib", "siq", "scb", "sob", "soh",
+                    "som", "HKV", "G", "NQ", "n_split"]
+
+    @triton.jit(do_not_specialize=_DECODE_INTS)
     def _decode_kernel(Q, K, V, IDX, CNT, OP, MP, LP, O, scale_log2,
                        sqb, sqh, sqm, skb, skh, skn, svb, svh, svn, sib, siq, scb, sob, soh, som,
                        HKV, G, NQ, n_split,
@@ -70,7 +76,7 @@ if triton is not None:
             tl.store(MP + row * n_split + split, m_i, mask=gmask)
             tl.store(LP + row * n_split + split, l_i, mask=gmask)
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["n_split", "H", "NQ", "sob", "soh", "som"])
     def _combine_kernel(OP, MP, LP, O, n_split, H, NQ, sob, soh, som,
                         HEAD_DIM: tl.constexpr, SPLITS: tl.constexpr):
         row = tl.program_id(0)  # flat (b, h, q)
