@@ -52,6 +52,21 @@ if triton is not None:
         return pid_m, pid_bh, b, h, h // G, pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
 
     @triton.jit
+    def _partial_tile(it, mid, PIDX, qpos, offs_n, k_start, kv_end, TOK, tok_len, WF, n_words, BLK, blk_len,
+                      block_size, sinks, max_distance, BLOCK_N: tl.constexpr, GRAN_BLOCK: tl.constexpr,
+                      HAS_SINKS: tl.constexpr, HAS_MD: tl.constexpr, USE_WORDS: tl.constexpr):
+        """Key columns ``[BLOCK_N]`` and ``[BLOCK_M, BLOCK_N]`` mask of a query tile's ``it``-th partial tile: a
+        TOKEN_PARTIAL tile (``it < mid``) from the token table's words alone, any other from the whole predicate."""
+        k0 = tl.load(PIDX + it) * BLOCK_N
+        cols = k0 + offs_n
+        if USE_WORDS and it < mid:
+            mask = word_mask(WF, n_words, qpos - (k_start + k0), BLOCK_N)
+        else:
+            mask = tile_mask(qpos, k_start + cols, kv_end, TOK, tok_len, WF, n_words, BLK, blk_len, block_size,
+                             sinks, max_distance, BLOCK_N, False, GRAN_BLOCK, HAS_SINKS, HAS_MD, USE_WORDS)
+        return cols, mask
+
+    @triton.jit
     def _fwd_tile(q, k_ptr, v_ptr, cols, offs_d, skn, svn, kv_len, scale_log2, mask, m_i, l_i, acc,
                   MASKED: tl.constexpr):
         """One key tile of the forward's online softmax for the ``[BLOCK_M]`` queries of ``q``; ``MASKED``: a
@@ -134,13 +149,9 @@ if triton is not None:
         mid = tl.load(PMID + pid_m)
         end = tl.load(PPTR + pid_m + 1)
         for it in range(start, end):
-            k0 = tl.load(PIDX + it) * BLOCK_N
-            cols = k0 + offs_n
-            if USE_WORDS and it < mid:
-                mask = word_mask(WF, n_words, qpos - (k_start + k0), BLOCK_N)
-            else:
-                mask = tile_mask(qpos, k_start + cols, kv_end, TOK, tok_len, WF, n_words, BLK, blk_len, block_size,
-                                 sinks, max_distance, BLOCK_N, False, GRAN_BLOCK, HAS_SINKS, HAS_MD, USE_WORDS)
+            cols, mask = _partial_tile(it, mid, PIDX, qpos, offs_n, k_start, kv_end, TOK, tok_len, WF, n_words, BLK,
+                                       blk_len, block_size, sinks, max_distance, BLOCK_N, GRAN_BLOCK, HAS_SINKS,
+                                       HAS_MD, USE_WORDS)
             m_i, l_i, acc = _fwd_tile(q, k_ptr, v_ptr, cols, offs_d, skn, svn, kv_len, scale_log2, mask,
                                       m_i, l_i, acc, True)
 
@@ -261,13 +272,9 @@ if triton is not None:
         mid = tl.load(PMID + pid_m)
         end = tl.load(PPTR + pid_m + 1)
         for it in range(start, end):
-            k0 = tl.load(PIDX + it) * BLOCK_N
-            cols = k0 + offs_n
-            if USE_WORDS and it < mid:  # TOKEN_PARTIAL: the word bits are the whole mask
-                mask = word_mask(WF, n_words, qpos - (k_start + k0), BLOCK_N)
-            else:
-                mask = tile_mask(qpos, k_start + cols, kv_end, TOK, tok_len, WF, n_words, BLK, blk_len, block_size,
-                                 sinks, max_distance, BLOCK_N, False, GRAN_BLOCK, HAS_SINKS, HAS_MD, USE_WORDS)
+            cols, mask = _partial_tile(it, mid, PIDX, qpos, offs_n, k_start, kv_end, TOK, tok_len, WF, n_words, BLK,
+                                       blk_len, block_size, sinks, max_distance, BLOCK_N, GRAN_BLOCK, HAS_SINKS,
+                                       HAS_MD, USE_WORDS)
             dq = _dq_tile(q, do, lse, delta, k_ptr, v_ptr, cols, offs_d, skn, svn, kv_len, scale_log2, mask, dq,
                           True)
         dq = dq * sm_scale
