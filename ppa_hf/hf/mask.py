@@ -33,12 +33,13 @@ def ppa_mask_interface(batch_size: int, q_length: int, kv_length: int, q_offset=
     if isinstance(attention_mask, PPALayout):  # prepared ahead, e.g. by generate() with a static cache
         return attention_mask
     total = int(kv_offset) + int(kv_length)
-    if config is not None:
-        read_settings(config, 0)  # fail early on a missing or invalid setting, before any layer runs
-        fill_defaults(config)
-        if not torch.compiler.is_compiling():  # tables for this length, so a compiled step only reads them
+    if config is not None:  # fail early on a missing or invalid setting, before any layer runs
+        if torch.compiler.is_compiling():
+            read_settings(config, 0)
+        else:  # every layer's settings, and its tables for this length, so a compiled step only reads them
             for pattern in layer_patterns(config):
                 pattern.prime(total, device)
+        fill_defaults(config)
     if attention_mask is None:
         valid = torch.ones(batch_size, total, dtype=torch.bool, device=device)
     else:
