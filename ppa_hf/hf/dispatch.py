@@ -8,6 +8,7 @@ import torch
 from ..layout import PPALayout
 from ..ops import (decode_index, flex_attention_ppa, flex_available, gather_decode_attention, layout_block_mask,
                    sdpa_mask_attention, single_sequence_block_mask)
+from .context_parallel import ContextParallelLayout
 from .settings import PPASettings, read_settings
 
 DECODE_MAX_QUERIES = 16  # "a few new queries": above this the gathered path stops paying
@@ -171,6 +172,8 @@ def ppa_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: tor
         )
     settings = read_settings(module.config, getattr(module, "layer_idx", None))
     layout = attention_mask.with_position_ids(kwargs.get("position_ids"))
+    if isinstance(layout, ContextParallelLayout):  # this rank holds one chunk of the sequence: gather all its keys
+        key, value = layout.gather_kv(key, value)
     if key.shape[2] != layout.kv_length:
         raise ValueError(f"PPA layout covers {layout.kv_length} keys but attention got {key.shape[2]}")
     max_distance = kwargs.get("sliding_window")  # the model's own sliding window, intersected with PPA
