@@ -4,7 +4,9 @@ Run ``accelerate launch examples/finetune.py ...`` (any number of processes) or 
 
 Data order does not depend on the number of processes: one seeded permutation of the examples (a new one
 each epoch); optimizer step ``k`` consumes examples ``[k*G, (k+1)*G)`` of that stream, where the global batch
-``G = batch_size * grad_accum * num_processes``, each process taking its own slice. So a run stopped at step
+``G = batch_size * grad_accum * num_processes``, each process taking its own slice (with ``--context-parallel N``,
+``num_processes / N`` data-parallel replicas each take a slice, and the N processes of a replica split each of its
+sequences, see :mod:`ppa_hf.hf.context_parallel`). So a run stopped at step
 ``N`` resumes at step ``N`` on another number of processes and, with the same ``G``, sees the same examples.
 
 Output directory::
@@ -63,6 +65,9 @@ def build_parser() -> argparse.ArgumentParser:
     add("--seq-len", type=int, default=512, help="longest example in tokens (longer ones are cut)")
     add("--batch-size", type=int, default=4, help="examples per process per micro-step")
     add("--grad-accum", type=int, default=1, help="micro-steps per optimizer step")
+    add("--context-parallel", type=int, default=1,
+        help="split each example's sequence over N processes (N divides the process count; the rest is data "
+             "parallel); 1: off")
     add("--lr", type=float, default=1e-4)
     add("--weight-decay", type=float, default=0.0)
     add("--warmup-steps", type=int, default=0)
@@ -92,8 +97,8 @@ def check_args(args) -> None:
     from .options import ppa_settings
 
     vars(args).update(ppa_settings(args))  # p, window, sink_tokens, backend, granularity, block_size
-    for name, minimum in [("max_steps", 1), ("seq_len", 8), ("batch_size", 1),
-                          ("grad_accum", 1), ("lora_r", 0), ("save_every", 0), ("keep_checkpoints", 1)]:
+    for name, minimum in [("max_steps", 1), ("seq_len", 8), ("batch_size", 1), ("grad_accum", 1),
+                          ("context_parallel", 1), ("lora_r", 0), ("save_every", 0), ("keep_checkpoints", 1)]:
         setattr(args, name, check_int(getattr(args, name), "--" + name.replace("_", "-"), minimum))
     if args.stop_after is not None:
         check_int(args.stop_after, "--stop-after", 1)
@@ -295,7 +300,10 @@ class TrainState:
 
 class ScheduledBatches:
     """The fine-tune's data source for :func:`train_loop`: step ``k`` -> (this process's micro-batches, target tokens
-    of the global batch), in :class:`StepSchedule` order (independent of the process count)."""
+    of the global batch), in :class:`StepSchedule` order (independent of the process count).
+
+    ``process_index`` is the data-parallel rank: under context parallelism the ranks of one CP group take the same
+    examples (each then keeps its chunk of every sequence), and the schedule counts data-parallel replicas."""
 
     def __init__(self, features: list[dict], schedule: StepSchedule, pad_id: int, process_index: int):
         self.features, self.schedule, self.pad_id, self.rank = features, schedule, pad_id, process_index
@@ -319,7 +327,7 @@ def target_count(labels) -> int:
 
 
 def train_step(accelerator, model, optimizer, scheduler, micro_batches: list[dict], global_targets: int,
-               max_grad_norm: float = 1.0) -> dict:
+               max_grad_norm: float = 1.0, context=None) -> dict:
     """One optimizer step: forward and backward over this process's ``micro_batches``, clip, step, schedule.
 
     Args:
@@ -328,18 +336,26 @@ def train_step(accelerator, model, optimizer, scheduler, micro_batches: list[dic
             (absent: no padding). Moved to ``accelerator.device`` here. Gradients of all but the last are
             accumulated without a DDP sync.
         global_targets: target tokens (labels != -100, see :func:`target_count`) of the global batch, i.e. of
-            every micro-batch of every process.
+            every micro-batch of every data-parallel replica (counted once, however many ranks share a sequence).
+        context: a :class:`~ppa_hf.hf.context_parallel.ContextParallel`, or None. With it, every rank of a CP group
+            gets the same micro-batches and runs the model on its own chunk of each sequence
+            (:func:`~ppa_hf.hf.context_parallel.shard_batch`: targets shifted before the split, global positions).
 
     The loss is the mean over every target token of the global batch, whatever the process count: each process
-    backpropagates (its token-loss sum) * num_processes / global_targets, and DDP averages over processes.
+    backpropagates (its token-loss sum) * num_processes / global_targets, and DDP averages over processes. Under
+    context parallelism a rank's gradient also holds what the other ranks' queries contribute through its keys and
+    values (the K/V all-gather's backward), so the sum over all ranks is the gradient of the whole loss.
 
     Returns ``{"loss": that mean (float), "lr": the learning rate this step used, "tokens": non-padding tokens of
     the global batch}``.
     """
     import torch
 
+    from ..hf.context_parallel import shard_batch
+
     device = accelerator.device
     nproc = accelerator.num_processes
+    config = accelerator.unwrap_model(model).config
     loss_sum = torch.zeros((), device=device)
     tokens = torch.zeros((), device=device, dtype=torch.long)
     for micro, batch in enumerate(micro_batches):
@@ -348,10 +364,10 @@ def train_step(accelerator, model, optimizer, scheduler, micro_batches: list[dic
         sync = micro == len(micro_batches) - 1
         ctx = accelerator.no_sync(model) if not sync and nproc > 1 else contextlib.nullcontext()
         with ctx, accelerator.autocast():
-            logits = model(input_ids=batch["input_ids"], attention_mask=mask, use_cache=False).logits[:, :-1].float()
+            inputs, targets = shard_batch(batch, context, config)  # targets [B, T]: of the logits at each position
+            logits = model(**inputs, use_cache=False).logits.float()
             token_loss = torch.nn.functional.cross_entropy(
-                logits.reshape(-1, logits.shape[-1]), batch["labels"][:, 1:].reshape(-1), ignore_index=-100,
-                reduction="sum")
+                logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=-100, reduction="sum")
             accelerator.backward(token_loss * nproc / global_targets)
         loss_sum += token_loss.detach()
         tokens += mask.sum() if mask is not None else batch["input_ids"].numel()
@@ -363,19 +379,22 @@ def train_step(accelerator, model, optimizer, scheduler, micro_batches: list[dic
     optimizer.step()
     scheduler.step()
     optimizer.zero_grad(set_to_none=True)
+    sharing = context.size if context is not None else 1  # ranks that counted the same sequences' tokens
     return {"loss": float(accelerator.reduce(loss_sum, reduction="sum")) / global_targets, "lr": step_lr,
-            "tokens": int(accelerator.reduce(tokens, reduction="sum"))}
+            "tokens": int(accelerator.reduce(tokens, reduction="sum")) // sharing}
 
 
 def train_loop(accelerator, model, optimizer, scheduler, batches, last_step: int, global_batch: int,
-               state: TrainState | None = None, on_step=None, max_grad_norm: float = 1.0) -> list[dict]:
+               state: TrainState | None = None, on_step=None, max_grad_norm: float = 1.0,
+               context=None) -> list[dict]:
     """Optimizer steps ``state.step + 1 .. last_step`` (logged by their number after the step); returns one log
     row per step (the rows of ``train_log.jsonl``).
 
     ``batches(step) -> (micro_batches, global_targets)`` is the data source (see :func:`train_step`):
     :class:`ScheduledBatches` for the fine-tune, anything else (e.g. batches built in memory) for other callers;
     ``global_batch`` is the number of examples one step consumes (all processes). ``on_step(state, row)`` runs
-    after each step on every process (logging, checkpoints). ``state`` is updated in place.
+    after each step on every process (logging, checkpoints). ``state`` is updated in place. ``context``: context
+    parallelism (see :func:`train_step`), or None.
     """
     import torch
 
@@ -389,7 +408,8 @@ def train_loop(accelerator, model, optimizer, scheduler, batches, last_step: int
     while state.step < last_step:
         t0 = time.time()
         micro_batches, global_targets = batches(state.step)
-        result = train_step(accelerator, model, optimizer, scheduler, micro_batches, global_targets, max_grad_norm)
+        result = train_step(accelerator, model, optimizer, scheduler, micro_batches, global_targets, max_grad_norm,
+                            context)
         state.step += 1
         state.examples_seen += global_batch
         state.tokens_seen += result["tokens"]
@@ -397,7 +417,7 @@ def train_loop(accelerator, model, optimizer, scheduler, batches, last_step: int
         row = {"step": state.step, "loss": round(result["loss"], 6), "lr": result["lr"], "tokens": result["tokens"],
                "tokens_per_s": round(result["tokens"] / dt, 1), "step_s": round(dt, 3),
                "elapsed_s": round(time.time() - started, 2), "num_processes": accelerator.num_processes,
-               "global_batch": global_batch}
+               "context_parallel": context.size if context is not None else 1, "global_batch": global_batch}
         if device.type == "cuda":
             row["peak_mem_gb"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 3)
         rows.append(row)
@@ -420,6 +440,14 @@ class Run:
     optimizer: object
     scheduler: object
     deepspeed: bool
+    context: object = None  # ContextParallel, or None
+
+    @property
+    def data_parallel(self) -> tuple[int, int]:
+        """``(replicas, this process's replica)``: processes, unless context parallelism groups them."""
+        if self.context is None:
+            return self.accelerator.num_processes, self.accelerator.process_index
+        return self.context.data_parallel_size, self.context.data_parallel_rank
 
     @property
     def is_main(self) -> bool:
@@ -478,6 +506,7 @@ def build_run(args, accelerator) -> Run:
     import torch
 
     is_main = accelerator.is_main_process
+    context = make_context(args, accelerator)
     tokenizer = load_tokenizer(args)
     features = build_features(args, tokenizer, is_main)
     model = build_model(args, tokenizer)
@@ -485,7 +514,8 @@ def build_run(args, accelerator) -> Run:
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
         total = sum(p.numel() for p in model.parameters())
         print(f"model: {total / 1e6:.1f}M parameters, {trainable / 1e6:.2f}M trainable; PPA p={args.p} "
-              f"w={args.window} sinks={args.sink_tokens}; {accelerator.num_processes} process(es), "
+              f"w={args.window} sinks={args.sink_tokens}; {accelerator.num_processes} process(es)"
+              f"{f' (context parallel {context.size})' if context is not None else ''}, "
               f"mixed precision {accelerator.mixed_precision}, device {accelerator.device}", flush=True)
     deepspeed = accelerator.distributed_type.name == "DEEPSPEED"
     if deepspeed:  # DeepSpeed wraps model and optimizer in one engine
@@ -497,7 +527,22 @@ def build_run(args, accelerator) -> Run:
     # global), so it is not prepared (accelerate would step it num_processes times); it is still checkpointed
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_schedule(args.max_steps, args.warmup_steps))
     accelerator.register_for_checkpointing(scheduler)
-    return Run(accelerator, tokenizer, features, model, optimizer, scheduler, deepspeed)
+    return Run(accelerator, tokenizer, features, model, optimizer, scheduler, deepspeed, context)
+
+
+def make_context(args, accelerator):
+    """The run's :class:`~ppa_hf.hf.context_parallel.ContextParallel` for ``--context-parallel N`` > 1 (else None):
+    groups of N consecutive processes share each sequence. Under DDP or one process only: FSDP and DeepSpeed are
+    refused (their gradient reduction with a sequence split over ranks is not tested)."""
+    if args.context_parallel == 1:
+        return None
+    from ..hf.context_parallel import ContextParallel
+
+    kind = accelerator.distributed_type.name
+    if kind not in ("MULTI_CPU", "MULTI_GPU"):
+        raise ValueError(f"--context-parallel={args.context_parallel} runs under DDP (accelerate's multi-process "
+                         f"launch: MULTI_CPU or MULTI_GPU), not {kind}; use --context-parallel 1 there")
+    return ContextParallel.create(args.context_parallel, "--context-parallel")
 
 
 def resume_run(run: Run, resume: str) -> TrainState:
@@ -545,7 +590,8 @@ def start_log(args, run: Run, state: TrainState, resumed: bool, global_batch: in
 def checkpoint(args, run: Run, state: TrainState, global_batch: int) -> str:
     """Save ``checkpoints/step-N`` with the run's position (see :func:`save_checkpoint`)."""
     meta = {"step": state.step, "examples_seen": state.examples_seen, "tokens_seen": state.tokens_seen,
-            "num_processes": run.accelerator.num_processes, "global_batch": global_batch, "p": args.p,
+            "num_processes": run.accelerator.num_processes, "context_parallel": args.context_parallel,
+            "global_batch": global_batch, "p": args.p,
             "optimizer_steps": None if run.deepspeed else optimizer_step_count(run.optimizer)}
     return save_checkpoint(run.accelerator, args.output_dir, state.step, meta, args.keep_checkpoints)
 
@@ -559,8 +605,8 @@ def train(args) -> dict:
     resume = resolve_resume(args)
     run = build_run(args, accelerator)
     state = resume_run(run, resume) if resume is not None else TrainState()
-    schedule = StepSchedule(len(run.features), args.seed, args.batch_size, args.grad_accum,
-                            accelerator.num_processes)
+    replicas, replica = run.data_parallel
+    schedule = StepSchedule(len(run.features), args.seed, args.batch_size, args.grad_accum, replicas)
     log_path = start_log(args, run, state, resume is not None, schedule.global_batch)
 
     last = min(args.max_steps, args.stop_after) if args.stop_after else args.max_steps
@@ -577,9 +623,9 @@ def train(args) -> dict:
             checkpoint(args, run, state, schedule.global_batch)
 
     started = time.time()
-    batches = ScheduledBatches(run.features, schedule, run.tokenizer.pad_token_id, accelerator.process_index)
+    batches = ScheduledBatches(run.features, schedule, run.tokenizer.pad_token_id, replica)
     train_loop(accelerator, run.model, run.optimizer, run.scheduler, batches, last, batches.global_batch, state,
-               on_step)
+               on_step, context=run.context)
     bar.close()
 
     finished = state.step >= args.max_steps
