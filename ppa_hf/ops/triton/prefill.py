@@ -52,28 +52,25 @@ if triton is not None:
         return pid_m, pid_bh, b, h, h // G, pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
 
     @triton.jit
-    def _partial_tile(it, mid, PIDX, qpos, offs_n, k_start, kv_end, TOK, tok_len, WF, n_words, BLK, blk_len,
-                      block_size, sinks, max_distance, BLOCK_N: tl.constexpr, GRAN_BLOCK: tl.constexpr,
-                      HAS_SINKS: tl.constexpr, HAS_MD: tl.constexpr, USE_WORDS: tl.constexpr):
-        """Key columns ``[BLOCK_N]`` and ``[BLOCK_M, BLOCK_N]`` mask of a query tile's ``it``-th partial tile: a
-        TOKEN_PARTIAL tile (``it < mid``) from the token table's words alone, any other from the whole predicate."""
-        k0 = tl.load(PIDX + it) * BLOCK_N
-        cols = k0 + offs_n
-        if USE_WORDS and it < mid:
-            mask = word_mask(WF, n_words, qpos - (k_start + k0), BLOCK_N)
-        else:
-            mask = tile_mask(qpos, k_start + cols, kv_end, TOK, tok_len, WF, n_words, BLK, blk_len, block_size,
-                             sinks, max_distance, BLOCK_N, False, GRAN_BLOCK, HAS_SINKS, HAS_MD, USE_WORDS)
-        return cols, mask
+    def _partial_tile(k0, qpos, cols, k_start, kv_end, TOK, tok_len, WF, n_words, BLK, blk_len, block_size, sinks,
+                      max_distance, BLOCK_N: tl.constexpr, GRAN_BLOCK: tl.constexpr, HAS_SINKS: tl.constexpr,
+                      HAS_MD: tl.constexpr, USE_WORDS: tl.constexpr, TOKEN_ONLY: tl.constexpr):
+        """``[BLOCK_M, BLOCK_N]`` mask of the partial tile of key columns ``cols`` (from ``k0``): a TOKEN_PARTIAL tile
+        (``TOKEN_ONLY``) from the token table's words alone, any other from the whole predicate."""
+        if TOKEN_ONLY:
+            return word_mask(WF, n_words, qpos - (k_start + k0), BLOCK_N)
+        return tile_mask(qpos, k_start + cols, kv_end, TOK, tok_len, WF, n_words, BLK, blk_len, block_size, sinks,
+                         max_distance, BLOCK_N, False, GRAN_BLOCK, HAS_SINKS, HAS_MD, USE_WORDS)
 
     @triton.jit
     def _fwd_tile(q, k_ptr, v_ptr, cols, offs_d, skn, svn, kv_len, scale_log2, mask, m_i, l_i, acc,
-                  MASKED: tl.constexpr):
+                  MASKED: tl.constexpr, BOUNDED: tl.constexpr):
         """One key tile of the forward's online softmax for the ``[BLOCK_M]`` queries of ``q``; ``MASKED``: a
-        partial tile (``mask`` applies, keys past ``kv_len`` read as zeros), else a full tile. Returns the new
-        running max, denominator and ``[BLOCK_M, HEAD_DIM]`` accumulator."""
+        partial tile (``mask`` applies), else a full tile; ``BOUNDED``: keys past ``kv_len`` read as zeros (a tile
+        that may run past the end; unbounded loads pipeline better). Returns the new running max, denominator and
+        ``[BLOCK_M, HEAD_DIM]`` accumulator."""
         k_at = k_ptr + cols[None, :].to(tl.int64) * skn + offs_d[:, None]
-        if MASKED:
+        if BOUNDED:
             k = tl.load(k_at, mask=(cols < kv_len)[None, :], other=0.0)
         else:
             k = tl.load(k_at)
@@ -86,7 +83,7 @@ if triton is not None:
         l_i = l_i * alpha + tl.sum(p, 1)
         acc = acc * alpha[:, None]
         v_at = v_ptr + cols[:, None].to(tl.int64) * svn + offs_d[None, :]
-        if MASKED:
+        if BOUNDED:
             v = tl.load(v_at, mask=(cols < kv_len)[:, None], other=0.0)
         else:
             v = tl.load(v_at)
@@ -95,12 +92,12 @@ if triton is not None:
 
     @triton.jit
     def _dq_tile(q, do, lse, delta, k_ptr, v_ptr, cols, offs_d, skn, svn, kv_len, scale_log2, mask, dq,
-                 MASKED: tl.constexpr):
-        """One key tile's contribution to ``dq [BLOCK_M, HEAD_DIM]`` (``MASKED``: a partial tile, as in
+                 MASKED: tl.constexpr, BOUNDED: tl.constexpr):
+        """One key tile's contribution to ``dq [BLOCK_M, HEAD_DIM]`` (``MASKED``, ``BOUNDED`` as in
         :func:`_fwd_tile`)."""
         k_at = k_ptr + cols[None, :].to(tl.int64) * skn + offs_d[:, None]
         v_at = v_ptr + cols[None, :].to(tl.int64) * svn + offs_d[:, None]
-        if MASKED:
+        if BOUNDED:
             kT = tl.load(k_at, mask=(cols < kv_len)[None, :], other=0.0)
             vT = tl.load(v_at, mask=(cols < kv_len)[None, :], other=0.0)
         else:
@@ -141,19 +138,30 @@ if triton is not None:
         for it in range(start, end):
             cols = tl.load(FIDX + it) * BLOCK_N + offs_n
             m_i, l_i, acc = _fwd_tile(q, k_ptr, v_ptr, cols, offs_d, skn, svn, kv_len, scale_log2, None,
-                                      m_i, l_i, acc, False)
+                                      m_i, l_i, acc, False, False)
 
-        # Partial tiles: TOKEN_PARTIAL ones (the token table's word bits are the whole mask), then the others
-        # (the whole predicate per element).
+        # Partial tiles: with word tables, first the TOKEN_PARTIAL ones (the word bits are the whole mask and no key
+        # runs past the end: a loop of its own, with unbounded loads), then the others (the whole predicate).
         start = tl.load(PPTR + pid_m)
-        mid = tl.load(PMID + pid_m)
         end = tl.load(PPTR + pid_m + 1)
+        if USE_WORDS:
+            mid = tl.load(PMID + pid_m)
+            for it in range(start, mid):
+                k0 = tl.load(PIDX + it) * BLOCK_N
+                cols = k0 + offs_n
+                mask = _partial_tile(k0, qpos, cols, k_start, kv_end, TOK, tok_len, WF, n_words, BLK, blk_len,
+                                     block_size, sinks, max_distance, BLOCK_N, GRAN_BLOCK, HAS_SINKS, HAS_MD, True,
+                                     True)
+                m_i, l_i, acc = _fwd_tile(q, k_ptr, v_ptr, cols, offs_d, skn, svn, kv_len, scale_log2, mask,
+                                          m_i, l_i, acc, True, False)
+            start = mid
         for it in range(start, end):
-            cols, mask = _partial_tile(it, mid, PIDX, qpos, offs_n, k_start, kv_end, TOK, tok_len, WF, n_words, BLK,
-                                       blk_len, block_size, sinks, max_distance, BLOCK_N, GRAN_BLOCK, HAS_SINKS,
-                                       HAS_MD, USE_WORDS)
+            k0 = tl.load(PIDX + it) * BLOCK_N
+            cols = k0 + offs_n
+            mask = _partial_tile(k0, qpos, cols, k_start, kv_end, TOK, tok_len, WF, n_words, BLK, blk_len, block_size,
+                                 sinks, max_distance, BLOCK_N, GRAN_BLOCK, HAS_SINKS, HAS_MD, USE_WORDS, False)
             m_i, l_i, acc = _fwd_tile(q, k_ptr, v_ptr, cols, offs_d, skn, svn, kv_len, scale_log2, mask,
-                                      m_i, l_i, acc, True)
+                                      m_i, l_i, acc, True, True)
 
         empty = l_i == 0.0
         out = acc / tl.where(empty, 1.0, l_i)[:, None]
@@ -222,15 +230,22 @@ if triton is not None:
                 rows = qb * BLOCK_M + offs_m
                 dk, dv = _dkdv_tile(k, v, q_ptr, do_ptr, lse_ptr, delta_ptr, rows, offs_d, sqm, sdom, q_len,
                                     scale_log2, None, dk, dv, False)
-            for it in range(pstart, pend):
+            if USE_WORDS:  # TOKEN_PARTIAL tiles first: the word bits are the whole mask
+                for it in range(pstart, pmid):
+                    qb = tl.load(PIDX + it)
+                    rows = qb * BLOCK_M + offs_m
+                    maskT = word_mask(WB, n_words, q_start + qb * BLOCK_M - kpos, BLOCK_M)
+                    dk, dv = _dkdv_tile(k, v, q_ptr, do_ptr, lse_ptr, delta_ptr, rows, offs_d, sqm, sdom, q_len,
+                                        scale_log2, maskT, dk, dv, True)
+                rest = pmid
+            else:
+                rest = pstart
+            for it in range(rest, pend):
                 qb = tl.load(PIDX + it)
                 rows = qb * BLOCK_M + offs_m
-                if USE_WORDS and it < pmid:  # TOKEN_PARTIAL: the word bits are the whole mask
-                    maskT = word_mask(WB, n_words, q_start + qb * BLOCK_M - kpos, BLOCK_M)
-                else:
-                    maskT = tile_mask(q_start + rows, kpos, kv_end, TOK, tok_len, WB, n_words, BLK, blk_len,
-                                      block_size, sinks, max_distance, BLOCK_M, True, GRAN_BLOCK, HAS_SINKS, HAS_MD,
-                                      USE_WORDS)
+                maskT = tile_mask(q_start + rows, kpos, kv_end, TOK, tok_len, WB, n_words, BLK, blk_len,
+                                  block_size, sinks, max_distance, BLOCK_M, True, GRAN_BLOCK, HAS_SINKS, HAS_MD,
+                                  USE_WORDS)
                 dk, dv = _dkdv_tile(k, v, q_ptr, do_ptr, lse_ptr, delta_ptr, rows, offs_d, sqm, sdom, q_len,
                                     scale_log2, maskT, dk, dv, True)
         dk = dk * sm_scale
@@ -267,16 +282,27 @@ if triton is not None:
         for it in range(start, end):
             cols = tl.load(FIDX + it) * BLOCK_N + offs_n
             dq = _dq_tile(q, do, lse, delta, k_ptr, v_ptr, cols, offs_d, skn, svn, kv_len, scale_log2, None, dq,
-                          False)
+                          False, False)
         start = tl.load(PPTR + pid_m)
-        mid = tl.load(PMID + pid_m)
         end = tl.load(PPTR + pid_m + 1)
+        if USE_WORDS:  # TOKEN_PARTIAL tiles first, as in the forward
+            mid = tl.load(PMID + pid_m)
+            for it in range(start, mid):
+                k0 = tl.load(PIDX + it) * BLOCK_N
+                cols = k0 + offs_n
+                mask = _partial_tile(k0, qpos, cols, k_start, kv_end, TOK, tok_len, WF, n_words, BLK, blk_len,
+                                     block_size, sinks, max_distance, BLOCK_N, GRAN_BLOCK, HAS_SINKS, HAS_MD, True,
+                                     True)
+                dq = _dq_tile(q, do, lse, delta, k_ptr, v_ptr, cols, offs_d, skn, svn, kv_len, scale_log2, mask, dq,
+                              True, False)
+            start = mid
         for it in range(start, end):
-            cols, mask = _partial_tile(it, mid, PIDX, qpos, offs_n, k_start, kv_end, TOK, tok_len, WF, n_words, BLK,
-                                       blk_len, block_size, sinks, max_distance, BLOCK_N, GRAN_BLOCK, HAS_SINKS,
-                                       HAS_MD, USE_WORDS)
+            k0 = tl.load(PIDX + it) * BLOCK_N
+            cols = k0 + offs_n
+            mask = _partial_tile(k0, qpos, cols, k_start, kv_end, TOK, tok_len, WF, n_words, BLK, blk_len, block_size,
+                                 sinks, max_distance, BLOCK_N, GRAN_BLOCK, HAS_SINKS, HAS_MD, USE_WORDS, False)
             dq = _dq_tile(q, do, lse, delta, k_ptr, v_ptr, cols, offs_d, skn, svn, kv_len, scale_log2, mask, dq,
-                          True)
+                          True, True)
         dq = dq * sm_scale
         tl.store(DQ + b.to(tl.int64) * sdqb + h.to(tl.int64) * sdqh + offs_m[:, None].to(tl.int64) * sdqm
                  + offs_d[None, :], dq.to(DQ.dtype.element_ty), mask=rmask[:, None])
