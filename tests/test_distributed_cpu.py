@@ -1,6 +1,7 @@
 """Multi-process fine-tuning on CPU (DDP over gloo) through `accelerate launch`, checkpoints resumed across
-process counts (2 -> 1 and 1 -> 2), loss-curve logs compared with examples/compare_loss_curves.py, and the
-shipped accelerate configs."""
+process counts (2 -> 1 and 1 -> 2), context parallelism (one sequence split over the 2 processes: the losses and
+weights of one process, full fine-tune and LoRA with resume), loss-curve logs compared with
+examples/compare_loss_curves.py, and the shipped accelerate configs."""
 
 import json
 import subprocess
@@ -66,6 +67,71 @@ def test_resume_across_process_counts(first, second, lora_r, tiny_model_dir, tmp
     assert result["common_steps"] == 4 and result["max_abs_diff"] < 1e-4
     model = AutoModelForCausalLM.from_pretrained(out, attn_implementation="ppa")
     assert model.config.ppa_p == 0.75 and model.config.ppa_window == 8
+
+
+def context_parallel_args(model, out, lora_r, data, **extra):
+    # seq-len 256 with window 16 and 2 sinks: the chunk border (token 128 of a 256-token sequence) falls inside the
+    # window of the next chunk's first queries, and every query of the second chunk reads the first chunk's sinks
+    args = ["--model", str(model), "--output-dir", str(out), "--seq-len", "256", "--batch-size", "2", "--no-progress",
+            "--p", "0.5", "--window", "16", "--sink-tokens", "2", "--lr", "1e-2", "--lora-r", str(lora_r), *data]
+    for key, value in extra.items():
+        args += [f"--{key.replace('_', '-')}", str(value)]
+    return args
+
+
+def final_weights(out):
+    from safetensors.torch import load_file
+
+    return load_file(str(out / "model.safetensors"))
+
+
+def assert_same_weights(reference, out, trained_from):
+    import torch
+
+    expected, got, start = final_weights(reference), final_weights(out), final_weights(trained_from)
+    assert expected.keys() == got.keys()
+    moved = max(float((expected[k] - start[k]).abs().max()) for k in expected)
+    assert moved > 1e-3, "training changed no weight"
+    for name in expected:  # Adam normalises each gradient, so float summation order shows as ~1e-5 here
+        torch.testing.assert_close(got[name], expected[name], rtol=0, atol=1e-4, msg=name)
+
+
+def test_context_parallel_full_fine_tune_equals_one_process(tiny_model_dir, tmp_path):
+    """--context-parallel 2 on 2 gloo processes, full fine-tune, 2 steps of 2 sequences of exactly 256 tokens: the
+    losses and the saved weights are the 1-process run's."""
+    data = ["--synthetic-data", "--max-steps", "2"]
+    reference, out = tmp_path / "reference", tmp_path / "cp"
+    launch(1, context_parallel_args(tiny_model_dir, reference, 0, data), 29551)
+    result = launch(2, context_parallel_args(tiny_model_dir, out, 0, data, context_parallel=2), 29552)
+    assert "2 process(es) (context parallel 2)" in result.stdout
+    rows = log(out)
+    assert [(r["num_processes"], r["context_parallel"], r["tokens"]) for r in rows] == [(2, 2, 512)] * 2
+    assert compare(reference, out)["max_abs_diff"] < 1e-4
+    assert_same_weights(reference, out, tiny_model_dir)
+
+
+def test_context_parallel_lora_resumes_and_equals_one_process(tiny_model_dir, tmp_path):
+    """LoRA under --context-parallel 2 on GSM8K (padded batches, loss on the answer only, lengths not a multiple of
+    2), stopped after step 1 and resumed: the loss curve and the merged model are the 1-process run's."""
+    data = ["--train-file", str(shared_data("gsm8k", "train.jsonl")), "--limit", "40", "--max-steps", "3"]
+    reference, out = tmp_path / "reference", tmp_path / "cp"
+    launch(1, context_parallel_args(tiny_model_dir, reference, 4, data), 29553)
+    launch(2, context_parallel_args(tiny_model_dir, out, 4, data, context_parallel=2, stop_after=1), 29554)
+    state = json.loads((out / "checkpoints" / "step-1" / "trainer_state.json").read_text())
+    assert (state["num_processes"], state["context_parallel"], state["global_batch"]) == (2, 2, 2)
+    launch(2, context_parallel_args(tiny_model_dir, out, 4, data, context_parallel=2, resume_from="latest"), 29555)
+    assert [r["step"] for r in log(out)] == [1, 2, 3]
+    assert compare(reference, out)["max_abs_diff"] < 1e-4
+    assert_same_weights(reference, out, tiny_model_dir)
+    model = AutoModelForCausalLM.from_pretrained(out, attn_implementation="ppa")
+    assert (model.config.ppa_p, model.config.ppa_window, model.config.ppa_sink_tokens) == (0.5, 16, 2)
+
+
+def test_context_parallel_refuses_a_size_that_does_not_divide(tiny_model_dir, tmp_path):
+    result = run_finetune(context_parallel_args(tiny_model_dir, tmp_path / "x", 0, ["--synthetic-data"],
+                                                context_parallel=2))
+    assert result.returncode == 2
+    assert "--context-parallel=2 does not divide the number of processes (1)" in result.stderr
 
 
 def test_compare_loss_curves_reports_difference(tmp_path):

@@ -538,6 +538,11 @@ def make_context(args, accelerator):
         return None
     from ..hf.context_parallel import ContextParallel
 
+    processes = accelerator.num_processes
+    if processes % args.context_parallel:
+        raise ValueError(f"--context-parallel={args.context_parallel} does not divide the number of processes "
+                         f"({processes}); it must be 1 or a divisor of {processes} (launch more processes with "
+                         "accelerate launch --num_processes or torchrun)")
     kind = accelerator.distributed_type.name
     if kind not in ("MULTI_CPU", "MULTI_GPU"):
         raise ValueError(f"--context-parallel={args.context_parallel} runs under DDP (accelerate's multi-process "
