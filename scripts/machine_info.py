@@ -1,42 +1,32 @@
 #!/usr/bin/env python
 """Print the record that heads every GPU run's output folder: date, git commit, Python and library versions, GPUs,
-and the command that was run (``python scripts/machine_info.py COMMAND...``)."""
+and the command that was run (``python scripts/machine_info.py COMMAND...``).
 
-import datetime
-import importlib.metadata
+The commit is ``$PPA_COMMIT`` when set (a copy of the code without its ``.git``, or with a stale one), else
+``git rev-parse HEAD`` of this checkout, else ``unknown`` (``ppa_hf.recipes.stamp.git_commit``).
+"""
+
+import os
 import platform
-import subprocess
 import sys
 
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # this checkout's ppa_hf
 
-def _git(*args: str) -> str:
-    try:
-        return subprocess.run(["git", *args], capture_output=True, text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-
-
-def _version(dist: str) -> str:
-    try:
-        return importlib.metadata.version(dist)
-    except importlib.metadata.PackageNotFoundError:
-        return "not installed"
+from ppa_hf.recipes.stamp import git_commit, gpu_names, utc_now, version  # noqa: E402
 
 
 def main() -> int:
     import torch
 
-    commit = _git("rev-parse", "HEAD")
-    dirty = _git("status", "--porcelain", "--untracked-files=no")
-    gpus = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())] if torch.cuda.is_available() else []
+    gpus = gpu_names()
     lines = {
-        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC"),
+        "date": utc_now(),
         "command": " ".join(sys.argv[1:]) or "-",
-        "git commit": commit + (" (with uncommitted changes)" if dirty and dirty != "unknown" else ""),
+        "git commit": git_commit(),
         "gpus": f"{len(gpus)} x {gpus[0]}" if gpus and len(set(gpus)) == 1 else (", ".join(gpus) or "none"),
         "python": platform.python_version(),
         "torch": f"{torch.__version__} (CUDA {torch.version.cuda})",
-        **{name: _version(name) for name in ("transformers", "accelerate", "peft", "triton", "lm_eval")},
+        **{name: version(name) for name in ("transformers", "accelerate", "peft", "triton", "lm_eval")},
         "host": f"{platform.machine()}, {platform.system()} {platform.release()}",
     }
     for key, value in lines.items():
