@@ -27,9 +27,14 @@ masks:
 # extra and a CUDA build of torch are installed (no set-up step: `setup` would install a CPU torch if none is there).
 # Each target writes logs, CSV/JSON outputs, timings.txt and machine.txt (GPU, versions, commit, date) to $(OUT)/NAME.
 
-# docs/results.md: zero-shot perplexity, the fine-tuned S-curve, sinks, block granularity (one GPU)
+# docs/results.md: zero-shot perplexity, sinks, block granularity, and the fine-tuned retrieval grid of section 6 on
+# every GPU (several runs per GPU). SCURVE_SIZE=smoke: the reduced grid alone (about 8 minutes on one H200);
+# SCURVE_ARGS: more `scurve_runs run` options; PUBLISH=docs/results_data: copy the grid's CSV, summary and plots there;
+# LEGACY_SCURVE=1: also the one-seed fine-tunes of sections 2 and 3 as published.
+SCURVE_SIZE ?= full
 results-gpu:
-	OUT=$(OUT)/results DATA=$(DATA) PYTHON=$(PYTHON) bash scripts/results_gpu.sh
+	OUT=$(OUT)/results DATA=$(DATA) PYTHON=$(PYTHON) SCURVE_SIZE=$(SCURVE_SIZE) SCURVE_ARGS="$(SCURVE_ARGS)" \
+	  PUBLISH=$(PUBLISH) LEGACY_SCURVE=$(LEGACY_SCURVE) bash scripts/results_gpu.sh
 
 # docs/distributed.md: 1B loss curves on 1 and 2 GPUs (DDP, FSDP), FSDP resume across GPU counts, throughput
 # (the 2-GPU runs are skipped, and listed as skipped, on a one-GPU machine)

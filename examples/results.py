@@ -12,7 +12,9 @@ zeroshot: perplexity of SmolLM2-135M-Instruct patched to PPA, per (text, context
 scurve: the paper's protocol at small scale on a task where long-range attention matters: for each p, the same
 fine-tune (same data order, steps, learning rate, seed) on passkey retrieval (a 5-digit key hidden at a random
 depth in natural text of ``--context`` tokens, asked for at the end; loss on the key only), then exact-match
-retrieval accuracy on held-out prompts, held-out perplexity, and GSM8K 4-shot accuracy.
+retrieval accuracy on held-out prompts, held-out perplexity, and GSM8K 4-shot accuracy. One seed, one prompt set:
+for a curve that can carry a claim (seeds that change the eval prompts, intervals, learning curves, per-prompt
+results, several runs per GPU) use ``python -m ppa_hf.recipes.scurve_runs`` (docs/results.md section 6).
 """
 
 from __future__ import annotations

@@ -429,6 +429,11 @@ def run(args) -> int:
 
 
 # ------------------------------------------------------------------------------------------------------ summary
+def _median(values):
+    values = sorted(values)
+    return values[len(values) // 2] if values else float("nan")
+
+
 def _groups(rows):
     groups = {}
     for r in rows:
@@ -540,11 +545,19 @@ def summarize(out_dir: str) -> str:
     lines += ["", f"Training budget: {', '.join(map(str, budgets))} steps for every run. Loss curve flat (last 10% "
               f"of the steps within tolerance of the 10% before): {len(rows) - len(not_flat)} of {len(rows)} runs. "
               f"Latest flattening: step {slowest.get('flat_step')} ({Job(slowest['task'], int(slowest['context']), slowest['granularity'], float(slowest['p']), int(slowest['seed'])).name})."]
+    if len(budgets) > 1 or len({r["n_eval"] for r in rows}) > 1:
+        lines.append("**This CSV mixes training budgets or evaluation sizes; the pooled figures below mix them too. "
+                     "Give each budget its own --out-dir.**")
     if not_flat:
         names = [Job(r["task"], int(r["context"]), r["granularity"], float(r["p"]), int(r["seed"])).name
                  for r in not_flat]
         lines.append(f"**Not flat: {', '.join(names)}. The budget is too small for these runs: the curve below is "
                      "not a converged one; rerun with a larger --steps.**")
+    lines += ["", "Timing (per run, as measured; concurrent runs share a GPU): " + "; ".join(
+        f"context {ctx}: median step {_median([float(r['step_s_median']) for r in rows if int(r['context']) == ctx]):.3f} s, "
+        f"evaluation and perplexity {_median([float(r['seconds']) - float(r['train_seconds']) for r in rows if int(r['context']) == ctx]):.1f} s, "
+        f"whole run {_median([float(r['seconds']) for r in rows if int(r['context']) == ctx]):.1f} s (medians)"
+        for ctx in sorted({int(r['context']) for r in rows})) + "."]
     groups = _groups(rows)
     curves = sorted({(k[0], k[1]) for k in groups})
     for task, ctx in curves:
