@@ -150,7 +150,7 @@ def test_compare_loss_curves_reports_difference(tmp_path):
 
 
 def test_shipped_accelerate_configs():
-    expected = {"cpu_1proc.yaml": "NO", "cpu_2proc.yaml": "MULTI_GPU", "gpu_1.yaml": "NO", "gpu_ddp.yaml": "MULTI_GPU",
+    expected = {"cpu_1proc.yaml": "NO", "one_process.yaml": "NO", "cpu_2proc.yaml": "MULTI_GPU", "gpu_1.yaml": "NO", "gpu_ddp.yaml": "MULTI_GPU",
                 "gpu_fsdp.yaml": "FSDP", "deepspeed_zero2.yaml": "DEEPSPEED"}
     for name, kind in expected.items():
         config = yaml.safe_load((CONFIGS / name).read_text())

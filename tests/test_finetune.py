@@ -10,6 +10,11 @@ import ppa_hf
 from conftest import REPO_ROOT, run_finetune, shared_data
 
 CPU_1 = str(REPO_ROOT / "examples" / "accelerate_configs" / "cpu_1proc.yaml")
+ONE_PROCESS = str(REPO_ROOT / "examples" / "accelerate_configs" / "one_process.yaml")
+# messages the README's fine-tune command used to print (accelerate's launcher defaults, a tied weight dropped by
+# accelerate's checkpoint writer, PEFT looking for a GGUF base model's config.json, a deprecated Transformers API)
+NOISE = ("had defaults used instead", "Removed shared tensor", "Could not find a config file",
+         "is deprecated", "Warning", "warn(")
 
 
 def common(model, out, **extra):
@@ -111,14 +116,22 @@ def test_random_init_synthetic_gradient_checkpointing(tiny_model_dir, tmp_path):
 
 
 def test_embedded_smollm2_lora_two_steps_saves_a_loadable_model(tmp_path):
-    """The default model (SmolLM2 from GGUF): LoRA, 2 steps, merged output loads with its p (the GGUF quantizer
-    used to make the fine-tuned model unsavable)."""
+    """The default model (SmolLM2 from GGUF, tied embeddings) through the README's `accelerate launch` form: LoRA,
+    activation checkpointing, a checkpoint per step, 2 steps; the merged output loads with its p (the GGUF quantizer
+    used to make the fine-tuned model unsavable), and nothing but the run's own lines is printed (no warning)."""
     out = tmp_path / "ft"
     args = ["--train-file", str(shared_data("gsm8k", "train.jsonl")), "--output-dir", str(out), "--seq-len", "64",
             "--batch-size", "1", "--limit", "8", "--no-progress", "--p", "0.75", "--max-steps", "2",
-            "--lora-r", "4"]
-    result = run_finetune(args)
+            "--lora-r", "4", "--save-every", "1", "--gradient-checkpointing"]
+    result = run_finetune(args, launcher=("accelerate", "--config_file", ONE_PROCESS))
     assert result.returncode == 0, result.stderr[-3000:]
+    printed = result.stdout + result.stderr
+    assert not [noise for noise in NOISE if noise in printed], printed[-4000:]
+    from safetensors import safe_open
+
+    with safe_open(str(out / "checkpoints" / "step-2" / "model.safetensors"), "pt") as handle:
+        names = set(handle.keys())  # the tied embedding / LM head stored once, under the embedding's name
+    assert "base_model.model.model.embed_tokens.weight" in names and "base_model.model.lm_head.weight" not in names
     model = AutoModelForCausalLM.from_pretrained(out, attn_implementation="ppa")
     assert model.config.ppa_p == 0.75 and model.config.num_hidden_layers == 30
     assert [r["step"] for r in log_rows(out)] == [1, 2]

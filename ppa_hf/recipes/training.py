@@ -34,6 +34,7 @@ import math
 import os
 import shutil
 import time
+import warnings
 from dataclasses import dataclass
 
 MODEL_CONFIGS = {
@@ -158,7 +159,7 @@ def build_model(args, tokenizer):
         model = load_causal_lm(path, gguf, dtype=torch.float32)
     ppa_hf.apply(model, **ppa_settings(args))  # the whole PPA setting: it is saved in the model's config
     if args.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable_activation_checkpointing(model)
         model.config.use_cache = False
     if args.lora_r > 0:
         from peft import LoraConfig, get_peft_model
@@ -169,8 +170,25 @@ def build_model(args, tokenizer):
                           target_modules=targets, task_type="CAUSAL_LM")
         if args.gradient_checkpointing:
             model.enable_input_require_grads()
-        model = get_peft_model(model, lora)
+        with warnings.catch_warnings():
+            # PEFT (0.21) reads the model's `is_gradient_checkpointing` property, which Transformers (5.2x) deprecated
+            # in favour of `is_activation_checkpointing` and warns about on every read. The read is PEFT's own and
+            # still answers correctly; this hides that one message and nothing else.
+            warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated",
+                                    category=FutureWarning)
+            model = get_peft_model(model, lora)
     return model
+
+
+def enable_activation_checkpointing(model) -> None:
+    """Non-reentrant activation checkpointing of every decoder layer, through ``activation_checkpointing_enable``
+    (Transformers' name since it deprecated ``gradient_checkpointing_enable``; the older name on releases that lack
+    it, e.g. 5.17)."""
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
 
 def build_features(args, tokenizer, is_main: bool):
@@ -527,6 +545,7 @@ def build_run(args, accelerator) -> Run:
     # global), so it is not prepared (accelerate would step it num_processes times); it is still checkpointed
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_schedule(args.max_steps, args.warmup_steps))
     accelerator.register_for_checkpointing(scheduler)
+    accelerator.register_save_state_pre_hook(save_tied_weights_once)
     return Run(accelerator, tokenizer, features, model, optimizer, scheduler, deepspeed, context)
 
 
@@ -661,7 +680,9 @@ def save_final(accelerator, model, tokenizer, args) -> None:
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
     if args.lora_r > 0:
-        unwrapped.save_pretrained(os.path.join(tmp, "adapter"), state_dict=state_dict)
+        # the LoRA targets are linear projections and the vocabulary is never resized: the adapter holds no embedding
+        # (PEFT's "auto" would look for the base model's config.json to find out, and a GGUF base has none)
+        unwrapped.save_pretrained(os.path.join(tmp, "adapter"), state_dict=state_dict, save_embedding_layers=False)
         if not args.no_merge:
             merged = unwrapped.merge_and_unload()
             merged.save_pretrained(tmp)
@@ -678,6 +699,16 @@ def save_final(accelerator, model, tokenizer, args) -> None:
         os.replace(os.path.join(tmp, "config.json"), os.path.join(args.output_dir, "config.json"))
     shutil.rmtree(tmp, ignore_errors=True)
     print(f"saved the final model to {args.output_dir}", flush=True)
+
+
+def save_tied_weights_once(models, weights, output_dir) -> None:
+    """Accelerate ``save_state`` pre-hook: each model's state dict without the second names of tied weights (see
+    :func:`drop_tied_copies`), so a checkpoint stores a tied embedding / LM head once. Without it accelerate finds
+    the shared tensor itself, drops the second name and warns ("Removed shared tensor ... while saving");
+    ``load_state`` ties the weights again either way. (FSDP and DeepSpeed save their models themselves: their
+    ``weights`` list is empty.)"""
+    for index, (model, state_dict) in enumerate(zip(models, weights)):
+        weights[index] = drop_tied_copies(model, state_dict)
 
 
 def drop_tied_copies(model, state_dict: dict) -> dict:
