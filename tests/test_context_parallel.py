@@ -1,6 +1,6 @@
 """Context parallelism (ppa_hf.hf.context_parallel): one sequence split over 2 gloo processes gives the attention
 output, the loss and every gradient of the whole sequence in one process (float64), with attention sinks, padding,
-an odd length and a chunk border inside the window; the kernels the GPU routes to (block-sparse Triton, Flex from
+packed sequences, an odd length and a chunk border inside the window; the kernels the GPU routes to (block-sparse Triton, Flex from
 the tables) serve a query chunk in the middle of the keys."""
 
 import os
@@ -59,14 +59,18 @@ def _check_attention(context, backend):
     q, k, v = (torch.randn(B, h, L, D, generator=g, dtype=torch.float64) for h in (H, Hkv, Hkv))
     grad_out = torch.randn(B, L, H, D, generator=g, dtype=torch.float64)
     mask = _padding_mask(B, L, 33)
+    # row 0 packs two sequences, the second starting at token 23 (in the second chunk); row 1 is right-padded
+    position_ids = torch.cat([torch.arange(L)[None], torch.arange(L)[None]])
+    position_ids[0, 23:] = torch.arange(L - 23)
     # expected: explicit attention of the whole sequence on the pattern's dense keep mask
-    full_layout = ppa_mask_interface(B, L, L, attention_mask=mask, config=config)
+    full_layout = ppa_mask_interface(B, L, L, attention_mask=mask, config=config).with_position_ids(position_ids)
+    assert int(full_layout.seg[0].max()) == 1  # two sequences in row 0
     leaves = [t.clone().requires_grad_() for t in (q, k, v)]
     expected = reference_attention(*leaves, layout_keep(full_layout, PPAPattern(P, WINDOW, SINKS))).transpose(1, 2)
     expected_grads = torch.autograd.grad(expected, leaves, grad_out)
 
     batch = {"input_ids": torch.zeros(B, L, dtype=torch.long), "attention_mask": mask,
-             "labels": torch.zeros(B, L, dtype=torch.long)}
+             "labels": torch.zeros(B, L, dtype=torch.long), "position_ids": position_ids}
     inputs, _ = shard_batch(batch, context, config)
     layout = inputs["attention_mask"]
     assert isinstance(layout, ContextParallelLayout)
