@@ -52,7 +52,7 @@ class _Attention(torch.nn.Module):
 
 def _check_attention(context, backend):
     """One attention call: this rank's query chunk against the gathered keys equals the whole sequence's rows."""
-    config = tiny_config("llama")
+    config = tiny_config("llama", _attn_implementation="ppa")
     ppa_hf.hf.settings.write_settings(config, P, WINDOW, SINKS, backend)
     g = torch.Generator().manual_seed(1)
     B, H, Hkv, L, D = 2, 4, 2, 40, 8
@@ -131,11 +131,15 @@ def _worker(rank, world, port):
         for backend in ("sdpa_mask", "decode", "flex"):
             _check_attention(context, backend)
         _check_model(context)
-        # keys that are not this rank's chunk are refused, not silently attended
-        config = tiny_config("llama")
+        # a model without PPA attention would not gather the keys: refused
+        config = tiny_config("llama", _attn_implementation="sdpa")
         ppa_hf.hf.settings.write_settings(config, P, WINDOW, SINKS)
-        inputs, _ = shard_batch({"input_ids": torch.zeros(1, 8, dtype=torch.long),
-                                 "labels": torch.zeros(1, 8, dtype=torch.long)}, context, config)
+        batch = {"input_ids": torch.zeros(1, 8, dtype=torch.long), "labels": torch.zeros(1, 8, dtype=torch.long)}
+        with pytest.raises(ValueError, match="context parallelism runs through attn_implementation='ppa'"):
+            shard_batch(batch, context, config)
+        # keys that are not this rank's chunk are refused, not silently attended
+        config._attn_implementation = "ppa"
+        inputs, _ = shard_batch(batch, context, config)
         whole = torch.zeros(1, 2, 8, 4)
         with pytest.raises(ValueError, match="this rank's chunk has 8 keys but the layout splits 8 keys over 2"):
             ppa_attention_forward(_Attention(config), torch.zeros(1, 4, 4, 4), whole, whole, inputs["attention_mask"])

@@ -139,7 +139,8 @@ def shard_batch(batch: dict, context: ContextParallel | None, config) -> tuple[d
     ``context.size`` (padding is masked and has no target) and ``T = L / size``; the keyword arguments hold this
     rank's ``input_ids``, its global ``position_ids`` (RoPE sees the tokens' true positions) and, as
     ``attention_mask``, a :class:`ContextParallelLayout` of the whole batch built by the PPA mask interface from
-    ``config`` (so the pattern's tables are built for length ``L`` before the first layer)."""
+    ``config`` (so the pattern's tables are built for length ``L`` before the first layer). A model that does not run
+    ``attn_implementation="ppa"`` is refused (its attention would not gather the keys)."""
     from .mask import ppa_mask_interface
 
     input_ids, mask = batch["input_ids"], batch.get("attention_mask")
@@ -149,6 +150,11 @@ def shard_batch(batch: dict, context: ContextParallel | None, config) -> tuple[d
         if "position_ids" in batch:
             inputs["position_ids"] = batch["position_ids"]
         return inputs, targets
+    implementation = getattr(config, "_attn_implementation", None)
+    if implementation != "ppa":
+        raise ValueError(f"context parallelism runs through attn_implementation='ppa' (the attention function gathers "
+                         f"the keys); this model's config has {implementation!r}: load it with "
+                         "attn_implementation='ppa' or call ppa_hf.apply(model, p=...) first")
     B, L = input_ids.shape
     position_ids = batch.get("position_ids")
     if position_ids is None:
