@@ -127,11 +127,21 @@ def test_context_parallel_lora_resumes_and_equals_one_process(tiny_model_dir, tm
     assert (model.config.ppa_p, model.config.ppa_window, model.config.ppa_sink_tokens) == (0.5, 16, 2)
 
 
-def test_context_parallel_refuses_a_size_that_does_not_divide(tiny_model_dir, tmp_path):
-    result = run_finetune(context_parallel_args(tiny_model_dir, tmp_path / "x", 0, ["--synthetic-data"],
-                                                context_parallel=2))
-    assert result.returncode == 2
-    assert "--context-parallel=2 does not divide the number of processes (1)" in result.stderr
+def test_context_parallel_refuses_a_size_that_does_not_divide():
+    from types import SimpleNamespace
+
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+
+    from ppa_hf.recipes.training import make_context
+
+    try:
+        accelerator = Accelerator(cpu=True)
+        assert make_context(SimpleNamespace(context_parallel=1), accelerator) is None
+        with pytest.raises(ValueError, match=r"--context-parallel=2 does not divide the number of processes \(1\)"):
+            make_context(SimpleNamespace(context_parallel=2), accelerator)
+    finally:
+        AcceleratorState._reset_state(reset_partial_state=True)  # no accelerator state left for later tests
 
 
 def test_compare_loss_curves_reports_difference(tmp_path):

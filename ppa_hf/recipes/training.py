@@ -551,8 +551,8 @@ def build_run(args, accelerator) -> Run:
 
 def make_context(args, accelerator):
     """The run's :class:`~ppa_hf.hf.context_parallel.ContextParallel` for ``--context-parallel N`` > 1 (else None):
-    groups of N consecutive processes share each sequence. Under DDP or one process only: FSDP and DeepSpeed are
-    refused (their gradient reduction with a sequence split over ranks is not tested)."""
+    groups of N consecutive processes share each sequence. DDP only (accelerate's MULTI_CPU / MULTI_GPU): FSDP and
+    DeepSpeed are refused (their gradient reduction with a sequence split over ranks is not tested)."""
     if args.context_parallel == 1:
         return None
     from ..hf.context_parallel import ContextParallel
