@@ -374,10 +374,10 @@ class PPAPattern:
             offs = self.offsets(length, device)  # ascending
             parts.append(torch.where(offs <= q, q - offs, -1))
             counts.append(torch.searchsorted(offs, q_pos, right=True))
-        keys = torch.cat(parts, dim=-1)
+        keys = torch.cat(parts, dim=-1) if len(parts) > 1 else parts[0]
         if max_distance is not None:
             keys = torch.where(q - keys < max_distance, keys, -1)
-        count = counts[-1] + sum(counts[:-1])  # the lists before the last are counted whole
+        count = counts[-1] + sum(counts[:-1]) if len(counts) > 1 else counts[0]  # earlier lists are counted whole
         return keys, count.to(torch.int32)
 
     def _hit(self, q_pos, k_pos, token_table, block_table):

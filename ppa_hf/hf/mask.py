@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from transformers.masking_utils import causal_mask_function
 
-from ..layout import PPALayout, previous_valid, layout_from_links
+from ..layout import PPALayout, layout_from_links, one_sequence_per_row, previous_valid
 from .settings import fill_defaults, layer_patterns, read_settings
 
 
@@ -49,17 +49,18 @@ def ppa_mask_interface(batch_size: int, q_length: int, kv_length: int, q_offset=
     plain_causal = mask_function is None or mask_function is causal_mask_function
     if not plain_causal and total > 1 and not torch.compiler.is_compiling():
         _refuse_non_causal(mask_function, device)  # (a compiled step was checked by its eager first call)
-    prev = previous_valid(valid)
-    link = prev >= 0
-    if not plain_causal and total > 1:
-        # Transformers' own mask function knows about packed sequences (position ids that restart):
-        # a token continues a sequence iff it may attend the previous real token.
-        b = torch.arange(batch_size, device=device)[:, None]
-        j = torch.arange(total, device=device)[None, :].expand(batch_size, -1)
-        allowed = mask_function(b, torch.zeros_like(b), j, prev.clamp(min=0))
-        link = link & torch.as_tensor(allowed, device=device).expand_as(link)
-    seg, pos = layout_from_links(valid, link)
     q_index = torch.arange(q_length, device=device) + q_offset
     # no padding mask and the plain causal mask: every row is one unpadded sequence, known without looking
     q_start = q_offset if attention_mask is None and plain_causal and isinstance(q_offset, int) else None
-    return PPALayout(seg, pos, q_index, kv_offset, kv_length, q_start=q_start)
+    if plain_causal or total <= 1:  # every real token continues its row's sequence
+        seg, pos = one_sequence_per_row(valid)
+        return PPALayout(seg, pos, q_index, kv_offset, kv_length, q_start=q_start, one_sequence_per_row=True)
+    prev = previous_valid(valid)
+    # Transformers' own mask function knows about packed sequences (position ids that restart):
+    # a token continues a sequence iff it may attend the previous real token.
+    b = torch.arange(batch_size, device=device)[:, None]
+    j = torch.arange(total, device=device)[None, :].expand(batch_size, -1)
+    allowed = mask_function(b, torch.zeros_like(b), j, prev.clamp(min=0))
+    link = (prev >= 0) & torch.as_tensor(allowed, device=device).expand_as(prev)
+    seg, pos = layout_from_links(valid, link)
+    return PPALayout(seg, pos, q_index, kv_offset, kv_length)

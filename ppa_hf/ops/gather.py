@@ -30,20 +30,24 @@ def decode_index(layout: PPALayout, pattern: PPAPattern, max_distance: int | Non
     if key not in layout.cache:
         seg, B, T = layout.seg, layout.seg.shape[0], layout.seg.shape[-1]
         real = seg >= 0
-        rank = real.long().cumsum(-1) - 1  # [B, T]: index among the row's real tokens
-        # real token number r of row b sits at kv index kv_of_rank[b, r] (padding is written to a spare slot T)
-        kv_of_rank = torch.full((B, T + 1), -1, dtype=torch.long, device=seg.device)
-        kv_of_rank.scatter_(1, torch.where(real, rank, T), torch.arange(T, device=seg.device).expand(B, T))
         q_pos = layout.q_pos()  # [B, Q]
-        q_real = layout.q_seg() >= 0
         keys, count = pattern.key_lists(q_pos, T, max_distance)  # [B, Q, N] positions, -1 = none
-        first = rank[:, layout.q_index] - q_pos  # rank of each query's sequence's first token
-        key_rank = (first[..., None] + keys).clamp(0, T)
-        kv = kv_of_rank.gather(1, key_rank.flatten(1)).view(keys.shape) - layout.kv_offset
-        ok = (keys >= 0) & (kv >= 0) & (kv < layout.kv_length) & q_real[..., None]
-        index = torch.where(ok, kv, -1)
-        count = torch.where(q_real, count, 0)  # padding queries attend nothing
-        layout.cache[key] = (index.to(torch.int32).contiguous(), count.to(torch.int32).contiguous())
+        if layout.one_sequence_per_row:  # a real token's position is its rank: the keys' positions are their ranks
+            rank = layout.pos
+            key_rank = torch.where(keys >= 0, keys, T + 1)
+        else:
+            rank = real.long().cumsum(-1) - 1  # [B, T]: index among the row's real tokens
+            first = rank[:, layout.q_index] - q_pos  # rank of each query's sequence's first token
+            key_rank = torch.where(keys >= 0, (first[..., None] + keys).clamp(min=0), T + 1)  # (padding queries)
+        # real token number r of row b sits at kv index kv_of_rank[b, r]; padding is written to a spare slot T and
+        # slot T + 1 stays -1 for the list entries that attend nothing
+        kv_of_rank = torch.full((B, T + 2), -1, dtype=torch.long, device=seg.device)
+        kv_of_rank.scatter_(1, torch.where(real, rank, T), torch.arange(T, device=seg.device).expand(B, T))
+        kv = kv_of_rank.gather(1, key_rank.flatten(1)).view(keys.shape)
+        if layout.kv_offset:  # keys before the ones handed to attention are not attended
+            kv = torch.where(kv >= layout.kv_offset, kv - layout.kv_offset, -1)
+        count = torch.where(layout.q_seg() >= 0, count, 0)  # padding queries attend nothing (their list is unread)
+        layout.cache[key] = (kv.to(torch.int32), count.to(torch.int32))
     return layout.cache[key]
 
 
