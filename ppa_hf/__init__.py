@@ -9,28 +9,48 @@ Layout: :mod:`ppa_hf.pattern` (the rule and its tables), :mod:`ppa_hf.layout` (t
 :mod:`ppa_hf.ops` (attention kernels, Transformers-free), :mod:`ppa_hf.hf` (settings, mask and attention interfaces,
 registration: the only modules that import Transformers) and :mod:`ppa_hf.recipes` (training, evaluation, sweeps,
 the demo: they need the extras).
+
+Importing the package imports neither torch nor Transformers (the command line starts fast): the names below are
+loaded on first use, and ``"ppa"`` is registered as soon as Transformers is imported (at once if it already is).
 """
 
-from .hf.register import ATTN_IMPLEMENTATION, apply, check_model, register
-from .hf.settings import PPASettings, read_settings
-from .layout import PPALayout
-from .pattern import (
-    PPAPattern,
-    attended_keys,
-    attended_keys_per_query,
-    block_far_offsets,
-    dense_mask,
-    far_offsets,
-    ppa_mask_mod,
-    score_entries,
-)
+import importlib
+
+from .hf.register import register_when_transformers_loads
 
 __version__ = "0.2.0"
 
-register()
+# public name -> the module that defines it (imported on first access)
+_LAZY = {
+    "ATTN_IMPLEMENTATION": "ppa_hf.hf.register",
+    "apply": "ppa_hf.hf.register",
+    "check_model": "ppa_hf.hf.register",
+    "register": "ppa_hf.hf.register",
+    "PPASettings": "ppa_hf.hf.settings",
+    "read_settings": "ppa_hf.hf.settings",
+    "PPALayout": "ppa_hf.layout",
+    **{name: "ppa_hf.pattern" for name in ("PPAPattern", "attended_keys", "attended_keys_per_query",
+                                           "block_far_offsets", "dense_mask", "far_offsets", "ppa_mask_mod",
+                                           "score_entries")},
+}
+_SUBPACKAGES = ("cache", "hf", "layout", "models", "ops", "pattern", "recipes")
 
-__all__ = [
-    "ATTN_IMPLEMENTATION", "apply", "check_model", "register", "PPALayout", "PPAPattern", "PPASettings",
-    "read_settings", "attended_keys", "attended_keys_per_query", "block_far_offsets", "dense_mask",
-    "far_offsets", "ppa_mask_mod", "score_entries", "__version__",
-]
+__all__ = [*_LAZY, "__version__"]
+
+
+def __getattr__(name):
+    if name in _LAZY:
+        value = getattr(importlib.import_module(_LAZY[name]), name)
+    elif name in _SUBPACKAGES:  # ppa_hf.ops etc. without importing them first, as when the package imported them
+        value = importlib.import_module(f"{__name__}.{name}")
+    else:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_LAZY) | set(_SUBPACKAGES))
+
+
+register_when_transformers_loads()

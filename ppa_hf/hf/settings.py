@@ -14,6 +14,10 @@ field                  default      meaning
 ``ppa_granularity``    ``"token"``  ``token`` (the paper's pattern) | ``block`` (see docs)
 ``ppa_block_size``     128          block size of the block-granular pattern, integer >= 1
 =====================  ===========  =================================================================
+
+After :func:`ppa_hf.hf.register.register`, each field is a :class:`ConfigSetting` on ``PreTrainedConfig``: a value is
+validated when it is set (a bad value given to ``from_pretrained`` or read from config.json fails the load, naming
+the field), and a config that carries PPA settings but names no attention runs PPA.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..pattern import PPAPattern, check_int, check_p
+from .register import ATTN_IMPLEMENTATION
 
 BACKENDS = ("auto", "sdpa_mask", "flex", "decode", "triton")
 # Earlier releases called the dense-mask SDPA path "naive"; saved configs that say so keep working.
@@ -60,13 +65,28 @@ class PPASettings:
 
     def __post_init__(self):
         set_ = functools.partial(object.__setattr__, self)
-        set_("p", check_p(self.p, "ppa_p"))
-        set_("window", check_int(self.window, "ppa_window", 1))
-        set_("sink_tokens", check_int(self.sink_tokens, "ppa_sink_tokens", 0))
-        set_("block_size", check_int(self.block_size, "ppa_block_size", 1))
-        set_("backend", check_backend(self.backend, "ppa_backend"))
-        _check_choice(self.granularity, "ppa_granularity", GRANULARITIES)
+        set_("p", check_p(self.p, "ppa_p"))  # one layer's p: a single number
+        for attribute in ("window", "sink_tokens", "backend", "granularity", "block_size"):
+            set_(attribute, check_setting("ppa_" + attribute, getattr(self, attribute)))
         set_("pattern", PPAPattern(self.p, self.window, self.sink_tokens, self.granularity, self.block_size))
+
+
+def check_setting(field_name: str, value, num_layers: int | None = None, label: str | None = None):
+    """``value`` of the config field ``field_name`` validated and normalised, or ``ValueError`` naming ``label``
+    (default: the field's name). The one validation of every PPA setting: config fields, ``apply``, PPASettings."""
+    label = label or field_name
+    if field_name == "ppa_p":
+        return check_p_setting(value, num_layers, label)
+    if field_name in ("ppa_window", "ppa_block_size"):
+        return check_int(value, label, 1)
+    if field_name == "ppa_sink_tokens":
+        return check_int(value, label, 0)
+    if field_name == "ppa_backend":
+        return check_backend(value, label)
+    if field_name == "ppa_granularity":
+        _check_choice(value, label, GRANULARITIES)
+        return value
+    raise ValueError(f"{field_name!r} is not a PPA setting; the settings are {', '.join(FIELDS)}")
 
 
 def check_backend(value, name: str = "ppa_backend") -> str:
@@ -145,16 +165,12 @@ def layer_patterns(config) -> set[PPAPattern]:
 
 
 def write_settings(config, p, window=64, sink_tokens=0, backend="auto", granularity="token", block_size=128):
-    """Validate and store every PPA field on ``config`` (so ``save_pretrained`` writes them all)."""
-    values = {  # validate everything before touching the config
-        "ppa_p": check_p_setting(p, _num_layers(config), "p"),
-        "ppa_window": check_int(window, "window", 1),
-        "ppa_sink_tokens": check_int(sink_tokens, "sink_tokens", 0),
-        "ppa_backend": check_backend(backend, "backend"),
-        "ppa_granularity": granularity,
-        "ppa_block_size": check_int(block_size, "block_size", 1),
-    }
-    _check_choice(granularity, "granularity", GRANULARITIES)
+    """Validate and store every PPA field on ``config`` (so ``save_pretrained`` writes them all). Errors name
+    the arguments of :func:`ppa_hf.apply` (``p``, ``window``, ...)."""
+    given = {"p": p, "window": window, "sink_tokens": sink_tokens, "backend": backend, "granularity": granularity,
+             "block_size": block_size}
+    values = {"ppa_" + name: check_setting("ppa_" + name, value, _num_layers(config), name)
+              for name, value in given.items()}  # validate everything before touching the config
     for name, value in values.items():
         setattr(config, name, value)
 
@@ -165,3 +181,70 @@ def fill_defaults(config) -> None:
     for name, default in DEFAULTS.items():
         if own.get(name) is None:
             setattr(config, name, default)
+
+
+class ConfigSetting:
+    """A PPA field declared on ``PreTrainedConfig`` (a data descriptor; :func:`ppa_hf.hf.register.register` installs
+    one per name of :data:`FIELDS`).
+
+    The value lives in the config's ``__dict__``, so ``save_pretrained`` writes it and :func:`read_settings` reads it
+    with a dict lookup; ``None`` means "not set". Setting a value validates it at once: ``from_pretrained(...,
+    ppa_p=1.5)`` and a config.json with a bad value fail while loading, not at the first forward pass. Transformers
+    routes ``from_pretrained`` keyword arguments into the config only for names the config class has, which is why
+    the names are declared on the class at all.
+    """
+
+    def __init__(self, field_name: str):
+        self.field_name = field_name
+
+    def __get__(self, config, owner=None):
+        if config is None:
+            return self
+        return vars(config).get(self.field_name)
+
+    def __set__(self, config, value):
+        if value is not None:
+            value = check_setting(self.field_name, value, _num_layers(config))
+        vars(config)[self.field_name] = value
+        if value is not None:
+            follow_settings(config)
+
+
+def follow_settings(config) -> None:
+    """Called when a PPA value is set on ``config``: make the attention the settings describe the config's own.
+
+    * No attention named yet (``from_pretrained(folder)`` of a folder saved with PPA settings, or a new config):
+      the attention becomes ``"ppa"``, so a PPA model never silently reloads as sdpa.
+    * The attention is ``"ppa"``: a config Transformers builds as an encoder-decoder or a bidirectional encoder is
+      refused now, while loading (the model-level check, :func:`ppa_hf.hf.register.check_model`, runs in ``apply``
+      and at the first forward pass).
+    * A named attention (``str``) is written as ``attn_implementation`` beside the settings, so config.json records
+      it: reloading gives the same attention, and Transformers without ``import ppa_hf`` refuses ``"ppa"`` with an
+      error instead of running another attention.
+    """
+    attention = getattr(config, "_attn_implementation_internal", None)
+    if attention is None:
+        config._attn_implementation = attention = ATTN_IMPLEMENTATION
+    if attention == ATTN_IMPLEMENTATION:
+        check_causal_config(config)
+    if isinstance(attention, str):
+        vars(config)["attn_implementation"] = attention
+
+
+def check_causal_config(config) -> None:
+    """``ValueError`` for a config that Transformers builds as a model whose attention is not causal
+    self-attention: an encoder-decoder, ``is_causal=False``, or a bidirectional-encoder family (BERT, RoBERTa, ...:
+    those with a masked-LM head, causal only with ``is_decoder=True``)."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_MASKED_LM_MAPPING_NAMES
+
+    name = type(config).__name__
+    if getattr(config, "is_encoder_decoder", False):
+        raise ValueError(f"{name} describes an encoder-decoder model; PPA supports decoder-only causal self-attention")
+    if getattr(config, "is_causal", True) is False:
+        raise ValueError(f"{name} is configured as non-causal (config.is_causal=False); PPA is causal")
+    if getattr(config, "model_type", None) in MODEL_FOR_MASKED_LM_MAPPING_NAMES and not getattr(config, "is_decoder",
+                                                                                                False):
+        raise ValueError(
+            f"{name} describes a bidirectional encoder (config.is_decoder=False), whose attention is non-causal; "
+            "PPA supports causal self-attention only"
+        )
