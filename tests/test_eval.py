@@ -45,6 +45,7 @@ def test_eval_cli_20_problems_tiny_model(task, data, tiny_model_dir, tmp_path):
     summary, rows = check_outputs(output, task, 20)
     assert summary["ppa_p"] == 0.5 and summary["shots"] == 4
     assert '"accuracy"' in result.stdout
+    assert f"{task}:  50%" in result.stderr and "10/20" in result.stderr  # progress counts problems, not batches
     golds = [r["gold"] for r in rows]
     assert golds[0] == ("18" if task == "gsm8k" else r"\left( 3, \frac{\pi}{2} \right)")  # first test problems
     assert not any(g is None or g == "" for g in golds)

@@ -89,3 +89,17 @@ def test_sweep_bad_input(tmp_path, capsys):
         lines = capsys.readouterr().err.strip().splitlines()
         assert len(lines) == 1 and expect in lines[0], lines
         assert not (tmp_path / str(i) / "sweep.csv").exists()
+
+
+def test_sweep_finetune_refused_under_multiprocess_launch(monkeypatch, tmp_path, capsys):
+    """The fine-tune ends the process group when it finishes, so a fine-tuning sweep under a launch of several
+    processes is refused before anything runs (the process count is faked: no launch needed for the check)."""
+    from ppa_hf.cli import main
+    from ppa_hf.recipes import sharding
+
+    monkeypatch.setattr(sharding, "num_processes", lambda: 2)
+    assert main(["sweep", "--ps", "0.5", "--task", "perplexity", "--data", "pydoc", "--finetune-steps", "2",
+                 "--out-dir", str(tmp_path / "s")]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and "--finetune-steps=2" in lines[0] and "2 processes" in lines[0], lines
+    assert not (tmp_path / "s").exists()

@@ -1,4 +1,7 @@
-"""``ppa-hf eval``: GSM8K / MATH-500 accuracy (few-shot, greedy) or perplexity of one model at one p."""
+"""``ppa-hf eval``: GSM8K / MATH-500 accuracy (few-shot, greedy) or perplexity of one model at one p.
+
+Under ``accelerate launch`` (or ``torchrun``) the problems or windows are shared out over the processes and
+gathered back (:mod:`ppa_hf.recipes.sharding`); only the main process prints and writes."""
 
 from __future__ import annotations
 
@@ -40,15 +43,20 @@ def run(args) -> int:
     import json
 
     from .evaluation import run_eval
+    from .sharding import is_main_process
 
     summary = run_eval(task=args.task, model=args.model, gguf_file=args.gguf_file, data=args.data,
                        fewshot_data=args.fewshot_data, shots=args.shots, limit=args.limit, batch_size=args.batch_size,
                        max_new_tokens=args.max_new_tokens, strict=args.strict, output=args.output,
                        context=args.context, stride=args.stride, max_windows=args.max_windows, dtype=args.dtype,
                        **ppa_settings(args))
+    if not is_main_process():  # under `accelerate launch` every process has the summary; one prints it
+        return 0
     keys = ["task", "ppa_p", "ppa_window", "ppa_sink_tokens", "ppa_granularity", "ppa_block_size"]
     keys += (["nll", "ppl", "tokens", "windows", "context", "stride"] if args.task == "perplexity"
              else ["accuracy", "correct", "total"] + [k for k in summary if k.startswith("accuracy_")])
+    if summary["num_processes"] > 1:
+        keys += ["num_processes", "windows_per_process" if args.task == "perplexity" else "problems_per_process"]
     print(json.dumps({k: summary[k] for k in keys + ["seconds"] if k in summary}))
     if args.output:
         print(f"wrote {args.output}" + (f" and {summary['samples_file']}" if "samples_file" in summary else ""))

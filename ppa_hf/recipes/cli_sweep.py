@@ -1,4 +1,6 @@
-"""``ppa-hf sweep``: one task over a list of p values (optionally a short fine-tune per p); CSV + S-curve PNG."""
+"""``ppa-hf sweep``: one task over a list of p values (optionally a short fine-tune per p); CSV + S-curve PNG.
+Under ``accelerate launch`` each point's problems or windows are shared out over the processes (the model is
+loaded once per process); fine-tuning sweeps run in one process."""
 
 from __future__ import annotations
 
@@ -22,8 +24,10 @@ def add_parser(sub):
 
 
 def run(args) -> int:
+    from .sharding import is_main_process
     from .sweep import run_sweep
 
     result = run_sweep(args)
-    print(f"wrote {result['csv']}\nwrote {result['png']}")
+    if is_main_process():  # under `accelerate launch` only the main process writes and reports
+        print(f"wrote {result['csv']}\nwrote {result['png']}")
     return 0

@@ -8,6 +8,10 @@ perplexity.
 Outputs: ``output`` (JSON summary) and, for generation tasks, ``<output stem>.samples.jsonl`` (one line per
 problem: prompt, generation, extracted answer, gold, correct). Both are written to temporary names and renamed
 only when the run finishes, so an interrupted or failed run leaves nothing that looks complete.
+
+Under ``accelerate launch`` (``WORLD_SIZE`` > 1) each process loads the model once and runs its share of the
+batches (:mod:`~ppa_hf.recipes.sharding`); the results are gathered in problem order, the main process scores
+and writes them, and ``run_eval`` returns the same summary on every process.
 """
 
 from __future__ import annotations
@@ -64,7 +68,10 @@ def load_eval_model(model: str | None = None, gguf_file: str | None = None, p=No
     lm, tokenizer = load_model(model, gguf_file, dtype=dtype)
     apply_eval_settings(lm, p, window, sink_tokens, backend, granularity, block_size,
                         model_name=model or "SmolLM2 (embedded)")
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    from .sharding import process_device
+
+    # under a multi-process launch each process loads its own copy onto its own device (cuda:<local rank>)
+    device = device or process_device() or ("cuda" if torch.cuda.is_available() else "cpu")
     lm.to(device).eval()
     tokenizer.padding_side = "left"
     if tokenizer.pad_token is None:
@@ -105,20 +112,29 @@ def gold_of(task: str, record: dict) -> str:
 
 def generate(model, tokenizer, prompts: list[str], batch_size: int = 8, max_new_tokens: int = 256,
              stop_strings=("Question:", "Problem:"), progress: bool = True, desc: str = "generate") -> list[str]:
-    """Batched greedy generation with left padding; each text stops at the first stop string."""
+    """Batched greedy generation with left padding; each text stops at the first stop string.
+
+    Under a multi-process launch each process generates its share of the batches
+    (:mod:`~ppa_hf.recipes.sharding`: the single-process batches, so the same generations) and every process
+    returns all texts, in prompt order. The progress bar counts prompts; under a launch it is the main process's
+    own share."""
     import torch
     from tqdm.auto import tqdm
 
     from .answers import truncate_at_stop
+    from .sharding import gather_in_order, is_main_process, my_batches, num_processes, process_index
 
     tokenizer.padding_side = "left"
     device = next(model.parameters()).device
-    outputs = []
     # longest prompts first: less padding per batch; results are put back in order
     order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
-    texts = [None] * len(prompts)
-    for start in tqdm(range(0, len(order), batch_size), desc=desc, disable=not progress, leave=False):
-        idx = order[start: start + batch_size]
+    mine = my_batches(order, batch_size)
+    if num_processes() > 1:
+        desc = f"{desc} (process {process_index()} of {num_processes()})"
+    bar = tqdm(total=sum(map(len, mine)), desc=desc, unit="prompt", disable=not (progress and is_main_process()),
+               leave=False)
+    done = []
+    for idx in mine:
         batch = tokenizer([prompts[i] for i in idx], return_tensors="pt", padding=True, add_special_tokens=False)
         batch = {k: v.to(device) for k, v in batch.items()}
         with torch.no_grad():
@@ -127,22 +143,44 @@ def generate(model, tokenizer, prompts: list[str], batch_size: int = 8, max_new_
                                  tokenizer=tokenizer)
         new = out[:, batch["input_ids"].shape[1]:]
         for row, i in enumerate(idx):
-            texts[i] = truncate_at_stop(tokenizer.decode(new[row], skip_special_tokens=True), stop_strings)
-    outputs.extend(texts)
-    return outputs
+            done.append((i, truncate_at_stop(tokenizer.decode(new[row], skip_special_tokens=True), stop_strings)))
+        bar.update(len(idx))
+    bar.close()
+    return gather_in_order(done, len(prompts))
 
 
 def evaluate_generation(model, tokenizer, task: str, records: list[dict], shots: int = 4,
                         fewshot_records: list[dict] | None = None, batch_size: int = 8, max_new_tokens: int = 256,
                         strict: bool = False, progress: bool = True) -> tuple[dict, list[dict]]:
     """``(metrics, samples)`` of a generation task on ``records``. Scoring goes through the shipped ``evaluate``
-    metric ``ppa_math_accuracy``; per-sample correctness uses the same extraction functions."""
-    from .answers import extract_gsm8k, extract_math, gsm8k_equal, math_equal
-    from .metrics import load_metric
+    metric ``ppa_math_accuracy``; per-sample correctness uses the same extraction functions.
+
+    Under a multi-process launch the problems are shared out (:func:`generate`), the main process scores them and
+    every process returns its result; ``metrics`` records ``num_processes`` and ``problems_per_process``."""
+    from .sharding import from_main, is_main_process
 
     prompts = build_prompts(task, records, shots, fewshot_records)
     golds = [gold_of(task, r) for r in records]
     generations = generate(model, tokenizer, prompts, batch_size, max_new_tokens, progress=progress, desc=task)
+    # one scorer: the evaluate metric keeps files in a cache folder that concurrent processes would share
+    scored = score_generations(task, records, prompts, golds, generations, strict) if is_main_process() else None
+    metrics, samples = from_main(scored)
+    return {**metrics, **processes_summary(len(records), batch_size, "problems")}, samples
+
+
+def processes_summary(count: int, batch_size: int, unit: str) -> dict:
+    """``num_processes`` and how many of ``count`` items (``unit``: problems, windows) each process ran."""
+    from .sharding import items_per_process, num_processes
+
+    return {"num_processes": num_processes(), f"{unit}_per_process": items_per_process(count, batch_size)}
+
+
+def score_generations(task: str, records: list[dict], prompts: list[str], golds: list[str], generations: list[str],
+                      strict: bool) -> tuple[dict, list[dict]]:
+    """``(metrics, samples)`` of finished generations (see :func:`evaluate_generation`)."""
+    from .answers import extract_gsm8k, extract_math, gsm8k_equal, math_equal
+    from .metrics import load_metric
+
     samples = []
     for prompt, generation, gold, record in zip(prompts, generations, golds, records):
         if task == "gsm8k":
@@ -273,12 +311,17 @@ def run_eval(task: str, model: str | None = None, gguf_file: str | None = None, 
                     "torch": torch.__version__, "threads": torch.get_num_threads(),
                     "date": time.strftime("%Y-%m-%d %H:%M:%S %Z")})
     if output:
-        if samples is not None:
-            from .data import write_jsonl
+        from .sharding import is_main_process, wait_for_everyone
 
-            spath = samples_path(output)
-            write_jsonl(spath + ".partial", samples)
-            os.replace(spath + ".partial", spath)
+        spath = samples_path(output) if samples is not None else None
+        if spath:
             summary["samples_file"] = spath
-        _atomic_write_text(output, json.dumps(summary, indent=2) + "\n")  # the summary last: marks completion
+        if is_main_process():  # every process holds the gathered result; one writes it
+            if spath:
+                from .data import write_jsonl
+
+                write_jsonl(spath + ".partial", samples)
+                os.replace(spath + ".partial", spath)
+            _atomic_write_text(output, json.dumps(summary, indent=2) + "\n")  # the summary last: marks completion
+        wait_for_everyone()  # the files exist on every process's return
     return summary

@@ -43,7 +43,11 @@ def register_lm_eval_model() -> None:
 
         def __init__(self, pretrained=None, gguf_file=None, device=None, **kwargs):
             from ..models import default_gguf
+            from .sharding import process_state
 
+            # under a multi-process launch without GPUs, start accelerate's state for CPU processes (gloo) first:
+            # lm-eval's own Accelerator() would find no GPU and leave each process on its own
+            process_state()
             if pretrained in (None, "", "default", "smollm2"):
                 pretrained, gguf_file = default_gguf()
             ppa = {k: kwargs.pop(k) for k in PPA_ARGS if kwargs.get(k) is not None}
@@ -64,6 +68,13 @@ def register_lm_eval_model() -> None:
                                  "evaluate a model whose saved config has ppa_p")
             if getattr(config, "_attn_implementation", None) != "ppa":
                 raise RuntimeError(f"model loaded with attn_implementation={config._attn_implementation!r}, not 'ppa'")
+            accelerator = getattr(self, "accelerator", None)
+            if accelerator is not None and accelerator.num_processes > 1 and self.world_size == 1:
+                # lm-eval turns on its data-parallel mode (requests split by rank, results gathered on rank 0)
+                # only when it counts more than one GPU; a launch of CPU processes (gloo) gets it here, instead
+                # of every process evaluating everything and writing the same files
+                self._rank = accelerator.process_index
+                self._world_size = accelerator.num_processes
 
     _REGISTERED = True
 

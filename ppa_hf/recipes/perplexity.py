@@ -76,10 +76,16 @@ def perplexity(model, tokenizer, text: str, context: int = 1024, max_windows: in
     with ``stride < context`` each later window scores only its last ``stride`` tokens, so every one of them
     sees at least ``context - stride`` tokens before it. ``batch_size`` windows go through ``model`` at once.
 
+    Under a multi-process launch the batches of windows are shared out (:mod:`~ppa_hf.recipes.sharding`: batch
+    ``k`` to process ``k % num_processes``) and the per-batch losses are gathered and summed in window order, so
+    the result is the single-process one, to the bit; every process returns it.
+
     Returns ``{"nll": loss per scored token, "ppl": exp(nll), "tokens": scored tokens, "windows": N,
-    "context": context, "stride": stride}``.
+    "context": context, "stride": stride, "num_processes": P, "windows_per_process": [...]}``.
     """
     from tqdm.auto import tqdm
+
+    from .sharding import gather_in_order, is_main_process, items_per_process, my_batches, num_processes
 
     windows = token_windows(tokenizer, text, context, stride, max_windows)
     context = windows.shape[1]
@@ -88,13 +94,19 @@ def perplexity(model, tokenizer, text: str, context: int = 1024, max_windows: in
     # scored: those before offset `later` (0 when the windows do not overlap)
     later = max(context - stride - 1, 0)
     device = next(model.parameters()).device
-    total, count = 0.0, 0
-    for first in tqdm(range(0, windows.shape[0], batch_size), desc=desc, disable=not progress, leave=False):
-        batch = windows[first : first + batch_size].to(device)  # [B, context]
+    count = windows.shape[0]
+    mine = my_batches(list(range(count)), batch_size)
+    losses = []  # (batch number, [(summed loss, scored targets) of each group]): summed in batch order below
+    bar = tqdm(total=sum(map(len, mine)), desc=desc, unit="window", disable=not (progress and is_main_process()),
+               leave=False)
+    for rows_of_batch in mine:
+        first = rows_of_batch[0]
+        batch = windows[first : first + len(rows_of_batch)].to(device)  # [B, context]
         logits = model(input_ids=batch, use_cache=False).logits[:, :-1].float()  # [B, context-1, V]
         targets = batch[:, 1:]
         # rows grouped by their first scored target (only window 0 differs), one loss call per group
         offsets = [0 if first + row == 0 else later for row in range(batch.shape[0])]
+        groups = []
         for offset in sorted(set(offsets)):
             rows = [row for row, o in enumerate(offsets) if o == offset]
             if len(rows) == batch.shape[0]:
@@ -102,8 +114,16 @@ def perplexity(model, tokenizer, text: str, context: int = 1024, max_windows: in
             group_logits, group_targets = logits[rows, offset:], targets[rows, offset:]
             loss = torch.nn.functional.cross_entropy(group_logits.reshape(-1, group_logits.shape[-1]),
                                                      group_targets.reshape(-1), reduction="sum")
-            total += float(loss)
-            count += group_targets.numel()
-    nll = total / count
-    return {"nll": nll, "ppl": math.exp(nll), "tokens": count, "windows": int(windows.shape[0]), "context": context,
-            "stride": stride}
+            groups.append((float(loss), group_targets.numel()))
+        losses.append((first // batch_size, groups))
+        bar.update(len(rows_of_batch))
+    bar.close()
+    total, scored = 0.0, 0
+    for groups in gather_in_order(losses, -(-count // batch_size)):
+        for loss, targets in groups:
+            total += loss
+            scored += targets
+    nll = total / scored
+    return {"nll": nll, "ppl": math.exp(nll), "tokens": scored, "windows": int(count), "context": context,
+            "stride": stride, "num_processes": num_processes(), "windows_per_process": items_per_process(count,
+                                                                                                     batch_size)}

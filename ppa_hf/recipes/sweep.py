@@ -35,9 +35,12 @@ def metric_of(task: str) -> tuple[str, str]:
 
 def _check_settings(out_dir: str, args) -> None:
     """The budget of a sweep is fixed: resuming with different settings is refused (one clear line)."""
+    from .sharding import is_main_process, wait_for_everyone
+
     path = os.path.join(out_dir, SETTINGS_NAME)
     current = {k: getattr(args, k, None) for k in _BUDGET_KEYS}
-    if os.path.isfile(path):
+    existed = os.path.isfile(path)
+    if existed:
         with open(path) as handle:
             saved = json.load(handle)
         changed = [k for k in _BUDGET_KEYS if saved.get(k) != current[k]]
@@ -45,7 +48,8 @@ def _check_settings(out_dir: str, args) -> None:
             k = changed[0]
             raise ValueError(f"--out-dir={out_dir!r} holds a sweep with {k}={saved.get(k)!r}, but this run has "
                              f"{k}={current[k]!r}; use a new --out-dir or the same settings to resume")
-    else:
+    wait_for_everyone()  # under a launch: every process has read the folder before the main one writes to it
+    if not existed and is_main_process():
         with open(path, "w") as handle:
             json.dump(current, handle, indent=2)
 
@@ -82,7 +86,7 @@ def run_sweep(args) -> dict:
     from .evaluation import check_eval_args, load_eval_model, run_eval
     from ..pattern import check_int, check_p
     from .options import ppa_settings
-    from .plots import plot_metric_vs_p
+    from .sharding import is_main_process, num_processes, wait_for_everyone
 
     ps = [check_p(p, "--ps") for p in args.ps]
     ppa = ppa_settings(args)  # window, sinks, backend, granularity, block size (None: saved / default)
@@ -94,19 +98,28 @@ def run_sweep(args) -> dict:
         raise FileNotFoundError(f"--train-file={args.train_file!r}: file does not exist (a local JSONL file)")
     if args.task == "perplexity" and args.data not in (None, "pydoc", "stdlib") and not os.path.isfile(args.data):
         raise FileNotFoundError(f"--data={args.data!r}: file does not exist (a text file, 'pydoc' or 'stdlib')")
+    if args.finetune_steps > 0 and num_processes() > 1:
+        # training.train() ends the run's process group when it finishes (Accelerator.end_training), so the
+        # sharded evaluation after it could not gather
+        raise ValueError(f"--finetune-steps={args.finetune_steps} under a launch of {num_processes()} processes: a "
+                         "sweep with fine-tuning runs in one process; launch it without accelerate (or with one "
+                         "process), or use --finetune-steps 0")
     out_dir = args.out_dir
     points_dir = os.path.join(out_dir, "points")
     os.makedirs(points_dir, exist_ok=True)
+    # decided before anything is written, so that every process of a launch skips the same points
+    done_before = {p: os.path.isfile(os.path.join(points_dir, _point_name(p) + ".json")) for p in ps}
     _check_settings(out_dir, args)
     key, label = metric_of(args.task)
+    say = print if is_main_process() else (lambda *a, **k: None)
     loaded = None
     rows = []
     for p in ps:
         point_json = os.path.join(points_dir, _point_name(p) + ".json")
-        if os.path.isfile(point_json):
+        if done_before[p]:
             with open(point_json) as handle:
                 summary = json.load(handle)
-            print(f"p={p:g}: done before ({key}={summary[key]}), skipped", flush=True)
+            say(f"p={p:g}: done before ({key}={summary[key]}), skipped", flush=True)
         else:
             started = time.time()
             common = dict(task=args.task, data=args.data, fewshot_data=args.fewshot_data, shots=args.shots,
@@ -120,19 +133,27 @@ def run_sweep(args) -> dict:
                 if loaded is None:  # one load for every point: apply() switches p in place
                     loaded = load_eval_model(args.model, args.gguf_file, p, dtype=args.dtype, **ppa)
                 summary = run_eval(model=args.model, gguf_file=args.gguf_file, p=p, loaded=loaded, **ppa, **common)
-            print(f"p={p:g}: {key}={summary[key]:.4f} ({time.time() - started:.0f} s)", flush=True)
+            say(f"p={p:g}: {key}={summary[key]:.4f} ({time.time() - started:.0f} s)", flush=True)
         rows.append({"p": p, key: summary[key], **({"correct": summary["correct"], "total": summary["total"]}
                                                    if key == "accuracy" else {"nll": summary["nll"],
                                                                                "tokens": summary["tokens"]}),
                      "window": summary.get("ppa_window"), "sink_tokens": summary.get("ppa_sink_tokens"),
                      "task": args.task, "finetune_steps": args.finetune_steps, "seconds": summary.get("seconds")})
 
-    csv_path = os.path.join(out_dir, CSV_NAME)
+    csv_path, png_path = os.path.join(out_dir, CSV_NAME), os.path.join(out_dir, PNG_NAME)
+    if is_main_process():
+        write_csv_and_plot(args, rows, csv_path, png_path, key, label)
+    wait_for_everyone()
+    return {"csv": csv_path, "png": png_path, "rows": rows}
+
+
+def write_csv_and_plot(args, rows: list[dict], csv_path: str, png_path: str, key: str, label: str) -> None:
+    from .plots import plot_metric_vs_p
+
     with open(csv_path + ".partial", "w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(sorted(rows, key=lambda r: r["p"]))
-    png_path = os.path.join(out_dir, PNG_NAME)
     model_name = os.path.basename(str(args.model).rstrip("/")) if args.model else "SmolLM2-135M-Instruct"
     budget = f"fine-tuned {args.finetune_steps} steps" if args.finetune_steps else "zero-shot PPA"
     plot_metric_vs_p(png_path + ".partial.png", {(label if args.task == "perplexity" else f"{args.task} {label}"): [(r["p"], r[key]) for r in rows]},
@@ -141,4 +162,3 @@ def run_sweep(args) -> dict:
                      logy=key == "ppl")
     os.replace(png_path + ".partial.png", png_path)
     os.replace(csv_path + ".partial", csv_path)  # the CSV last: marks a complete sweep
-    return {"csv": csv_path, "png": png_path, "rows": rows}
