@@ -161,6 +161,28 @@ def sdpa_flash(q, k, v):
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
 
 
+def sdpa_cudnn(q, k, v):
+    """cuDNN's attention: what SDPA picks by default for these inputs on an H100/H200 with torch 2.11."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+
+
+def sdpa_backends(impl: str):
+    """The SDPA backends a whole-model baseline may use: ``sdpa`` is SDPA as Transformers runs it (torch picks; on an
+    H200 with torch 2.11 that is cuDNN's attention, which builds a new execution plan for every new key length);
+    ``sdpa_flash`` excludes cuDNN (FlashAttention-2, memory-efficient or math, in torch's order)."""
+    if impl != "sdpa_flash":
+        return contextlib.nullcontext()
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    return sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH])
+
+
+SDPA_BASELINES = [("sdpa", "dense", 1.0), ("sdpa_flash", "dense", 1.0)]
+
+
 def ppa_kernel(impl: str, pattern: PPAPattern, L: int):
     if impl == "triton":
         from ppa_hf.ops.triton import triton_ppa_attention
@@ -199,6 +221,14 @@ def part_kernels(args, info):
             (f, _, _), (fb, fb_lo, fb_hi) = time_attention(sdpa_flash, q, k, v, do)
             out.add(dict(head_dim=D, L=L, impl="sdpa_flash", granularity="dense", p=1.0, fwd_ms=f, fwdbwd_ms=fb,
                          fwdbwd_p20=fb_lo, fwdbwd_p80=fb_hi, speedup_fwd=1.0, speedup_fwdbwd=1.0))
+            fc = fbc = float("nan")
+            try:
+                (fc, _, _), (fbc, lo_c, hi_c) = time_attention(sdpa_cudnn, q, k, v, do)
+                out.add(dict(head_dim=D, L=L, impl="sdpa_cudnn", granularity="dense", p=1.0, fwd_ms=fc, fwdbwd_ms=fbc,
+                             fwdbwd_p20=lo_c, fwdbwd_p80=hi_c, speedup_fwd=f / fc, speedup_fwdbwd=fb / fbc,
+                             speedup_fwd_vs_cudnn=1.0, speedup_fwdbwd_vs_cudnn=1.0))
+            except RuntimeError as err:  # no cuDNN attention for these inputs here
+                print(f"sdpa_cudnn L={L} D={D}: {err}", flush=True)
             for impl, gran, p in variants:
                 if long and (impl == "flex" or p != 0.75):
                     continue
@@ -209,11 +239,13 @@ def part_kernels(args, info):
                     print(f"{impl} {pattern.name} L={L} D={D}: {type(err).__name__}: {err}", flush=True)
                     continue
                 out.add(dict(head_dim=D, L=L, impl=impl, granularity=gran if p < 1 else "dense", p=p, fwd_ms=f2,
-                             fwdbwd_ms=fb2, fwdbwd_p20=lo2, fwdbwd_p80=hi2, speedup_fwd=f / f2, speedup_fwdbwd=fb / fb2))
+                             fwdbwd_ms=fb2, fwdbwd_p20=lo2, fwdbwd_p80=hi2, speedup_fwd=f / f2, speedup_fwdbwd=fb / fb2,
+                             speedup_fwd_vs_cudnn=fc / f2, speedup_fwdbwd_vs_cudnn=fbc / fb2))
             del q, k, v, do
             torch.cuda.empty_cache()
-    markdown(os.path.join(args.out, "results.md"), "Attention alone (ms; speedup vs SDPA flash, causal)", out.rows,
-             ["head_dim", "L", "impl", "granularity", "p", "fwd_ms", "fwdbwd_ms", "speedup_fwd", "speedup_fwdbwd"], info)
+    markdown(os.path.join(args.out, "results.md"), "Attention alone (ms; speedup vs SDPA flash and vs cuDNN, causal)",
+             out.rows, ["head_dim", "L", "impl", "granularity", "p", "fwd_ms", "fwdbwd_ms", "speedup_fwd",
+                        "speedup_fwdbwd", "speedup_fwd_vs_cudnn", "speedup_fwdbwd_vs_cudnn"], info)
 
 
 def part_tune(args, info):
@@ -264,7 +296,7 @@ def make_model(shape: str, layers: int, max_len: int):
 
 
 def use_impl(model, impl: str, gran: str | None, p: float | None, backend: str = "auto"):
-    if impl == "sdpa":
+    if impl.startswith("sdpa"):
         model.set_attn_implementation("sdpa")
     else:
         ppa_hf.apply(model, p=p, granularity=gran, block_size=128, backend=backend)
@@ -305,8 +337,8 @@ def part_train(args, info):
             model.config.use_cache = False
             ids = torch.randint(0, VOCAB, (1, L), device="cuda")
             for mode in args.modes:
-                base = None
-                for impl, gran, p in [("sdpa", "dense", 1.0)] + [("ppa", g, p) for g, p in PPA_VARIANTS]:
+                base = base_flash = None
+                for impl, gran, p in SDPA_BASELINES + [("ppa", g, p) for g, p in PPA_VARIANTS]:
                     use_impl(model, impl, gran, p)
                     if mode == "train":
                         model.train()
@@ -321,20 +353,24 @@ def part_train(args, info):
                             with torch.no_grad():
                                 model(ids, use_cache=False, logits_to_keep=1)
                     try:
-                        step()
-                        torch.cuda.synchronize()
-                        torch.cuda.reset_peak_memory_stats()
-                        med, lo, hi = event_ms(step, args.reps)
-                        peak = torch.cuda.max_memory_allocated() / 2**30
-                        share = attention_share(step) if impl == "sdpa" else float("nan")
+                        with sdpa_backends(impl):
+                            step()
+                            torch.cuda.synchronize()
+                            torch.cuda.reset_peak_memory_stats()
+                            med, lo, hi = event_ms(step, args.reps)
+                            peak = torch.cuda.max_memory_allocated() / 2**30
+                            share = attention_share(step) if impl.startswith("sdpa") else float("nan")
                     except torch.cuda.OutOfMemoryError:
                         print(f"OOM {shape} L={L} {impl} {gran} {p} {mode}", flush=True)
                         torch.cuda.empty_cache()
                         continue
                     base = base if base is not None else med
+                    base_flash = med if impl == "sdpa_flash" else base_flash
                     out.add(dict(shape=shape, head_dim=SHAPES[shape]["head_dim"], layers=layers, L=L, mode=mode,
                                  compiled=0, impl=impl, granularity=gran, p=p, step_ms=med, step_ms_min=lo,
-                                 step_ms_max=hi, speedup_vs_sdpa=base / med, peak_gib=peak, attention_share=share))
+                                 step_ms_max=hi, speedup_vs_sdpa=base / med,
+                                 speedup_vs_sdpa_flash=base_flash / med if base_flash else float("nan"),
+                                 peak_gib=peak, attention_share=share))
             del model, ids
             torch.cuda.empty_cache()
     if args.compiled:
@@ -342,7 +378,8 @@ def part_train(args, info):
     markdown(os.path.join(args.out, "results.md"), "Whole model: training step (fwd+bwd, grad checkpointing) and "
              "prefill (forward, no grad), batch 1", out.rows,
              ["shape", "head_dim", "layers", "L", "mode", "compiled", "impl", "granularity", "p", "step_ms",
-              "step_ms_min", "step_ms_max", "speedup_vs_sdpa", "peak_gib", "attention_share"], info)
+              "step_ms_min", "step_ms_max", "speedup_vs_sdpa", "speedup_vs_sdpa_flash", "peak_gib", "attention_share"],
+             info)
 
 
 def part_train_compiled(args, out):
@@ -433,20 +470,23 @@ def part_generate(args, info):
     for layers in args.gen_layers:
         model = make_model("llama-1b", layers, max(args.contexts) + 4096)
         model.eval()
-        for impl, gran, p in [("sdpa", "dense", 1.0)] + [("ppa", g, p) for g, p in PPA_VARIANTS[:2]]:
+        for impl, gran, p in SDPA_BASELINES + [("ppa", g, p) for g, p in PPA_VARIANTS[:2]]:
             use_impl(model, impl, gran, p)  # one short eager run first: kernel compilation stays out of the timings
-            decode_timing(model, 2, 2048, 2, False, False)
+            with sdpa_backends(impl):
+                decode_timing(model, 2, 2048, 2, False, False)
         for cache_kind, compiled in args.gen_modes:
             for batch in args.batches:
                 for context in args.contexts:
                     kv_bytes = 2 * layers * batch * 8 * context * 64 * 2
                     floor = kv_bytes / (bandwidth * 1e9) * 1e3
-                    base = None
-                    for impl, gran, p in [("sdpa", "dense", 1.0)] + [("ppa", g, p) for g, p in PPA_VARIANTS[:2]]:
+                    base = base_flash = None
+                    for impl, gran, p in SDPA_BASELINES + [("ppa", g, p) for g, p in PPA_VARIANTS[:2]]:
                         use_impl(model, impl, gran, p)
                         try:
-                            prefill, first, per = decode_timing(model, batch, context, args.steps,
-                                                                cache_kind == "static", compiled, args.growing_mask)
+                            with sdpa_backends(impl):
+                                prefill, first, per = decode_timing(model, batch, context, args.steps,
+                                                                    cache_kind == "static", compiled,
+                                                                    args.growing_mask)
                         except torch.cuda.OutOfMemoryError:
                             print(f"OOM layers={layers} B={batch} T={context} {impl}", flush=True)
                             torch.cuda.empty_cache()
@@ -454,10 +494,13 @@ def part_generate(args, info):
                         finally:
                             torch._dynamo.reset()
                         base = base if base is not None else per
+                        base_flash = per if impl == "sdpa_flash" else base_flash
                         mask = "growing" if cache_kind == "dynamic" or args.growing_mask else "whole-cache"
                         out.add(dict(layers=layers, batch=batch, context=context, cache=cache_kind,
                                      compiled=int(compiled), mask=mask, impl=impl, granularity=gran, p=p, ms_per_token=per,
-                                     speedup_vs_sdpa=base / per, first_step_ms=first, prefill_ms=prefill,
+                                     speedup_vs_sdpa=base / per,
+                                     speedup_vs_sdpa_flash=base_flash / per if base_flash else float("nan"),
+                                     first_step_ms=first, prefill_ms=prefill,
                                      dense_floor_ms=floor, copy_gbs=round(bandwidth)))
                         torch.cuda.empty_cache()
         del model
@@ -465,7 +508,7 @@ def part_generate(args, info):
     markdown(os.path.join(args.out, "results.md"), "Whole model: decoding, ms per new token (greedy, one token per "
              "sequence per step)", out.rows,
              ["layers", "batch", "context", "cache", "compiled", "mask", "impl", "granularity", "p", "ms_per_token",
-              "speedup_vs_sdpa", "first_step_ms", "prefill_ms", "dense_floor_ms"], info)
+              "speedup_vs_sdpa", "speedup_vs_sdpa_flash", "first_step_ms", "prefill_ms", "dense_floor_ms"], info)
 
 
 def main(argv=None):
