@@ -4,6 +4,7 @@ Perplexity of the Python documentation text (``pydoc_data.topics``) at several `
 4 sink tokens; a table, a CSV and a PNG plot; then one short generated answer at ``p = 0.75``.
 
     python -m ppa_hf.recipes.demo            # or: ppa-hf demo, or: make demo
+    python -m ppa_hf.recipes.demo --replot outputs/demo/perplexity_vs_p.csv   # only redraw the PNG
 """
 
 from __future__ import annotations
@@ -32,6 +33,8 @@ def add_arguments(parser):
     parser.add_argument("--out-dir", default="outputs/demo")
     parser.add_argument("--max-new-tokens", type=int, default=40)
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("--replot", metavar="CSV", default=None,
+                        help="only redraw the PNG from a perplexity_vs_p.csv written earlier (beside it; no model run)")
 
 
 def add_parser(sub):
@@ -40,7 +43,28 @@ def add_parser(sub):
     parser.set_defaults(func=run)
 
 
+def plot_csv(csv_path: str, png_path: str | None = None) -> str:
+    """The demo's figure from its CSV: perplexity against p, one line per sink-token count, log axis. Written to
+    ``png_path`` (default: beside the CSV, same name)."""
+    from ppa_hf.models import DEFAULT_MODEL_NAME
+    from ppa_hf.recipes.plots import plot_metric_vs_p
+
+    with open(csv_path, newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    if not rows:
+        raise ValueError(f"{csv_path} has no rows")
+    series = {}
+    for row in rows:
+        series.setdefault(f"{row['sink_tokens']} sink tokens", []).append((float(row["p"]), float(row["ppl"])))
+    return plot_metric_vs_p(png_path or os.path.splitext(csv_path)[0] + ".png", series, "perplexity",
+                            f"{DEFAULT_MODEL_NAME}, zero-shot PPA (w={rows[0]['window']}), context {rows[0]['context']}",
+                            logy=True, label_points=True)
+
+
 def run(args) -> int:
+    if args.replot:
+        print(f"wrote {plot_csv(args.replot)}")
+        return 0
     import torch
 
     import ppa_hf
@@ -48,7 +72,6 @@ def run(args) -> int:
     from ppa_hf.pattern import check_int, check_p
     from ppa_hf.recipes.options import ppa_settings
     from ppa_hf.recipes.perplexity import load_text, perplexity
-    from ppa_hf.recipes.plots import plot_metric_vs_p
 
     ps = [check_p(p, "--ps") for p in args.ps]
     sinks = [check_int(s, "--sinks", 0) for s in args.sinks]
@@ -87,10 +110,7 @@ def run(args) -> int:
     for p in ps:
         cells = [next(r["ppl"] for r in rows if r["p"] == p and r["sink_tokens"] == s) for s in sinks]
         print(f"{p:>6g} | " + " | ".join(f"{c:>13.3f}" for c in cells))
-    series = {f"{s} sink tokens": [(r["p"], r["ppl"]) for r in rows if r["sink_tokens"] == s] for s in sinks}
-    png_path = plot_metric_vs_p(os.path.join(args.out_dir, "perplexity_vs_p.png"), series, "perplexity",
-                                f"{DEFAULT_MODEL_NAME}, zero-shot PPA (w={args.window}), context {args.context}",
-                                logy=True)
+    png_path = plot_csv(csv_path)
     print(f"\nwrote {csv_path}\nwrote {png_path}")
 
     ppa_hf.apply(model, p=0.75, sink_tokens=0, **ppa)

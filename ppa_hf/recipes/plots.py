@@ -36,23 +36,49 @@ def save_mask_png(path: str, length: int, p: float, window: int = 64, sink_token
     return path
 
 
-def plot_metric_vs_p(path: str, series: dict, ylabel: str, title: str, logy: bool = False) -> str:
+def log_ticks(low: float, high: float, most: int = 8) -> list[float]:
+    """Round values between ``low`` and ``high`` (1, 1.2, 1.5, 2, 2.5, 3, 4, 5, 6, 8 times a power of ten, or a
+    coarser set when more than ``most`` would fit) for a log axis labelled in plain numbers."""
+    import math
+
+    powers = range(math.floor(math.log10(low)) - 1, math.ceil(math.log10(high)) + 1)
+    for mantissas in ((1, 1.2, 1.5, 2, 2.5, 3, 4, 5, 6, 8), (1, 2, 3, 5), (1, 2, 5), (1,)):  # finest that fits
+        ticks = [m * 10.0 ** e for e in powers for m in mantissas if low <= m * 10.0 ** e <= high]
+        if len(ticks) <= most:
+            return ticks
+    return ticks[::-(-len(ticks) // most)]
+
+
+def plot_metric_vs_p(path: str, series: dict, ylabel: str, title: str, logy: bool = False,
+                     label_points: bool = False) -> str:
     """Line plot of ``{label: [(p, value), ...]}`` against ``p``; p = 0 (sliding window) and p = 1 (full
-    attention) are marked."""
+    attention) are named under the axis. ``logy``: log scale with plain-number ticks reaching past both the lowest
+    and the highest point. ``label_points``: each point's value written beside it (once where series meet)."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=120)
+    written = set()
     for label, points in series.items():
         points = sorted(points)
         ax.plot([x for x, _ in points], [y for _, y in points], marker="o", label=label)
+        for x, y in points if label_points else ():
+            text = f"{y:.1f}" if abs(y) >= 10 else f"{y:.3g}"
+            if (x, text) not in written:  # one label where several series share a point (p = 1: full attention)
+                written.add((x, text))
+                ax.annotate(text, (x, y), xytext=(-5, 5), textcoords="offset points", ha="right", fontsize=7)
     ax.axvline(0.0, color="grey", ls=":", lw=1)
     ax.axvline(1.0, color="grey", ls=":", lw=1)
-    if logy:
+    values = [y for points in series.values() for _, y in points]
+    if logy and values and min(values) > 0:
         ax.set_yscale("log")
-    # label the two ends below the axis, where no data point sits
-    ax.annotate("sliding window", (0.0, 0.0), xycoords=("data", "axes fraction"), xytext=(2, 3),
-                textcoords="offset points", fontsize=8, color="grey")
-    ax.annotate("full", (1.0, 0.0), xycoords=("data", "axes fraction"), xytext=(-2, 3),
-                textcoords="offset points", ha="right", fontsize=8, color="grey")
+        low, high = min(values) / 1.12, max(values) * 1.12  # room above the top point and below the lowest
+        ax.set_ylim(low, high)
+        ticks = log_ticks(low, high)
+        ax.minorticks_off()
+        ax.set_yticks(ticks, [f"{t:g}" for t in ticks])
+    # the two ends named in the x tick labels, under the axis, where no point or label sits
+    ticks = [0.0, 0.25, 0.5, 0.75, 1.0]
+    ax.set_xticks(ticks, ["0\nsliding window", "0.25", "0.5", "0.75", "1\nfull"])
+    ax.set_xlim(-0.06, 1.06)
     ax.set_xlabel("p")
     ax.set_ylabel(ylabel)
     ax.set_title(title, fontsize=10)
