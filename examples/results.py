@@ -1,4 +1,5 @@
-"""Results of docs/results.md: zero-shot patching, a fine-tuned S-curve, sinks, block vs token granularity.
+"""Results of docs/results.md: zero-shot patching, fine-tuned passkey retrieval against p, sinks, block vs token
+granularity.
 
 Every table and plot of docs/results.md comes from one of these subcommands (on one GPU: `make results-gpu`;
 on CPU at small sizes):

@@ -1,5 +1,5 @@
-"""Synthetic long-context retrieval tasks for the fine-tuned S-curve, built in token space from a filler text, and
-the key budget of a pattern at the query that answers.
+"""Synthetic long-context retrieval tasks for the fine-tuned retrieval curve against p, built in token space from a
+filler text, and the key budget of a pattern at the query that answers.
 
 Every example is exactly ``context`` tokens: ``prompt + answer``; the loss (training) and the score (evaluation)
 are on the answer tokens only. Examples are deterministic given a ``random.Random`` state, so a seed fixes a

@@ -251,8 +251,9 @@ class Worker:
             folder, gguf = default_gguf()
             self.tok = AutoTokenizer.from_pretrained(folder, gguf_file=gguf)
             torch.manual_seed(0)
-            self.model = LlamaForCausalLM(LlamaConfig(vocab_size=len(self.tok), **TINY,
-                                                      max_position_embeddings=max(c for _, c in parse_tasks(args.tasks))))
+            longest = max(c for _, c in parse_tasks(args.tasks))
+            config = LlamaConfig(vocab_size=len(self.tok), max_position_embeddings=longest, **TINY)
+            self.model = LlamaForCausalLM(config)
         else:
             self.model, self.tok = load_model(dtype="float32")
         self.model.to(device)
@@ -542,9 +543,11 @@ def summarize(out_dir: str) -> str:
     budgets = sorted({int(r["steps"]) for r in rows})
     not_flat = [r for r in rows if not _is_true(r.get("flat"))]
     slowest = max(rows, key=lambda r: int(r.get("flat_step") or 0))
+    slowest_name = Job(slowest["task"], int(slowest["context"]), slowest["granularity"], float(slowest["p"]),
+                       int(slowest["seed"])).name
     lines += ["", f"Training budget: {', '.join(map(str, budgets))} steps for every run. Loss curve flat (last 10% "
               f"of the steps within tolerance of the 10% before): {len(rows) - len(not_flat)} of {len(rows)} runs. "
-              f"Latest flattening: step {slowest.get('flat_step')} ({Job(slowest['task'], int(slowest['context']), slowest['granularity'], float(slowest['p']), int(slowest['seed'])).name})."]
+              f"Latest flattening: step {slowest.get('flat_step')} ({slowest_name})."]
     if len(budgets) > 1 or len({r["n_eval"] for r in rows}) > 1:
         lines.append("**This CSV mixes training budgets or evaluation sizes; the pooled figures below mix them too. "
                      "Give each budget its own --out-dir.**")
@@ -553,11 +556,15 @@ def summarize(out_dir: str) -> str:
                  for r in not_flat]
         lines.append(f"**Not flat: {', '.join(names)}. The budget is too small for these runs: the curve below is "
                      "not a converged one; rerun with a larger --steps.**")
-    lines += ["", "Timing (per run, as measured; concurrent runs share a GPU): " + "; ".join(
-        f"context {ctx}: median step {_median([float(r['step_s_median']) for r in rows if int(r['context']) == ctx]):.3f} s, "
-        f"evaluation and perplexity {_median([float(r['seconds']) - float(r['train_seconds']) for r in rows if int(r['context']) == ctx]):.1f} s, "
-        f"whole run {_median([float(r['seconds']) for r in rows if int(r['context']) == ctx]):.1f} s (medians)"
-        for ctx in sorted({int(r['context']) for r in rows})) + "."]
+    timing = []
+    for ctx in sorted({int(r["context"]) for r in rows}):
+        at = [r for r in rows if int(r["context"]) == ctx]
+        step = _median([float(r["step_s_median"]) for r in at])
+        other = _median([float(r["seconds"]) - float(r["train_seconds"]) for r in at])
+        whole = _median([float(r["seconds"]) for r in at])
+        timing.append(f"context {ctx}: median step {step:.3f} s, evaluation and perplexity {other:.1f} s, whole run "
+                      f"{whole:.1f} s (medians)")
+    lines += ["", "Timing (per run, as measured; concurrent runs share a GPU): " + "; ".join(timing) + "."]
     groups = _groups(rows)
     curves = sorted({(k[0], k[1]) for k in groups})
     for task, ctx in curves:
