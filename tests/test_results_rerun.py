@@ -162,3 +162,37 @@ def test_worker_processes_share_one_queue(tmp_path):
     rows = list(csv.DictReader(open(out / "scurve_runs.csv")))
     assert sorted(float(r["p"]) for r in rows) == [0.0, 1.0]
     assert not (out / "errors.jsonl").exists()
+
+
+def test_cut_fine_tune_resumes_where_it_stopped(tmp_path, monkeypatch):
+    """A run cut right after its step-2 checkpoint resumes there and ends exactly as an uncut run does."""
+    common = ["--model-config", "tiny", "--tasks", "passkey:64", "--token-ps", "0.5", "--block-ps", "--seeds", "0",
+              "--n-eval", "3", "--steps", "4", "--batch-size", "2", "--window", "8", "--block-size", "8",
+              "--ppl-windows", "1", "--filler-chars", "6000", "--heldout-chars", "2000", "--workers-per-gpu", "1",
+              "--cpu", "--backend", "naive", "--checkpoint-every", "2"]
+    parser = scurve_runs.build_parser()
+    cut_args = scurve_runs.resolve(parser.parse_args(["run", "--out-dir", str(tmp_path / "cut")] + common))
+    ref_args = scurve_runs.resolve(parser.parse_args(["run", "--out-dir", str(tmp_path / "ref")] + common))
+    job = scurve_runs.plan(cut_args)[0]
+    worker = scurve_runs.Worker(cut_args, torch.device("cpu"))
+    real_finetune = scurve_runs.finetune
+
+    def cut_after_first_save(*a, save=None, **k):
+        def save_then_die(state):
+            save(state)
+            raise RuntimeError("cut")
+        return real_finetune(*a, save=save_then_die, **k)
+
+    monkeypatch.setattr(scurve_runs, "finetune", cut_after_first_save)
+    with pytest.raises(RuntimeError, match="cut"):
+        worker.run(job)
+    assert (tmp_path / "cut" / "checkpoints" / f"{job.name}.pt").exists()
+    monkeypatch.setattr(scurve_runs, "finetune", real_finetune)
+    resumed = worker.run(job)
+    worker.args = ref_args
+    reference = worker.run(job)
+    assert resumed["resumed_at_step"] == 2 and reference["resumed_at_step"] == 0
+    for field in ("final_loss", "acc", "acc_before", "ppl_before", "ppl_after", "mean_logp_after"):
+        assert resumed[field] == reference[field], field
+    curve = lambda d: [json.loads(line)["loss"] for line in open(tmp_path / d / "curves" / f"{job.name}.jsonl")]  # noqa: E731
+    assert curve("cut") == curve("ref") and len(curve("ref")) == 4

@@ -187,10 +187,14 @@ def score(model, samples, batch_size: int, autocast) -> list[dict]:
 
 
 def finetune(model, task, seed: int, steps: int, batch_size: int, micro_batch: int, lr: float, warmup: int,
-             autocast, max_grad_norm: float = 1.0) -> list[dict]:
+             autocast, max_grad_norm: float = 1.0, resume: dict | None = None, checkpoint_every: int = 0,
+             save=None) -> list[dict]:
     """``steps`` AdamW steps on ``task`` batches of the seed's training stream (loss on the answer tokens only:
     the mean over every answer token of the batch, accumulated over micro-batches); lr warm-up over ``warmup``
-    steps, then constant (so a flat curve is the model's, not a decayed learning rate's). Returns the curve."""
+    steps, then constant (so a flat curve is the model's, not a decayed learning rate's). Returns the curve.
+
+    Every ``checkpoint_every`` steps (0: never) ``save(state)`` gets the model, optimizer, scheduler, data-stream
+    and curve state; ``resume`` (such a state) continues from it exactly where it stopped."""
     import torch
 
     from .retrieval import train_rng
@@ -200,9 +204,15 @@ def finetune(model, task, seed: int, steps: int, batch_size: int, micro_batch: i
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / max(1, warmup)))
     rng = train_rng(seed)
+    curve, start = [], 0
+    if resume is not None:
+        model.load_state_dict(resume["model"])
+        opt.load_state_dict(resume["optimizer"])
+        sched.load_state_dict(resume["scheduler"])
+        rng.setstate(resume["rng"])
+        curve, start = list(resume["curve"]), int(resume["step"])
     model.train()
-    curve = []
-    for step in range(steps):
+    for step in range(start, steps):
         t0 = time.time()
         ids, labels = task.batch(rng, batch_size)  # [B, context] each
         targets = int((labels[:, 1:] != -100).sum())
@@ -226,6 +236,9 @@ def finetune(model, task, seed: int, steps: int, batch_size: int, micro_batch: i
         opt.zero_grad(set_to_none=True)
         curve.append({"step": step + 1, "loss": round(float(total) / targets, 6), "lr": step_lr,
                       "step_s": round(time.time() - t0, 4)})
+        if save is not None and checkpoint_every and (step + 1) % checkpoint_every == 0 and step + 1 < steps:
+            save({"step": step + 1, "model": model.state_dict(), "optimizer": opt.state_dict(),
+                  "scheduler": sched.state_dict(), "rng": rng.getstate(), "curve": curve})
     model.eval()
     return curve
 
@@ -283,7 +296,18 @@ class Worker:
             return perplexity(self.model, self.tok, self.heldout, context=context,
                               max_windows=self.args.ppl_windows)["ppl"]
 
+    def load_checkpoint(self, path: str, job: Job) -> dict | None:
+        """The saved mid-fine-tune state of ``job`` (same steps and prompts), or None."""
+        import torch
+
+        if not os.path.exists(path):
+            return None
+        state = torch.load(path, map_location=self.device, weights_only=False)
+        return state if state.get("key") == list(job_key(job, self.args)) else None
+
     def run(self, job: Job) -> dict:
+        import torch
+
         import ppa_hf
 
         from .retrieval import eval_set, keys_at_query
@@ -298,12 +322,26 @@ class Worker:
         train_task, eval_task = self.tasks(job)
         samples = eval_set(eval_task, args.n_eval, job.seed)
         eval_batch = max(1, args.eval_tokens // job.context)
-        before = score(self.model, samples, eval_batch, self.autocast)
-        ppl_before = self.perplexity(job.context)
+        ckpt = os.path.join(args.out_dir, "checkpoints", job.name + ".pt")
+        resume = self.load_checkpoint(ckpt, job)
+        if resume is None:
+            before = score(self.model, samples, eval_batch, self.autocast)
+            ppl_before = self.perplexity(job.context)
+        else:  # a run cut during its fine-tune: the measurements before it were saved with the checkpoint
+            before, ppl_before = resume["before"], resume["ppl_before"]
+            print(f"[{job.name}] resuming at step {resume['step']}", flush=True)
+
+        def save(state):
+            os.makedirs(os.path.dirname(ckpt), exist_ok=True)
+            state.update(key=list(job_key(job, args)), before=before, ppl_before=ppl_before)
+            torch.save(state, ckpt + ".tmp")
+            os.replace(ckpt + ".tmp", ckpt)
+
         t_train = time.time()
         micro = max(1, min(args.batch_size, args.micro_tokens // job.context))
         curve = finetune(self.model, train_task, job.seed, args.steps, args.batch_size, micro, args.lr,
-                         args.warmup, self.autocast)
+                         args.warmup, self.autocast, resume=resume, checkpoint_every=args.checkpoint_every,
+                         save=save)
         train_s = time.time() - t_train
         after = score(self.model, samples, eval_batch, self.autocast)
         ppl_after = self.perplexity(job.context)
@@ -343,7 +381,8 @@ class Worker:
                "micro_batch": micro, "lr": args.lr, "warmup": args.warmup, "window": args.window,
                "sink_tokens": args.sink_tokens, "block_size": args.block_size, "backend": args.backend,
                "model": args.model_config or "SmolLM2-135M-Instruct",
-               "train_seconds": round(train_s, 1), "step_s_median": sorted(r["step_s"] for r in curve)[len(curve) // 2]
+               "resumed_at_step": resume["step"] if resume else 0, "train_seconds": round(train_s, 1),
+               "step_s_median": sorted(r["step_s"] for r in curve)[len(curve) // 2]
                if curve else "", "seconds": round(time.time() - t0, 1),
                **{k: v for k, v in self.stamp.items() if k != "date"}, "date": utc_now()}
         return row
@@ -368,6 +407,9 @@ def _work(job_queue, args, device, rank: int) -> None:
             continue
         row["worker"] = rank
         append_row(args.out_dir, row)
+        ckpt = os.path.join(args.out_dir, "checkpoints", job.name + ".pt")
+        if os.path.exists(ckpt):  # the row supersedes the mid-fine-tune state
+            os.remove(ckpt)
         print(json.dumps(row), flush=True)
 
 
@@ -720,6 +762,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--flat-frac", type=float, default=0.1)
     r.add_argument("--flat-abs", type=float, default=0.02)
     r.add_argument("--flat-rel", type=float, default=0.05)
+    r.add_argument("--checkpoint-every", type=int, default=100,
+                   help="save a run's fine-tune state every N steps, so a cut run resumes there (0: never)")
     r.add_argument("--workers-per-gpu", type=int, default=4,
                    help="concurrent runs per GPU (on CPU: worker processes; 1 runs in this process)")
     r.add_argument("--cpu", action="store_true", help="run on CPU even if a GPU is there")
