@@ -9,6 +9,7 @@ from transformers import AutoModelForCausalLM, StaticCache
 
 import ppa_hf  # noqa: F401
 from ppa_hf.models import tiny_config
+from transformers_compat import CACHE
 
 SETTINGS = [
     dict(ppa_p=0.5, ppa_window=4),  # auto: the dense-mask path for a short cache
@@ -26,12 +27,12 @@ def _model_and_step(family, attn, settings):
     mask[1, :9] = 0  # left padding
     cache = StaticCache(config=config, max_cache_len=96)
     with torch.no_grad():
-        nxt = model(ids, attention_mask=mask, past_key_values=cache, use_cache=True).logits[:, -1:].argmax(-1)
+        nxt = model(ids, attention_mask=mask, **{CACHE: cache}, use_cache=True).logits[:, -1:].argmax(-1)
     step_mask = torch.cat([mask, torch.ones(2, 1, dtype=mask.dtype)], 1)
 
     def step():
         with torch.no_grad():
-            return model(nxt, attention_mask=step_mask, past_key_values=cache, use_cache=True,
+            return model(nxt, attention_mask=step_mask, **{CACHE: cache}, use_cache=True,
                          cache_position=torch.tensor([40]), position_ids=torch.tensor([[40], [31]])).logits
 
     return step

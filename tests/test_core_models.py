@@ -8,6 +8,7 @@ from transformers import AutoModelForCausalLM
 
 import ppa_hf
 from ppa_hf.models import TINY_FAMILIES, tiny_config
+from transformers_compat import CACHE
 
 
 def tiny(family="llama", attn="sdpa", **overrides):
@@ -103,12 +104,12 @@ def test_prefill_then_token_by_token_matches_full_forward_left_padded(backend):
         full = model(x, attention_mask=mask, position_ids=positions).logits
         out = model(x[:, :prefill], attention_mask=mask[:, :prefill], position_ids=positions[:, :prefill],
                     use_cache=True)
-        steps, cache = [out.logits], out.past_key_values
+        steps, cache = [out.logits], getattr(out, CACHE)
         for t in range(prefill, x.shape[1]):
-            out = model(x[:, t : t + 1], attention_mask=mask[:, : t + 1], past_key_values=cache, use_cache=True,
+            out = model(x[:, t : t + 1], attention_mask=mask[:, : t + 1], **{CACHE: cache}, use_cache=True,
                         position_ids=positions[:, t : t + 1])
             steps.append(out.logits)
-            cache = out.past_key_values
+            cache = getattr(out, CACHE)
     stepped = torch.cat(steps, dim=1)
     torch.testing.assert_close(stepped[0], full[0], atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(stepped[1, 9:], full[1, 9:], atol=1e-4, rtol=1e-4)

@@ -10,6 +10,7 @@ import torch
 
 from ppa_hf.ops.reference import reference_attention
 from ppa_hf.pattern import PPAPattern
+from transformers_compat import CACHE
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (the Triton/Flex fast paths)")
 try:
@@ -142,7 +143,7 @@ def test_model_paths_agree_on_gpu():
     ppa_hf.apply(model, p=0.75, backend="auto")
     with torch.no_grad():
         out = model(ids[:, :-1], use_cache=True)
-        step = model(ids[:, -1:], past_key_values=out.past_key_values, use_cache=True).logits[:, -1].float()
+        step = model(ids[:, -1:], **{CACHE: getattr(out, CACHE)}, use_cache=True).logits[:, -1].float()
         ppa_hf.apply(model, p=0.75, backend="sdpa_mask")
         full = model(ids).logits[:, -1].float()
     err = (step - full).abs().max().item()
@@ -272,7 +273,7 @@ def test_decode_steps_do_not_synchronise(granularity):
         cache = StaticCache(config=model.config, max_cache_len=1600)
         with torch.no_grad():
             model.config.ppa_backend = "auto"  # the left-padded prefill (it may synchronise)
-            model(ids, attention_mask=mask, past_key_values=cache, use_cache=True)
+            model(ids, attention_mask=mask, **{CACHE: cache}, use_cache=True)
             model.config.ppa_backend = backend
             tok = torch.randint(3, 512, (2, 1), device="cuda")
             steps = []  # inputs made before the check: creating them copies from the host
@@ -283,7 +284,7 @@ def test_decode_steps_do_not_synchronise(granularity):
             torch.cuda.set_sync_debug_mode("error")
             try:
                 for step_mask, pos, position_ids in steps:
-                    model(tok, attention_mask=step_mask, past_key_values=cache, use_cache=True, cache_position=pos,
+                    model(tok, attention_mask=step_mask, **{CACHE: cache}, use_cache=True, cache_position=pos,
                           position_ids=position_ids)
             finally:
                 torch.cuda.set_sync_debug_mode("default")
