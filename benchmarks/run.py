@@ -327,7 +327,7 @@ def attention_share(step) -> float:
 
 def part_train(args, info):
     out = Out(args.out, "model_train", info)
-    for shape in args.shapes:
+    for shape in args.shapes if not args.compiled_only else []:
         for L in args.lengths:
             layers = args.layers_long if L > 32768 else args.layers
             if shape == "llama-8b-layers":
@@ -338,7 +338,7 @@ def part_train(args, info):
             ids = torch.randint(0, VOCAB, (1, L), device="cuda")
             for mode in args.modes:
                 base = base_flash = None
-                for impl, gran, p in SDPA_BASELINES + [("ppa", g, p) for g, p in PPA_VARIANTS]:
+                for impl, gran, p in args.baselines + [("ppa", g, p) for g, p in PPA_VARIANTS]:
                     use_impl(model, impl, gran, p)
                     if mode == "train":
                         model.train()
@@ -364,16 +364,16 @@ def part_train(args, info):
                         print(f"OOM {shape} L={L} {impl} {gran} {p} {mode}", flush=True)
                         torch.cuda.empty_cache()
                         continue
-                    base = base if base is not None else med
+                    base = med if impl == "sdpa" else base
                     base_flash = med if impl == "sdpa_flash" else base_flash
                     out.add(dict(shape=shape, head_dim=SHAPES[shape]["head_dim"], layers=layers, L=L, mode=mode,
                                  compiled=0, impl=impl, granularity=gran, p=p, step_ms=med, step_ms_min=lo,
-                                 step_ms_max=hi, speedup_vs_sdpa=base / med,
+                                 step_ms_max=hi, speedup_vs_sdpa=base / med if base else float("nan"),
                                  speedup_vs_sdpa_flash=base_flash / med if base_flash else float("nan"),
                                  peak_gib=peak, attention_share=share))
             del model, ids
             torch.cuda.empty_cache()
-    if args.compiled:
+    if args.compiled or args.compiled_only:
         part_train_compiled(args, out)
     markdown(os.path.join(args.out, "results.md"), "Whole model: training step (fwd+bwd, grad checkpointing) and "
              "prefill (forward, no grad), batch 1", out.rows,
@@ -470,7 +470,7 @@ def part_generate(args, info):
     for layers in args.gen_layers:
         model = make_model("llama-1b", layers, max(args.contexts) + 4096)
         model.eval()
-        for impl, gran, p in SDPA_BASELINES + [("ppa", g, p) for g, p in PPA_VARIANTS[:2]]:
+        for impl, gran, p in args.baselines + [("ppa", g, p) for g, p in PPA_VARIANTS[:2]]:
             use_impl(model, impl, gran, p)  # one short eager run first: kernel compilation stays out of the timings
             with sdpa_backends(impl):
                 decode_timing(model, 2, 2048, 2, False, False)
@@ -480,7 +480,7 @@ def part_generate(args, info):
                     kv_bytes = 2 * layers * batch * 8 * context * 64 * 2
                     floor = kv_bytes / (bandwidth * 1e9) * 1e3
                     base = base_flash = None
-                    for impl, gran, p in SDPA_BASELINES + [("ppa", g, p) for g, p in PPA_VARIANTS[:2]]:
+                    for impl, gran, p in args.baselines + [("ppa", g, p) for g, p in PPA_VARIANTS[:2]]:
                         use_impl(model, impl, gran, p)
                         try:
                             with sdpa_backends(impl):
@@ -493,12 +493,12 @@ def part_generate(args, info):
                             continue
                         finally:
                             torch._dynamo.reset()
-                        base = base if base is not None else per
+                        base = per if impl == "sdpa" else base
                         base_flash = per if impl == "sdpa_flash" else base_flash
                         mask = "growing" if cache_kind == "dynamic" or args.growing_mask else "whole-cache"
                         out.add(dict(layers=layers, batch=batch, context=context, cache=cache_kind,
                                      compiled=int(compiled), mask=mask, impl=impl, granularity=gran, p=p, ms_per_token=per,
-                                     speedup_vs_sdpa=base / per,
+                                     speedup_vs_sdpa=base / per if base else float("nan"),
                                      speedup_vs_sdpa_flash=base_flash / per if base_flash else float("nan"),
                                      first_step_ms=first, prefill_ms=prefill,
                                      dense_floor_ms=floor, copy_gbs=round(bandwidth)))
@@ -523,6 +523,9 @@ def main(argv=None):
     ap.add_argument("--layers-long", type=int, default=4, help="decoder layers above 32k")
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--compiled", action="store_true", help="train: also the torch.compile'd step")
+    ap.add_argument("--compiled-only", action="store_true", help="train: only the torch.compile'd step")
+    ap.add_argument("--baselines", nargs="+", default=["sdpa", "sdpa_flash"], choices=["sdpa", "sdpa_flash"],
+                    help="whole-model SDPA baselines (sdpa: as Transformers runs it; sdpa_flash: cuDNN excluded)")
     ap.add_argument("--gen-layers", type=int, nargs="+", default=[8])
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 8])
     ap.add_argument("--contexts", type=int, nargs="+", default=[32768, 131072])
@@ -534,6 +537,7 @@ def main(argv=None):
     args = ap.parse_args(argv)
     args.lengths = args.lengths or ({"kernels": [32768, 131072], "tune": [32768]}.get(args.part, [16384, 32768, 131072]))
     args.gen_modes = [(m.split("-")[0], m.endswith("compiled")) for m in args.gen_modes]
+    args.baselines = [b for b in SDPA_BASELINES if b[0] in args.baselines]
     os.makedirs(args.out, exist_ok=True)
     torch._dynamo.config.cache_size_limit = 64
     info = machine()
