@@ -166,6 +166,7 @@ def test_context_parallel_refuses_bad_sizes():
         ContextParallel.create(2)
 
 
+@pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")  # eager on CPU, as meant
 def test_flex_block_mask_from_tables_serves_a_middle_query_chunk():
     """On CUDA, Flex builds its BlockMask from the tables with a query offset: here (CPU, forward) a chunk in the
     middle of the keys, the later keys masked by causality, equals explicit attention."""
