@@ -1,6 +1,5 @@
 """The demo's figure: redrawn from its CSV, log axis labelled up to its top."""
 
-import math
 import shutil
 
 from conftest import REPO_ROOT
@@ -8,13 +7,13 @@ from conftest import REPO_ROOT
 from ppa_hf.recipes.plots import log_ticks
 
 
-def test_log_ticks_label_both_ends_of_the_axis():
-    for low, high in [(10.7, 59.2), (0.5, 100.0), (1e-3, 1e6), (1.0, 1.1)]:
+def test_log_ticks_label_both_ends_of_the_data():
+    for low, high in [(11.9969, 52.8457), (17.2, 33.9), (0.5, 100.0), (1e-3, 1e6), (1.0, 1.1), (12.0, 12.0)]:
         ticks = log_ticks(low, high)
-        assert 1 <= len(ticks) <= 8 and all(low <= t <= high for t in ticks)
-        if high / low > 4:  # a tick in the top and in the bottom quarter of the log range
-            span = math.log(high / low)
-            assert math.log(ticks[-1] / low) >= 0.75 * span and math.log(ticks[0] / low) <= 0.25 * span, ticks
+        assert len(ticks) <= 10 and ticks == sorted(ticks), ticks
+        assert ticks[0] <= low and ticks[-1] >= high, (low, high, ticks)
+        assert ticks[0] * 3 > low and ticks[-1] < high * 3, (low, high, ticks)  # and close to the data
+    assert log_ticks(11.9969, 52.8457) == [10, 12, 15, 20, 25, 30, 40, 50, 60]
 
 
 def test_demo_replot_from_csv(tmp_path):
