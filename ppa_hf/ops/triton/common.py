@@ -53,6 +53,41 @@ def supports(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> boo
     return unsupported_reason(query, key, value) is None
 
 
+_COMPILED: dict = {}  # (kernel, launch options, argument specialisation) -> Triton's compiled kernel
+
+
+def _specialisation(arg):
+    """What Triton specialises a launch on, for one argument: a tensor's dtype, device and 16-byte alignment; whether an
+    integer needs 64 bits (every integer argument of our kernels is ``do_not_specialize``); a float's type."""
+    if isinstance(arg, torch.Tensor):
+        return arg.dtype, arg.device.index, arg.data_ptr() % 16 == 0
+    if isinstance(arg, bool):
+        return bool, arg
+    if isinstance(arg, int):
+        return int, -2**31 <= arg < 2**31
+    return type(arg)
+
+
+def launch(kernel, grid: tuple, args: tuple, constexprs: dict, **options) -> None:
+    """``kernel[grid](*args, **constexprs, **options)``; once a specialisation has been launched that way, later
+    launches go through Triton's compiled kernel directly, skipping the per-call binding of arguments in
+    ``JITFunction.run`` (on the H200 host about 60 us per launch, more than the decode kernel's GPU time at batch 1).
+    ``args`` are the kernel's non-constexpr parameters in order; its constexpr parameters come last, in ``constexprs``.
+    Every integer parameter of the kernel must be ``do_not_specialize`` (the cache key does not track 1 or 16)."""
+    grid = tuple(grid) + (1,) * (3 - len(grid))
+    if interpreted(args[0].device):
+        kernel[grid](*args, **constexprs, **options)
+        return
+    key = (kernel, tuple(sorted(options.items())), tuple(constexprs.items()), tuple(map(_specialisation, args)))
+    compiled = _COMPILED.get(key)
+    if compiled is not None:
+        compiled[grid](*args, *constexprs.values())
+        return
+    compiled = kernel[grid](*args, **constexprs, **options)
+    if hasattr(compiled, "__getitem__"):  # a Triton without it keeps launching through the JIT function
+        _COMPILED[key] = compiled
+
+
 def last_contiguous(x: torch.Tensor) -> torch.Tensor:
     """``x`` with a unit stride in its last dimension (the kernels index rows by stride, elements by one)."""
     return x if x.stride(-1) == 1 else x.contiguous()

@@ -9,7 +9,7 @@ import math
 
 import torch
 
-from .common import LOG2E, interpreted, last_contiguous, tl, triton, unsupported_reason
+from .common import LOG2E, interpreted, last_contiguous, launch, tl, triton, unsupported_reason
 
 if triton is not None:
 
@@ -99,6 +99,9 @@ if triton is not None:
         tl.store(O + b.to(tl.int64) * sob + h.to(tl.int64) * soh + qi * som + offs_d, out.to(O.dtype.element_ty))
 
 
+MAX_SPLITS = 64  # split-K parts of one (row, KV head, query) at most
+
+
 @functools.lru_cache(maxsize=None)
 def _num_sms(device: str) -> int:
     if torch.device(device).type != "cuda":
@@ -134,26 +137,27 @@ def _decode(query, key, value, index, count, scale: float) -> torch.Tensor:
     block_n = 16 if interpreted(query.device) else 64
     # about two programs per multiprocessor; each split takes an even share of its row's listed keys
     programs = B * Hkv * NQ
-    splits = max(1, min(-(-2 * _num_sms(str(query.device)) // programs), -(-N // block_n), 64))
+    splits = max(1, min(-(-2 * _num_sms(str(query.device)) // programs), -(-N // block_n), MAX_SPLITS))
     out = torch.empty_like(query)
     rows = B * H * NQ
-    if splits > 1:
-        op = torch.empty((rows, splits, D), device=query.device, dtype=torch.float32)
-        mp = torch.empty((rows, splits), device=query.device, dtype=torch.float32)
-        lp = torch.empty((rows, splits), device=query.device, dtype=torch.float32)
+    if splits > 1:  # one workspace for the partial outputs, maxima and denominators (one allocation, not three)
+        work = torch.empty(rows * splits * (D + 2), device=query.device, dtype=torch.float32)
+        op = work[: rows * splits * D].view(rows, splits, D)
+        mp = work[rows * splits * D: rows * splits * (D + 1)].view(rows, splits)
+        lp = work[rows * splits * (D + 1):].view(rows, splits)
     else:
         op = mp = lp = out  # not written
     gp = max(16, triton.next_power_of_2(G))
-    _decode_kernel[(programs, splits)](
-        query, key, value, index, count, op, mp, lp, out, scale * LOG2E,
-        query.stride(0), query.stride(1), query.stride(2), key.stride(0), key.stride(1), key.stride(2),
-        value.stride(0), value.stride(1), value.stride(2),
-        index.stride(0) if index.shape[0] > 1 else 0, index.stride(1), count.stride(0) if count.shape[0] > 1 else 0,
-        out.stride(0), out.stride(1), out.stride(2),
-        Hkv, G, NQ, splits, HEAD_DIM=D, BLOCK_N=block_n, GP=gp, SINGLE=splits == 1, num_warps=4, num_stages=3)
-    if splits > 1:
-        _combine_kernel[(rows,)](op, mp, lp, out, splits, H, NQ, out.stride(0), out.stride(1), out.stride(2),
-                                 HEAD_DIM=D, SPLITS=max(2, triton.next_power_of_2(splits)), num_warps=4)
+    launch(_decode_kernel, (programs, splits),
+           (query, key, value, index, count, op, mp, lp, out, scale * LOG2E,
+            query.stride(0), query.stride(1), query.stride(2), key.stride(0), key.stride(1), key.stride(2),
+            value.stride(0), value.stride(1), value.stride(2),
+            index.stride(0) if index.shape[0] > 1 else 0, index.stride(1), count.stride(0) if count.shape[0] > 1 else 0,
+            out.stride(0), out.stride(1), out.stride(2), Hkv, G, NQ, splits),
+           dict(HEAD_DIM=D, BLOCK_N=block_n, GP=gp, SINGLE=splits == 1), num_warps=4, num_stages=3)
+    if splits > 1:  # SPLITS fixed at the largest split count: one compiled combine kernel for every shape
+        launch(_combine_kernel, (rows,), (op, mp, lp, out, splits, H, NQ, out.stride(0), out.stride(1), out.stride(2)),
+               dict(HEAD_DIM=D, SPLITS=MAX_SPLITS), num_warps=4)
     return out
 
 
