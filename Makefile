@@ -46,13 +46,18 @@ workflows-gpu:
 	OUT=$(OUT)/workflows DATA=$(DATA) PYTHON=$(PYTHON) bash scripts/workflows_gpu.sh
 
 # docs/benchmarks.md: attention kernels, whole-model training/prefill and generation against sdpa (one GPU, about
-# 25 minutes); CSVs and results.md in $(OUT)/bench (benchmarks/results holds the published ones)
+# 40 minutes); CSVs and results.md in $(OUT)/bench (benchmarks/results holds the published ones)
 bench-gpu:
 	$(PYTHON) -m benchmarks.run tune --out $(OUT)/bench
 	$(PYTHON) -m benchmarks.run kernels --lengths 32768 131072 --out $(OUT)/bench
 	$(PYTHON) -m benchmarks.run train --shapes llama-1b --lengths 16384 32768 --out $(OUT)/bench
 	$(PYTHON) -m benchmarks.run train --shapes llama-1b --lengths 131072 --reps 3 --out $(OUT)/bench
-	$(PYTHON) -m benchmarks.run train --shapes llama-8b-layers --lengths 32768 131072 --reps 3 --out $(OUT)/bench
-	$(PYTHON) -m benchmarks.run generate --gen-modes dynamic --batches 1 8 --contexts 32768 131072 --steps 24 --out $(OUT)/bench
+	$(PYTHON) -m benchmarks.run train --shapes llama-8b-layers --lengths 16384 32768 131072 --reps 3 --out $(OUT)/bench
+	$(PYTHON) -m benchmarks.run train --shapes llama-1b --lengths 16384 --compiled-only --reps 3 --out $(OUT)/bench
+	$(PYTHON) -m benchmarks.run generate --gen-modes dynamic --batches 1 8 --contexts 1024 8192 32768 131072 --steps 24 --out $(OUT)/bench
+	$(PYTHON) -m benchmarks.run generate --gen-modes dynamic --batches 32 --contexts 1024 8192 32768 --steps 24 --out $(OUT)/bench
 	$(PYTHON) -m benchmarks.run generate --gen-modes static-compiled --batches 8 --contexts 32768 131072 --steps 24 --out $(OUT)/bench
 	$(PYTHON) -m benchmarks.run generate --gen-modes static-compiled --batches 8 --contexts 32768 131072 --steps 24 --growing-mask --out $(OUT)/bench
+	OUT=$(OUT)/bench $(PYTHON) benchmarks/decode_host.py
+	OUT=$(OUT)/bench $(PYTHON) benchmarks/profile_train.py
+	OUT=$(OUT)/bench $(PYTHON) -m benchmarks.experiments.token_mask
