@@ -52,15 +52,19 @@ if triton is not None:
         return pid_m, pid_bh, b, h, h // G, pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
 
     @triton.jit
-    def _partial_tile(k0, qpos, cols, k_start, kv_end, TOK, tok_len, WF, n_words, BLK, blk_len, block_size, sinks,
-                      max_distance, BLOCK_N: tl.constexpr, GRAN_BLOCK: tl.constexpr, HAS_SINKS: tl.constexpr,
+    def _partial_tile(it, PIDX, qpos, offs_n, k_start, kv_end, TOK, tok_len, WF, n_words, BLK, blk_len, block_size,
+                      sinks, max_distance, BLOCK_N: tl.constexpr, GRAN_BLOCK: tl.constexpr, HAS_SINKS: tl.constexpr,
                       HAS_MD: tl.constexpr, USE_WORDS: tl.constexpr, TOKEN_ONLY: tl.constexpr):
-        """``[BLOCK_M, BLOCK_N]`` mask of the partial tile of key columns ``cols`` (from ``k0``): a TOKEN_PARTIAL tile
-        (``TOKEN_ONLY``) from the token table's words alone, any other from the whole predicate."""
+        """Key columns ``[BLOCK_N]`` and ``[BLOCK_M, BLOCK_N]`` mask of a query tile's ``it``-th partial tile: a
+        TOKEN_PARTIAL tile (``TOKEN_ONLY``) from the token table's words alone, any other from the whole predicate."""
+        k0 = tl.load(PIDX + it) * BLOCK_N
+        cols = k0 + offs_n
         if TOKEN_ONLY:
-            return word_mask(WF, n_words, qpos - (k_start + k0), BLOCK_N)
-        return tile_mask(qpos, k_start + cols, kv_end, TOK, tok_len, WF, n_words, BLK, blk_len, block_size, sinks,
-                         max_distance, BLOCK_N, False, GRAN_BLOCK, HAS_SINKS, HAS_MD, USE_WORDS)
+            mask = word_mask(WF, n_words, qpos - (k_start + k0), BLOCK_N)
+        else:
+            mask = tile_mask(qpos, k_start + cols, kv_end, TOK, tok_len, WF, n_words, BLK, blk_len, block_size, sinks,
+                             max_distance, BLOCK_N, False, GRAN_BLOCK, HAS_SINKS, HAS_MD, USE_WORDS)
+        return cols, mask
 
     @triton.jit
     def _fwd_tile(q, k_ptr, v_ptr, cols, offs_d, skn, svn, kv_len, scale_log2, mask, m_i, l_i, acc,
@@ -147,19 +151,16 @@ if triton is not None:
         if USE_WORDS:
             mid = tl.load(PMID + pid_m)
             for it in range(start, mid):
-                k0 = tl.load(PIDX + it) * BLOCK_N
-                cols = k0 + offs_n
-                mask = _partial_tile(k0, qpos, cols, k_start, kv_end, TOK, tok_len, WF, n_words, BLK, blk_len,
-                                     block_size, sinks, max_distance, BLOCK_N, GRAN_BLOCK, HAS_SINKS, HAS_MD, True,
-                                     True)
+                cols, mask = _partial_tile(it, PIDX, qpos, offs_n, k_start, kv_end, TOK, tok_len, WF, n_words, BLK,
+                                           blk_len, block_size, sinks, max_distance, BLOCK_N, GRAN_BLOCK, HAS_SINKS,
+                                           HAS_MD, True, True)
                 m_i, l_i, acc = _fwd_tile(q, k_ptr, v_ptr, cols, offs_d, skn, svn, kv_len, scale_log2, mask,
                                           m_i, l_i, acc, True, False)
             start = mid
         for it in range(start, end):
-            k0 = tl.load(PIDX + it) * BLOCK_N
-            cols = k0 + offs_n
-            mask = _partial_tile(k0, qpos, cols, k_start, kv_end, TOK, tok_len, WF, n_words, BLK, blk_len, block_size,
-                                 sinks, max_distance, BLOCK_N, GRAN_BLOCK, HAS_SINKS, HAS_MD, USE_WORDS, False)
+            cols, mask = _partial_tile(it, PIDX, qpos, offs_n, k_start, kv_end, TOK, tok_len, WF, n_words, BLK, blk_len,
+                                       block_size, sinks, max_distance, BLOCK_N, GRAN_BLOCK, HAS_SINKS, HAS_MD,
+                                       USE_WORDS, False)
             m_i, l_i, acc = _fwd_tile(q, k_ptr, v_ptr, cols, offs_d, skn, svn, kv_len, scale_log2, mask,
                                       m_i, l_i, acc, True, True)
 
@@ -288,19 +289,16 @@ if triton is not None:
         if USE_WORDS:  # TOKEN_PARTIAL tiles first, as in the forward
             mid = tl.load(PMID + pid_m)
             for it in range(start, mid):
-                k0 = tl.load(PIDX + it) * BLOCK_N
-                cols = k0 + offs_n
-                mask = _partial_tile(k0, qpos, cols, k_start, kv_end, TOK, tok_len, WF, n_words, BLK, blk_len,
-                                     block_size, sinks, max_distance, BLOCK_N, GRAN_BLOCK, HAS_SINKS, HAS_MD, True,
-                                     True)
+                cols, mask = _partial_tile(it, PIDX, qpos, offs_n, k_start, kv_end, TOK, tok_len, WF, n_words, BLK,
+                                           blk_len, block_size, sinks, max_distance, BLOCK_N, GRAN_BLOCK, HAS_SINKS,
+                                           HAS_MD, True, True)
                 dq = _dq_tile(q, do, lse, delta, k_ptr, v_ptr, cols, offs_d, skn, svn, kv_len, scale_log2, mask, dq,
                               True, False)
             start = mid
         for it in range(start, end):
-            k0 = tl.load(PIDX + it) * BLOCK_N
-            cols = k0 + offs_n
-            mask = _partial_tile(k0, qpos, cols, k_start, kv_end, TOK, tok_len, WF, n_words, BLK, blk_len, block_size,
-                                 sinks, max_distance, BLOCK_N, GRAN_BLOCK, HAS_SINKS, HAS_MD, USE_WORDS, False)
+            cols, mask = _partial_tile(it, PIDX, qpos, offs_n, k_start, kv_end, TOK, tok_len, WF, n_words, BLK, blk_len,
+                                       block_size, sinks, max_distance, BLOCK_N, GRAN_BLOCK, HAS_SINKS, HAS_MD,
+                                       USE_WORDS, False)
             dq = _dq_tile(q, do, lse, delta, k_ptr, v_ptr, cols, offs_d, skn, svn, kv_len, scale_log2, mask, dq,
                           True, True)
         dq = dq * sm_scale
