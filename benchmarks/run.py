@@ -19,11 +19,8 @@ from __future__ import annotations
 import argparse
 import contextlib
 import csv
-import datetime
 import math
 import os
-import platform
-import subprocess
 import sys
 import time
 
@@ -47,21 +44,13 @@ PPA_VARIANTS = [("token", 0.75), ("block", 0.75), ("block", 0.5)]
 
 
 def machine() -> dict:
-    import transformers
+    """The stamp of every row: :func:`ppa_hf.recipes.stamp.machine_stamp` (GPU, versions, Python, commit, date) and
+    the Triton version."""
     import triton
 
-    try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                                cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
-                               text=True, cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip()
-        commit = (commit + ("+dirty" if dirty else "")) or "unknown"
-    except OSError:
-        commit = "unknown"
-    return {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "transformers": transformers.__version__,
-            "triton": triton.__version__, "python": platform.python_version(),
-            "commit": os.environ.get("PPA_COMMIT", commit),
-            "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")}
+    from ppa_hf.recipes.stamp import machine_stamp
+
+    return machine_stamp() | {"triton": triton.__version__}
 
 
 # ----------------------------------------------------------------------------------------------------------------------

@@ -2,7 +2,7 @@
 """Print the record that heads every GPU run's output folder: date, git commit, Python and library versions, GPUs,
 and the command that was run (``python scripts/machine_info.py COMMAND...``).
 
-The commit is ``$PPA_COMMIT`` when set (a copy of the code without its ``.git``, or with a stale one), else
+The commit is ``$PPA_COMMIT`` when set (code run outside its git checkout, e.g. an exported tree), else
 ``git rev-parse HEAD`` of this checkout, else ``unknown`` (``ppa_hf.recipes.stamp.git_commit``).
 """
 

@@ -6,10 +6,10 @@
 #                                 summary.md, paired_tests.csv, plots, curves/ and prompts/ (one file per run)
 #   scurve.csv + plots            sections 2 and 3 (fine-tuned, one seed): only with LEGACY_SCURVE=1
 # Every result row is appended as soon as it is finished, so a re-run into the same $OUT skips what is done.
-# Environment: SCURVE_SIZE=full (default: every step, the whole grid) | smoke (the reduced grid alone, about 8 min on
-# one H200); SCURVE_ARGS: more options for `scurve_runs run` (e.g. "--steps 800 --workers-per-gpu 6");
+# Environment: SCURVE_SIZE=full (default: every step, the whole grid) | smoke (the reduced grid alone; estimated 5-8 min
+# on one H200, not yet measured); SCURVE_ARGS: more options for `scurve_runs run` (e.g. "--steps 800 --workers-per-gpu 6");
 # PUBLISH=DIR: copy the grid's CSV, summary, paired tests, plots and a tarball of curves/ and prompts/ to DIR
-# (docs/results_data for the published figures); PPA_COMMIT: the commit, when this copy has no (or a stale) .git.
+# (docs/results_data for the published figures); PPA_COMMIT: the commit, for code run outside its git checkout.
 source "$(dirname "$0")/gpu_common.sh"
 start "make results-gpu" 1
 
@@ -48,7 +48,9 @@ fi
 # 6. the fine-tuned retrieval grid: every GPU, several runs per GPU, skips finished runs
 step scurve_runs "$PYTHON" -m ppa_hf.recipes.scurve_runs run --out-dir "$OUT/scurve_runs" "${SIZE[@]}" "${EXTRA[@]}"
 
-if [ -n "${PUBLISH:-}" ] && [ -f "$OUT/scurve_runs/scurve_runs.csv" ]; then
+if [ -n "${PUBLISH:-}" ] && [[ " ${FAILED[*]} " == *" scurve_runs "* ]]; then
+  echo "not published to $PUBLISH: the scurve_runs step failed (see $OUT/scurve_runs.log)" >&2
+elif [ -n "${PUBLISH:-}" ] && [ -f "$OUT/scurve_runs/scurve_runs.csv" ]; then
   mkdir -p "$PUBLISH"
   cp "$OUT/scurve_runs/scurve_runs.csv" "$OUT/scurve_runs/summary.md" "$PUBLISH/"
   [ -f "$OUT/scurve_runs/paired_tests.csv" ] && cp "$OUT/scurve_runs/paired_tests.csv" "$PUBLISH/"

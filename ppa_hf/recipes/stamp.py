@@ -1,6 +1,6 @@
 """Where and with what a result was produced: GPU, torch, transformers, Python, commit, date.
 
-The commit is ``$PPA_COMMIT`` when set (for a copy of the code whose ``.git`` is missing or stale), else
+The commit is ``$PPA_COMMIT`` when set (code run outside its git checkout, e.g. an exported tree), else
 ``git rev-parse HEAD`` of the checkout this package was imported from (with `` (with uncommitted changes)`` when
 tracked files differ), else ``unknown``.
 """

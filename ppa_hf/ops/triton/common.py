@@ -71,7 +71,8 @@ def _specialisation(arg):
 def launch(kernel, grid: tuple, args: tuple, constexprs: dict, **options) -> None:
     """``kernel[grid](*args, **constexprs, **options)``; once a specialisation has been launched that way, later
     launches go through Triton's compiled kernel directly, skipping the per-call binding of arguments in
-    ``JITFunction.run`` (on the H200 host about 60 us per launch, more than the decode kernel's GPU time at batch 1).
+    ``JITFunction.run`` (on the H200 host the decode path's attention call went from 208-228 to 169-180 us per layer,
+    ``benchmarks/decode_host.py``; the decode kernel's GPU time at batch 1 is a few microseconds).
     ``args`` are the kernel's non-constexpr parameters in order; its constexpr parameters come last, in ``constexprs``.
     Every integer parameter of the kernel must be ``do_not_specialize`` (the cache key does not track 1 or 16)."""
     grid = tuple(grid) + (1,) * (3 - len(grid))
@@ -83,6 +84,10 @@ def launch(kernel, grid: tuple, args: tuple, constexprs: dict, **options) -> Non
     if compiled is not None:
         compiled[grid](*args, *constexprs.values())
         return
+    names = list(getattr(kernel, "arg_names", []))
+    if names[len(args):] != list(constexprs):  # the cached path passes them by position
+        raise ValueError(f"launch({names and kernel.__name__}): constexprs {list(constexprs)} must be the kernel's "
+                         f"parameters after the {len(args)} positional ones, in order: {names[len(args):]}")
     compiled = kernel[grid](*args, **constexprs, **options)
     if hasattr(compiled, "__getitem__"):  # a Triton without it keeps launching through the JIT function
         _COMPILED[key] = compiled

@@ -141,10 +141,12 @@ def _decode(query, key, value, index, count, scale: float) -> torch.Tensor:
     out = torch.empty_like(query)
     rows = B * H * NQ
     if splits > 1:  # one workspace for the partial outputs, maxima and denominators (one allocation, not three)
-        work = torch.empty(rows * splits * (D + 2), device=query.device, dtype=torch.float32)
-        op = work[: rows * splits * D].view(rows, splits, D)
-        mp = work[rows * splits * D: rows * splits * (D + 1)].view(rows, splits)
-        lp = work[rows * splits * (D + 1):].view(rows, splits)
+        n = rows * splits
+        n16 = -(-n // 4) * 4  # segments start 16-byte aligned whatever n is (alignment is part of Triton's cache key)
+        work = torch.empty(n * D + 2 * n16, device=query.device, dtype=torch.float32)
+        op = work[: n * D].view(rows, splits, D)
+        mp = work[n * D: n * D + n].view(rows, splits)
+        lp = work[n * D + n16: n * D + n16 + n].view(rows, splits)
     else:
         op = mp = lp = out  # not written
     gp = max(16, triton.next_power_of_2(G))
