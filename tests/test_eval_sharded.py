@@ -94,3 +94,34 @@ def test_batches_are_shared_whole(monkeypatch):
     assert sharding.gather_in_order([(1, "b"), (0, "a")], 2) == ["a", "b"]  # one process: no transport
     with pytest.raises(RuntimeError, match="expected each of 0..2 once"):
         sharding.gather_in_order([(0, "a"), (0, "a"), (2, "c")], 3)
+
+
+FAILING_SCRIPT = """
+import sys
+from ppa_hf.recipes.sharding import process_index, run_everywhere
+def work():
+    if process_index() == 1:
+        raise ValueError("process one broke")
+    return "fine"
+try:
+    run_everywhere(work)
+except Exception as err:
+    print(f"rank {process_index()} raised {type(err).__name__}: {err}", flush=True)
+    sys.exit(3)
+print(f"rank {process_index()} returned", flush=True)
+"""
+
+
+def test_a_failure_on_one_process_stops_every_process(tmp_path):
+    # without the shared failure report, process 0 would wait in the next collective until gloo's timeout
+    script = tmp_path / "fail.py"
+    script.write_text(FAILING_SCRIPT)
+    result = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--config_file", CPU_2PROC,
+                             "--main_process_port", "29571", str(script)], capture_output=True, text=True,
+                            env=subprocess_env(), cwd=REPO_ROOT, timeout=120)
+    assert result.returncode != 0
+    out = result.stdout + result.stderr
+    assert "rank 1 raised ValueError: process one broke" in out
+    assert "rank 0 raised RuntimeError: stopped because another process failed: process 1: ValueError: " \
+           "process one broke" in out
+    assert "returned" not in result.stdout

@@ -122,7 +122,7 @@ def generate(model, tokenizer, prompts: list[str], batch_size: int = 8, max_new_
     from tqdm.auto import tqdm
 
     from .answers import truncate_at_stop
-    from .sharding import gather_in_order, is_main_process, my_batches, num_processes, process_index
+    from .sharding import gather_in_order, is_main_process, my_batches, num_processes, process_index, run_everywhere
 
     tokenizer.padding_side = "left"
     device = next(model.parameters()).device
@@ -133,19 +133,25 @@ def generate(model, tokenizer, prompts: list[str], batch_size: int = 8, max_new_
         desc = f"{desc} (process {process_index()} of {num_processes()})"
     bar = tqdm(total=sum(map(len, mine)), desc=desc, unit="prompt", disable=not (progress and is_main_process()),
                leave=False)
-    done = []
-    for idx in mine:
-        batch = tokenizer([prompts[i] for i in idx], return_tensors="pt", padding=True, add_special_tokens=False)
-        batch = {k: v.to(device) for k, v in batch.items()}
-        with torch.no_grad():
-            out = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
-                                 pad_token_id=tokenizer.pad_token_id, stop_strings=list(stop_strings),
-                                 tokenizer=tokenizer)
-        new = out[:, batch["input_ids"].shape[1]:]
-        for row, i in enumerate(idx):
-            done.append((i, truncate_at_stop(tokenizer.decode(new[row], skip_special_tokens=True), stop_strings)))
-        bar.update(len(idx))
-    bar.close()
+
+    def run_mine():
+        done = []
+        for idx in mine:
+            batch = tokenizer([prompts[i] for i in idx], return_tensors="pt", padding=True, add_special_tokens=False)
+            batch = {k: v.to(device) for k, v in batch.items()}
+            with torch.no_grad():
+                out = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
+                                     pad_token_id=tokenizer.pad_token_id, stop_strings=list(stop_strings),
+                                     tokenizer=tokenizer)
+            new = out[:, batch["input_ids"].shape[1]:]
+            for row, i in enumerate(idx):
+                text = tokenizer.decode(new[row], skip_special_tokens=True)
+                done.append((i, truncate_at_stop(text, stop_strings)))
+            bar.update(len(idx))
+        bar.close()
+        return done
+
+    done = run_everywhere(run_mine)
     return gather_in_order(done, len(prompts))
 
 
@@ -157,13 +163,14 @@ def evaluate_generation(model, tokenizer, task: str, records: list[dict], shots:
 
     Under a multi-process launch the problems are shared out (:func:`generate`), the main process scores them and
     every process returns its result; ``metrics`` records ``num_processes`` and ``problems_per_process``."""
-    from .sharding import from_main, is_main_process
+    from .sharding import from_main, is_main_process, run_everywhere
 
     prompts = build_prompts(task, records, shots, fewshot_records)
     golds = [gold_of(task, r) for r in records]
     generations = generate(model, tokenizer, prompts, batch_size, max_new_tokens, progress=progress, desc=task)
     # one scorer: the evaluate metric keeps files in a cache folder that concurrent processes would share
-    scored = score_generations(task, records, prompts, golds, generations, strict) if is_main_process() else None
+    scored = run_everywhere(lambda: score_generations(task, records, prompts, golds, generations, strict)
+                            if is_main_process() else None)
     metrics, samples = from_main(scored)
     return {**metrics, **processes_summary(len(records), batch_size, "problems")}, samples
 
@@ -311,17 +318,21 @@ def run_eval(task: str, model: str | None = None, gguf_file: str | None = None, 
                     "torch": torch.__version__, "threads": torch.get_num_threads(),
                     "date": time.strftime("%Y-%m-%d %H:%M:%S %Z")})
     if output:
-        from .sharding import is_main_process, wait_for_everyone
+        from .sharding import is_main_process, run_everywhere
 
         spath = samples_path(output) if samples is not None else None
         if spath:
             summary["samples_file"] = spath
-        if is_main_process():  # every process holds the gathered result; one writes it
+
+        def write():  # every process holds the gathered result; one writes it
+            if not is_main_process():
+                return
             if spath:
                 from .data import write_jsonl
 
                 write_jsonl(spath + ".partial", samples)
                 os.replace(spath + ".partial", spath)
             _atomic_write_text(output, json.dumps(summary, indent=2) + "\n")  # the summary last: marks completion
-        wait_for_everyone()  # the files exist on every process's return
+
+        run_everywhere(write)  # the files exist on every process's return (or every process raises)
     return summary

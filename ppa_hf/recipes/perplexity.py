@@ -85,7 +85,8 @@ def perplexity(model, tokenizer, text: str, context: int = 1024, max_windows: in
     """
     from tqdm.auto import tqdm
 
-    from .sharding import gather_in_order, is_main_process, items_per_process, my_batches, num_processes
+    from .sharding import (gather_in_order, is_main_process, items_per_process, my_batches, num_processes,
+                           run_everywhere)
 
     windows = token_windows(tokenizer, text, context, stride, max_windows)
     context = windows.shape[1]
@@ -99,25 +100,30 @@ def perplexity(model, tokenizer, text: str, context: int = 1024, max_windows: in
     losses = []  # (batch number, [(summed loss, scored targets) of each group]): summed in batch order below
     bar = tqdm(total=sum(map(len, mine)), desc=desc, unit="window", disable=not (progress and is_main_process()),
                leave=False)
-    for rows_of_batch in mine:
-        first = rows_of_batch[0]
-        batch = windows[first : first + len(rows_of_batch)].to(device)  # [B, context]
-        logits = model(input_ids=batch, use_cache=False).logits[:, :-1].float()  # [B, context-1, V]
-        targets = batch[:, 1:]
-        # rows grouped by their first scored target (only window 0 differs), one loss call per group
-        offsets = [0 if first + row == 0 else later for row in range(batch.shape[0])]
-        groups = []
-        for offset in sorted(set(offsets)):
-            rows = [row for row, o in enumerate(offsets) if o == offset]
-            if len(rows) == batch.shape[0]:
-                rows = slice(None)
-            group_logits, group_targets = logits[rows, offset:], targets[rows, offset:]
-            loss = torch.nn.functional.cross_entropy(group_logits.reshape(-1, group_logits.shape[-1]),
-                                                     group_targets.reshape(-1), reduction="sum")
-            groups.append((float(loss), group_targets.numel()))
-        losses.append((first // batch_size, groups))
-        bar.update(len(rows_of_batch))
-    bar.close()
+
+    def run_mine():
+        for rows_of_batch in mine:
+            first = rows_of_batch[0]
+            batch = windows[first : first + len(rows_of_batch)].to(device)  # [B, context]
+            logits = model(input_ids=batch, use_cache=False).logits[:, :-1].float()  # [B, context-1, V]
+            targets = batch[:, 1:]
+            # rows grouped by their first scored target (only window 0 differs), one loss call per group
+            offsets = [0 if first + row == 0 else later for row in range(batch.shape[0])]
+            groups = []
+            for offset in sorted(set(offsets)):
+                rows = [row for row, o in enumerate(offsets) if o == offset]
+                if len(rows) == batch.shape[0]:
+                    rows = slice(None)
+                group_logits, group_targets = logits[rows, offset:], targets[rows, offset:]
+                loss = torch.nn.functional.cross_entropy(group_logits.reshape(-1, group_logits.shape[-1]),
+                                                         group_targets.reshape(-1), reduction="sum")
+                groups.append((float(loss), group_targets.numel()))
+            losses.append((first // batch_size, groups))
+            bar.update(len(rows_of_batch))
+        bar.close()
+        return losses
+
+    losses = run_everywhere(run_mine)
     total, scored = 0.0, 0
     for groups in gather_in_order(losses, -(-count // batch_size)):
         for loss, targets in groups:

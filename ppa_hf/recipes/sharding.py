@@ -6,6 +6,8 @@ single-process run's batches (same members, same padding), so greedy generations
 depend on the number of processes. The results are gathered back in item order with accelerate's
 ``gather_object`` and every process ends with the whole result; only the main process writes files.
 
+A failure on one process fails all of them at once (:func:`run_everywhere`) rather than leaving the others waiting.
+
 Started as one plain process (no ``WORLD_SIZE`` > 1 in the environment) nothing is imported from accelerate and
 every function here is the single-process case.
 """
@@ -77,6 +79,27 @@ def items_per_process(count: int, batch_size: int) -> list[int]:
     sizes = [len(b) for b in batches(list(range(count)), batch_size)]
     n = num_processes()
     return [sum(sizes[rank::n]) for rank in range(n)]
+
+
+def run_everywhere(work):
+    """``work()`` on this process. Under a launch a failure anywhere fails every process: each process reports
+    whether its ``work`` raised (one ``gather_object``, which is also a barrier), the one that failed re-raises its
+    own exception and the others raise a ``RuntimeError`` naming it, instead of waiting in the next collective
+    until the backend's timeout (tens of minutes)."""
+    if process_state() is None:
+        return work()
+    from accelerate.utils import gather_object
+
+    try:
+        result, failure = work(), None
+    except Exception as err:  # noqa: BLE001 - reported to the other processes, then re-raised below
+        result, failure = err, f"process {process_index()}: {type(err).__name__}: {err}"
+    failures = [f for f in gather_object([failure]) if f is not None]
+    if failure is not None:
+        raise result
+    if failures:
+        raise RuntimeError("stopped because another process failed: " + "; ".join(failures))
+    return result
 
 
 def gather_in_order(pairs: list[tuple[int, object]], count: int) -> list:
