@@ -91,15 +91,27 @@ def test_sweep_bad_input(tmp_path, capsys):
         assert not (tmp_path / str(i) / "sweep.csv").exists()
 
 
-def test_sweep_finetune_refused_under_multiprocess_launch(monkeypatch, tmp_path, capsys):
-    """The fine-tune ends the process group when it finishes, so a fine-tuning sweep under a launch of several
-    processes is refused before anything runs (the process count is faked: no launch needed for the check)."""
-    from ppa_hf.cli import main
-    from ppa_hf.recipes import sharding
-
-    monkeypatch.setattr(sharding, "num_processes", lambda: 2)
-    assert main(["sweep", "--ps", "0.5", "--task", "perplexity", "--data", "pydoc", "--finetune-steps", "2",
-                 "--out-dir", str(tmp_path / "s")]) == 2
-    lines = capsys.readouterr().err.strip().splitlines()
-    assert len(lines) == 1 and "--finetune-steps=2" in lines[0] and "2 processes" in lines[0], lines
-    assert not (tmp_path / "s").exists()
+def test_sweep_with_finetune_under_two_processes(tiny_model_dir, tmp_path):
+    """A fine-tuning sweep under `accelerate launch` of 2 CPU processes: each point is fine-tuned data parallel over
+    both, then evaluated sharded over the same process group (the fine-tune leaves it up). With the same global
+    batch (2 per process x 2 against 4 in one process) the perplexities equal the one-process sweep's up to the
+    reduction order of two replicas."""
+    text = tmp_path / "t.txt"
+    text.write_text("Numbers: " + " ".join(str(i % 17) for i in range(600)))
+    args = ["sweep", "--ps", "0.25", "1", "--model", tiny_model_dir, "--task", "perplexity", "--data", text,
+            "--context", 64, "--max-windows", 4, "--finetune-steps", 2, "--train-file",
+            shared_data("gsm8k", "train.jsonl"), "--seq-len", 64, "--lr", "1e-3"]
+    one = sweep(*args[1:], "--train-batch-size", 4, "--out-dir", tmp_path / "one")
+    assert one.returncode == 0, one.stderr[-3000:]
+    two = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+                          str(REPO_ROOT / "examples" / "accelerate_configs" / "cpu_2proc.yaml"),
+                          "--main_process_port", "29581", "-m", "ppa_hf.cli", *map(str, args), "--train-batch-size",
+                          "2", "--out-dir", str(tmp_path / "two")], capture_output=True, text=True, env=subprocess_env(), cwd=REPO_ROOT,
+                         timeout=400)
+    assert two.returncode == 0, two.stderr[-3000:]
+    rows_one, rows_two = read_csv(tmp_path / "one" / "sweep.csv"), read_csv(tmp_path / "two" / "sweep.csv")
+    assert [r["p"] for r in rows_two] == [r["p"] for r in rows_one] and len(rows_two) == 2
+    for a, b in zip(rows_one, rows_two):
+        assert abs(float(a["nll"]) - float(b["nll"])) <= 1e-4, (a, b)
+    point = json.loads((tmp_path / "two" / "points" / "p=0.25.json").read_text())
+    assert point["num_processes"] == 2

@@ -78,7 +78,7 @@ def finetune_point(args, p: float, out_dir: str, ppa: dict) -> str:
         argv += ["--train-file", args.train_file]
     if checkpoint_dirs(folder):
         argv += ["--resume-from", "latest"]
-    train(build_parser().parse_args(argv))
+    train(build_parser().parse_args(argv), end_process_group=False)  # the evaluation after it gathers over the group
     return folder
 
 
@@ -98,12 +98,6 @@ def run_sweep(args) -> dict:
         raise FileNotFoundError(f"--train-file={args.train_file!r}: file does not exist (a local JSONL file)")
     if args.task == "perplexity" and args.data not in (None, "pydoc", "stdlib") and not os.path.isfile(args.data):
         raise FileNotFoundError(f"--data={args.data!r}: file does not exist (a text file, 'pydoc' or 'stdlib')")
-    if args.finetune_steps > 0 and num_processes() > 1:
-        # training.train() ends the run's process group when it finishes (Accelerator.end_training), so the
-        # sharded evaluation after it could not gather
-        raise ValueError(f"--finetune-steps={args.finetune_steps} under a launch of {num_processes()} processes: a "
-                         "sweep with fine-tuning runs in one process; launch it without accelerate (or with one "
-                         "process), or use --finetune-steps 0")
     out_dir = args.out_dir
     points_dir = os.path.join(out_dir, "points")
     os.makedirs(points_dir, exist_ok=True)

@@ -620,8 +620,10 @@ def checkpoint(args, run: Run, state: TrainState, global_batch: int) -> str:
     return save_checkpoint(run.accelerator, args.output_dir, state.step, meta, args.keep_checkpoints)
 
 
-def train(args) -> dict:
-    """Run the fine-tune described by ``args`` (see :func:`build_parser`); returns a summary dict."""
+def train(args, end_process_group: bool = True) -> dict:
+    """Run the fine-tune described by ``args`` (see :func:`build_parser`); returns a summary dict.
+    ``end_process_group=False`` leaves a launch's process group up for what the caller runs next (a sweep
+    evaluates the fine-tuned point over the same processes)."""
     from tqdm.auto import tqdm
 
     check_args(args)
@@ -660,7 +662,8 @@ def train(args) -> dict:
                "seconds": round(time.time() - started, 1), "num_processes": accelerator.num_processes}
     if run.is_main:
         print(json.dumps(summary), flush=True)
-    accelerator.end_training() if hasattr(accelerator, "end_training") else None
+    if end_process_group and hasattr(accelerator, "end_training"):
+        accelerator.end_training()
     return summary
 
 
