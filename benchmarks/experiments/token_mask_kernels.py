@@ -6,20 +6,13 @@ with a ``VARIANT`` switch for measuring what the token mask costs (benchmarks/ex
 * 2: variant 1 without any mask on those tiles: a wrong result, timed only as the unmasked kernel's cost;
 * 3: variant 1 with the 64-bit row words read as two 32-bit halves.
 
-A scratch copy for measurement, not used by the package.
+A scratch copy of the old kernel loop for measurement, not used by the package; it calls the package's tile
+step (``_fwd_tile``: bounded loads for variant 0's partial tiles, unbounded for the others').
 """
-import torch, numpy as np
-from ppa_hf.ops.triton.common import (LOG2E, tile_mask, tl, triton, word_mask)
-if True:
+from ppa_hf.ops.triton.common import tile_mask, tl, triton, word_mask
+from ppa_hf.ops.triton.prefill import _fwd_tile, _query_program  # the package's tile step serves every variant
 
-    @triton.jit
-    def _query_program(H, G, BLOCK_M: tl.constexpr):
-        """A query-tile program's (tile, batch*head, batch, head, KV head) and its query rows ``[BLOCK_M]``."""
-        pid_m = tl.program_id(0)
-        pid_bh = tl.program_id(1)
-        b = pid_bh // H
-        h = pid_bh % H
-        return pid_m, pid_bh, b, h, h // G, pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+if triton is not None:
 
     @triton.jit
     def _partial_tile(it, mid, PIDX, qpos, offs_n, k_start, kv_end, TOK, tok_len, WF, n_words, BLK, blk_len,
@@ -35,53 +28,6 @@ if True:
             mask = tile_mask(qpos, k_start + cols, kv_end, TOK, tok_len, WF, n_words, BLK, blk_len, block_size,
                              sinks, max_distance, BLOCK_N, False, GRAN_BLOCK, HAS_SINKS, HAS_MD, USE_WORDS)
         return cols, mask
-
-    @triton.jit
-    def _fwd_tile(q, k_ptr, v_ptr, cols, offs_d, skn, svn, kv_len, scale_log2, mask, m_i, l_i, acc,
-                  MASKED: tl.constexpr):
-        """One key tile of the forward's online softmax for the ``[BLOCK_M]`` queries of ``q``; ``MASKED``: a
-        partial tile (``mask`` applies, keys past ``kv_len`` read as zeros), else a full tile. Returns the new
-        running max, denominator and ``[BLOCK_M, HEAD_DIM]`` accumulator."""
-        k_at = k_ptr + cols[None, :].to(tl.int64) * skn + offs_d[:, None]
-        if MASKED:
-            k = tl.load(k_at, mask=(cols < kv_len)[None, :], other=0.0)
-        else:
-            k = tl.load(k_at)
-        s = tl.dot(q, k) * scale_log2
-        if MASKED:
-            s = tl.where(mask, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        p = tl.exp2(s - m_new[:, None])
-        alpha = tl.exp2(m_i - m_new)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None]
-        v_at = v_ptr + cols[:, None].to(tl.int64) * svn + offs_d[None, :]
-        if MASKED:
-            v = tl.load(v_at, mask=(cols < kv_len)[:, None], other=0.0)
-        else:
-            v = tl.load(v_at)
-        acc = tl.dot(p.to(v.dtype), v, acc)
-        return m_new, l_i, acc
-
-    @triton.jit
-    def _dq_tile(q, do, lse, delta, k_ptr, v_ptr, cols, offs_d, skn, svn, kv_len, scale_log2, mask, dq,
-                 MASKED: tl.constexpr):
-        """One key tile's contribution to ``dq [BLOCK_M, HEAD_DIM]`` (``MASKED``: a partial tile, as in
-        :func:`_fwd_tile`)."""
-        k_at = k_ptr + cols[None, :].to(tl.int64) * skn + offs_d[:, None]
-        v_at = v_ptr + cols[None, :].to(tl.int64) * svn + offs_d[:, None]
-        if MASKED:
-            kT = tl.load(k_at, mask=(cols < kv_len)[None, :], other=0.0)
-            vT = tl.load(v_at, mask=(cols < kv_len)[None, :], other=0.0)
-        else:
-            kT = tl.load(k_at)
-            vT = tl.load(v_at)
-        p = tl.exp2(tl.dot(q, kT) * scale_log2 - lse[:, None])
-        if MASKED:
-            p = tl.where(mask, p, 0.0)
-        dp = tl.dot(do, vT)
-        ds = p * (dp - delta[:, None])
-        return tl.dot(ds.to(kT.dtype), tl.trans(kT), dq)
 
     @triton.jit
     def _fwd_kernel(Q, K, V, O, LSE, scale_log2,
@@ -111,7 +57,7 @@ if True:
         for it in range(start, end):
             cols = tl.load(FIDX + it) * BLOCK_N + offs_n
             m_i, l_i, acc = _fwd_tile(q, k_ptr, v_ptr, cols, offs_d, skn, svn, kv_len, scale_log2, None,
-                                      m_i, l_i, acc, False)
+                                      m_i, l_i, acc, False, False)
 
         # Partial tiles: TOKEN_PARTIAL ones (the token table's word bits are the whole mask), then the others
         # (the whole predicate per element).
@@ -124,7 +70,7 @@ if True:
                                            blk_len, block_size, sinks, max_distance, BLOCK_N, GRAN_BLOCK, HAS_SINKS,
                                            HAS_MD, USE_WORDS)
                 m_i, l_i, acc = _fwd_tile(q, k_ptr, v_ptr, cols, offs_d, skn, svn, kv_len, scale_log2, mask,
-                                          m_i, l_i, acc, True)
+                                          m_i, l_i, acc, True, True)
 
         else:
             for it in range(start, mid):
@@ -142,14 +88,14 @@ if True:
                     mask = (w << (31 - (c % 32))[None, :]) < 0
                 else:
                     mask = None
-                m_i, l_i, acc = _fwd_tile_u(q, k_ptr, v_ptr, cols, offs_d, skn, svn, scale_log2, mask,
-                                            m_i, l_i, acc, VARIANT != 2)
+                m_i, l_i, acc = _fwd_tile(q, k_ptr, v_ptr, cols, offs_d, skn, svn, kv_len, scale_log2, mask,
+                                          m_i, l_i, acc, VARIANT != 2, False)
             for it in range(mid, end):
                 cols, mask = _partial_tile(it, mid, PIDX, qpos, offs_n, k_start, kv_end, TOK, tok_len, WF, n_words, BLK,
                                            blk_len, block_size, sinks, max_distance, BLOCK_N, GRAN_BLOCK, HAS_SINKS,
                                            HAS_MD, False)
                 m_i, l_i, acc = _fwd_tile(q, k_ptr, v_ptr, cols, offs_d, skn, svn, kv_len, scale_log2, mask,
-                                          m_i, l_i, acc, True)
+                                          m_i, l_i, acc, True, True)
 
         empty = l_i == 0.0
         out = acc / tl.where(empty, 1.0, l_i)[:, None]
@@ -158,20 +104,3 @@ if True:
         o_ptr = O + b.to(tl.int64) * sob + h.to(tl.int64) * soh
         tl.store(o_ptr + offs_m[:, None].to(tl.int64) * som + offs_d[None, :], out.to(O.dtype.element_ty),
                  mask=offs_m[:, None] < q_len)
-
-
-    @triton.jit
-    def _fwd_tile_u(q, k_ptr, v_ptr, cols, offs_d, skn, svn, scale_log2, mask, m_i, l_i, acc, MASKED: tl.constexpr):
-        k = tl.load(k_ptr + cols[None, :].to(tl.int64) * skn + offs_d[:, None])
-        s = tl.dot(q, k) * scale_log2
-        if MASKED:
-            s = tl.where(mask, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        p = tl.exp2(s - m_new[:, None])
-        alpha = tl.exp2(m_i - m_new)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None]
-        v = tl.load(v_ptr + cols[:, None].to(tl.int64) * svn + offs_d[None, :])
-        acc = tl.dot(p.to(v.dtype), v, acc)
-        return m_new, l_i, acc
-
