@@ -36,10 +36,17 @@ _UNSUPPORTED_KWARGS = {
 }
 
 
-def _triton():
-    from ..ops import triton  # imported on first use: importing Triton costs start-up time
+_TRITON_OPS = []
 
-    return triton
+
+def _triton():
+    """:mod:`ppa_hf.ops.triton`, imported on first use (importing Triton costs start-up time), then kept (this runs
+    in every attention call)."""
+    if not _TRITON_OPS:
+        from ..ops import triton
+
+        _TRITON_OPS.append(triton)
+    return _TRITON_OPS[0]
 
 
 def _refuse(module, is_causal, kwargs):

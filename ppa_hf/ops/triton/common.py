@@ -99,7 +99,9 @@ def last_contiguous(x: torch.Tensor) -> torch.Tensor:
 
 
 def interpreted(device) -> bool:
-    return os.environ.get("TRITON_INTERPRET") == "1" or torch.device(device).type != "cuda"
+    """Kernels on ``device`` run under Triton's interpreter (a CPU device, or ``TRITON_INTERPRET=1``)."""
+    kind = device.type if isinstance(device, torch.device) else torch.device(device).type
+    return kind != "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
 
 
 def env_config(name, default):

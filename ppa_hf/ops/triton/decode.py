@@ -126,6 +126,13 @@ def triton_decode_attention(query, key, value, index: torch.Tensor, count: torch
     return _decode(query, key, value, index, count, scale)
 
 
+def _decode_output(query: torch.Tensor) -> torch.Tensor:
+    """``[B, H, Q, D]`` laid out as ``[B, Q, H, D]``: what attention hands back to the model (after ``transpose(1,
+    2)``) is then already contiguous, so no copy kernel runs after the decode kernel (one launch less per layer)."""
+    B, H, NQ, D = query.shape
+    return query.new_empty(B, NQ, H, D).transpose(1, 2)
+
+
 def _decode(query, key, value, index, count, scale: float) -> torch.Tensor:
     B, H, NQ, D = query.shape
     Hkv = key.shape[1]
@@ -138,7 +145,7 @@ def _decode(query, key, value, index, count, scale: float) -> torch.Tensor:
     # about two programs per multiprocessor; each split takes an even share of its row's listed keys
     programs = B * Hkv * NQ
     splits = max(1, min(-(-2 * _num_sms(str(query.device)) // programs), -(-N // block_n), MAX_SPLITS))
-    out = torch.empty_like(query)
+    out = _decode_output(query)
     rows = B * H * NQ
     if splits > 1:  # one workspace for the partial outputs, maxima and denominators (one allocation, not three)
         n = rows * splits
@@ -149,7 +156,7 @@ def _decode(query, key, value, index, count, scale: float) -> torch.Tensor:
         lp = work[n * D + n16: n * D + n16 + n].view(rows, splits)
     else:
         op = mp = lp = out  # not written
-    gp = max(16, triton.next_power_of_2(G))
+    gp = max(16, 1 << (G - 1).bit_length())  # the query heads of one KV head, padded to a power of two
     launch(_decode_kernel, (programs, splits),
            (query, key, value, index, count, op, mp, lp, out, scale * LOG2E,
             query.stride(0), query.stride(1), query.stride(2), key.stride(0), key.stride(1), key.stride(2),
@@ -171,4 +178,4 @@ def _decode_op(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, inde
 
 @_decode_op.register_fake
 def _(query, key, value, index, count, scale):
-    return torch.empty_like(query)
+    return _decode_output(query)
