@@ -1,0 +1,151 @@
+"""The evaluation workload, timed: GSM8K few-shot prompts, left-padded in one batch, greedy ``generate`` with the
+embedded SmolLM2-135M-Instruct, sdpa against PPA in one process; and whether PPA at p = 1 gives sdpa's answers.
+
+    python benchmarks/eval_workload.py --data ../shared/data/gsm8k/test.jsonl --out OUT [--limit 50]
+        [--batch-size 50] [--max-new-tokens 256] [--dtype float32] [--impls sdpa ppa:token:1 ppa:token:0.75 ...]
+
+Each implementation runs the same batches twice (the first run pays one-off costs: kernel compilation, cuDNN
+plans) and the second is timed. Writes ``eval_workload.csv`` (a row per implementation: seconds, new tokens,
+tokens per second, speedup against sdpa, accuracy, how many answers and texts equal sdpa's; machine stamp) and
+``eval_workload_samples.jsonl`` (every prompt's generation and extracted answer per implementation) to OUT.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import torch  # noqa: E402
+
+import ppa_hf  # noqa: E402
+from ppa_hf.recipes.answers import extract_gsm8k, gsm8k_equal, truncate_at_stop  # noqa: E402
+from ppa_hf.recipes.evaluation import build_prompts, gold_of  # noqa: E402
+from ppa_hf.recipes.stamp import machine_stamp  # noqa: E402
+
+STOP = ("Question:", "Problem:")
+
+
+def load_jsonl(path: str) -> list[dict]:
+    with open(path) as handle:
+        return [json.loads(line) for line in handle if line.strip()]
+
+
+def parse_impl(spec: str) -> tuple[str, str | None, float | None]:
+    """``sdpa`` | ``sdpa_flash`` | ``ppa:GRANULARITY:P`` -> ``(impl, granularity, p)``."""
+    if spec in ("sdpa", "sdpa_flash"):
+        return spec, None, None
+    parts = spec.split(":")
+    if len(parts) != 3 or parts[0] != "ppa" or parts[1] not in ("token", "block"):
+        raise ValueError(f"--impls entry {spec!r} must be sdpa, sdpa_flash or ppa:token|block:P")
+    return "ppa", parts[1], float(parts[2])
+
+
+def use(model, impl: str, granularity: str | None, p: float | None):
+    if impl == "ppa":
+        ppa_hf.apply(model, p=p, granularity=granularity)
+    else:
+        model.set_attn_implementation("sdpa")
+
+
+def backends(impl: str):
+    """``sdpa_flash``: SDPA without cuDNN's attention (see benchmarks/run.py); else SDPA's own choice."""
+    import contextlib
+
+    if impl != "sdpa_flash" or not torch.cuda.is_available():
+        return contextlib.nullcontext()
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    return sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH])
+
+
+def run_batches(model, tokenizer, prompts, batch_size: int, max_new_tokens: int):
+    """``(texts, new_tokens, seconds)``: greedy generation of every prompt (batches in prompt order, left-padded,
+    stop strings as in ``ppa-hf eval``)."""
+    device = next(model.parameters()).device
+    texts, new_tokens = [], 0
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    sync()
+    t0 = time.perf_counter()
+    for lo in range(0, len(prompts), batch_size):
+        batch = tokenizer(prompts[lo:lo + batch_size], return_tensors="pt", padding=True, add_special_tokens=False)
+        batch = {k: v.to(device) for k, v in batch.items()}
+        with torch.no_grad():
+            out = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
+                                 pad_token_id=tokenizer.pad_token_id, stop_strings=list(STOP), tokenizer=tokenizer)
+        new = out[:, batch["input_ids"].shape[1]:]
+        new_tokens += int((new != tokenizer.pad_token_id).sum())
+        texts += [truncate_at_stop(tokenizer.decode(row, skip_special_tokens=True), STOP) for row in new]
+    sync()
+    return texts, new_tokens, time.perf_counter() - t0
+
+
+def main(argv=None) -> list[dict]:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--data", required=True, help="GSM8K test JSONL (train.jsonl beside it gives the exemplars)")
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--limit", type=int, default=50)
+    ap.add_argument("--shots", type=int, default=4)
+    ap.add_argument("--batch-size", type=int, default=50)
+    ap.add_argument("--max-new-tokens", type=int, default=256)
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--impls", nargs="+", default=["sdpa", "sdpa_flash", "ppa:token:1", "ppa:token:0.75",
+                                                   "ppa:block:0.75"])
+    args = ap.parse_args(argv)
+    impls = [parse_impl(s) for s in args.impls]
+    if impls[0][0] != "sdpa":
+        raise ValueError("--impls must start with sdpa: the other rows are compared with it")
+
+    from ppa_hf.models import load_model
+
+    records = load_jsonl(args.data)[: args.limit]
+    exemplars = load_jsonl(os.path.join(os.path.dirname(args.data), "train.jsonl"))
+    prompts = build_prompts("gsm8k", records, args.shots, exemplars)
+    golds = [gold_of("gsm8k", r) for r in records]
+    model, tokenizer = load_model(dtype=args.dtype)
+    model.to(args.device).eval()
+    tokenizer.padding_side = "left"
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    lengths = [len(tokenizer(p, add_special_tokens=False)["input_ids"]) for p in prompts]
+    stamp = machine_stamp()
+    os.makedirs(args.out, exist_ok=True)
+    rows, base = [], None
+    for impl, granularity, p in impls:
+        use(model, impl, granularity, p)
+        with backends(impl):
+            run_batches(model, tokenizer, prompts, args.batch_size, args.max_new_tokens)  # one-off costs
+            texts, new_tokens, seconds = run_batches(model, tokenizer, prompts, args.batch_size, args.max_new_tokens)
+        answers = [extract_gsm8k(t) for t in texts]
+        base = base or (texts, answers, seconds)
+        row = {k: stamp[k] for k in ("gpu", "torch", "transformers", "python", "commit", "date")} | dict(
+            impl=impl, granularity=granularity or "dense", p=p if p is not None else 1.0, dtype=args.dtype,
+            prompts=len(prompts), prompt_tokens_min=min(lengths), prompt_tokens_max=max(lengths),
+            batch=args.batch_size, max_new_tokens=args.max_new_tokens, seconds=round(seconds, 3),
+            new_tokens=new_tokens, tokens_per_s=round(new_tokens / seconds, 1),
+            speedup_vs_sdpa=round(base[2] / seconds, 3),
+            accuracy=sum(gsm8k_equal(a, g) for a, g in zip(answers, golds)) / len(golds),
+            same_answers_as_sdpa=sum(a == b for a, b in zip(answers, base[1])),
+            same_texts_as_sdpa=sum(a == b for a, b in zip(texts, base[0])))
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+        with open(os.path.join(args.out, "eval_workload_samples.jsonl"), "a") as handle:
+            for i, (text, answer) in enumerate(zip(texts, answers)):
+                handle.write(json.dumps(dict(impl=impl, granularity=granularity, p=p, index=i, gold=golds[i],
+                                             answer=answer, generation=text)) + "\n")
+    path = os.path.join(args.out, "eval_workload.csv")
+    with open(path, "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    return rows
+
+
+if __name__ == "__main__":
+    main()

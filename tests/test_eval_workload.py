@@ -1,0 +1,33 @@
+"""benchmarks/eval_workload.py on CPU: the script runs end to end on GSM8K prompts with the embedded model, and PPA at
+p = 1 gives sdpa's generations while p = 0.5 is compared, not assumed equal."""
+
+import csv
+import json
+import os
+
+import pytest
+
+from benchmarks import eval_workload
+
+DATA = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "gsm8k", "test.jsonl")
+
+
+def test_eval_workload_rows_and_p1_equality(tmp_path):
+    rows = eval_workload.main(["--data", DATA, "--out", str(tmp_path), "--limit", "2", "--batch-size", "2",
+                               "--max-new-tokens", "3", "--device", "cpu",
+                               "--impls", "sdpa", "ppa:token:1", "ppa:token:0.5"])
+    assert [(r["impl"], r["granularity"], r["p"]) for r in rows] == [("sdpa", "dense", 1.0), ("ppa", "token", 1.0),
+                                                                     ("ppa", "token", 0.5)]
+    assert rows[1]["same_texts_as_sdpa"] == 2 and rows[1]["same_answers_as_sdpa"] == 2
+    assert all(r["prompts"] == 2 and r["new_tokens"] > 0 and r["seconds"] > 0 for r in rows)
+    with open(tmp_path / "eval_workload.csv") as handle:
+        table = list(csv.DictReader(handle))
+    assert len(table) == 3 and {"commit", "gpu", "torch", "transformers", "python", "date"} <= set(table[0])
+    with open(tmp_path / "eval_workload_samples.jsonl") as handle:
+        samples = [json.loads(line) for line in handle]
+    assert len(samples) == 6 and {s["impl"] for s in samples} == {"sdpa", "ppa"}
+
+
+def test_eval_workload_refuses_a_bad_implementation(tmp_path):
+    with pytest.raises(ValueError, match="--impls entry 'ppa:tok:1'"):
+        eval_workload.main(["--data", DATA, "--out", str(tmp_path), "--impls", "sdpa", "ppa:tok:1"])
