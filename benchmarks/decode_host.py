@@ -7,6 +7,7 @@ time, its host time, the first step after the prefill, and the attention call's 
 token steps at batch 1. Needs a CUDA GPU.
 
     python benchmarks/decode_host.py    # writes $OUT/decode_host.jsonl and $OUT/decode_profile_token.txt
+    python benchmarks/decode_host.py --parts host-parts sdpa-kernels   # the pieces of one call; sdpa's kernels
 """
 import collections
 import json
@@ -95,5 +96,133 @@ def main():
     torch.cuda.empty_cache()
 
 
+def attention_kernels(prof) -> dict:
+    """``{kernel name (first 90 characters): count}`` of the attention kernels among a profile's device events."""
+    names = collections.Counter()
+    for e in prof.events():
+        name = e.name
+        if e.device_type.name == "CUDA" and any(k in name.lower() for k in ("attn", "fmha", "flash", "cudnn", "sdpa",
+                                                                             "attention", "_decode", "_combine")):
+            names[name[:90]] += 1
+    return dict(names)
+
+
+def sdpa_kernels():
+    """Which SDPA kernel stock sdpa runs, and its first-layer host time, in a decoding step called directly
+    (``model(token, attention_mask=..., past_key_values=cache)``, as :func:`main`) and inside ``model.generate``:
+    batch 1 and 8, 32k context, 3 steps each (the two timings of ``benchmarks.run generate`` disagree about sdpa)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    model = make_model("llama-1b", 8, 40000).eval()
+    AttentionInterface.register("sdpa", timed("sdpa", sdpa_attention_forward))
+    use_impl(model, "sdpa", None, None)
+    for batch in (1, 8):
+        ids = torch.randint(3, VOCAB, (batch, 32768), device="cuda")
+        mask = torch.ones(batch, 32768 + 64, dtype=torch.long, device="cuda")
+        with torch.no_grad():
+            cache = DynamicCache(config=model.config)
+            tok = model(ids, attention_mask=mask[:, :32768], past_key_values=cache, logits_to_keep=1).logits.argmax(-1)
+            model(tok, attention_mask=mask[:, :32769], past_key_values=cache)
+            torch.cuda.synchronize()
+            HOST.clear()
+            with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+                for i in range(3):
+                    model(tok, attention_mask=mask[:, :32770 + i], past_key_values=cache)
+                torch.cuda.synchronize()
+            emit(part="sdpa_kernels", how="direct", batch=batch, kernels=attention_kernels(prof),
+                 first_layer_host_us=[round(HOST["sdpa"][j] * 1e6) for j in range(0, len(HOST["sdpa"]), 8)])
+            del cache
+            model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=4, min_new_tokens=4,
+                           do_sample=False, pad_token_id=0)
+            torch.cuda.synchronize()
+            HOST.clear()
+            with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+                model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=4, min_new_tokens=4,
+                               do_sample=False, pad_token_id=0)
+                torch.cuda.synchronize()
+            emit(part="sdpa_kernels", how="generate", batch=batch, kernels=attention_kernels(prof),
+                 first_layer_host_us=[round(HOST["sdpa"][j] * 1e6) for j in range(0, len(HOST["sdpa"]), 8)])
+    AttentionInterface.register("sdpa", sdpa_attention_forward)
+    del model
+    torch.cuda.empty_cache()
+
+
+def host_parts(reps: int = 2000):
+    """Host time of the pieces of one PPA decoding attention call (token p = 0.75, batch 1, 32 query / 8 KV heads,
+    head size 64, 32k cached keys), each called ``reps`` times in a loop without synchronisation (the GPU work of
+    each is a few microseconds, so the loop measures the host): the registered attention function, the path it
+    runs, the decode op, each Triton launch alone, an allocation, sdpa's attention function, one torch addition."""
+    import timeit
+
+    from transformers import LlamaConfig
+    from transformers.models.llama.modeling_llama import LlamaAttention
+
+    from ppa_hf.hf.dispatch import run_path
+    from ppa_hf.hf.mask import ppa_mask_interface
+    from ppa_hf.hf.settings import read_settings, write_settings
+    from ppa_hf.ops import decode_index
+    from ppa_hf.ops.triton import decode as dec
+
+    T = 32768
+    config = LlamaConfig(hidden_size=2048, intermediate_size=64, num_hidden_layers=2, num_attention_heads=32,
+                         num_key_value_heads=8, vocab_size=128)
+    write_settings(config, 0.75)
+    module = LlamaAttention(config, 1).cuda()
+    layout = ppa_mask_interface(1, 1, T, q_offset=T - 1, attention_mask=torch.ones(1, T, dtype=torch.long,
+                                device="cuda"), device="cuda", config=config)
+    q = torch.randn(1, 32, 1, 64, device="cuda", dtype=torch.bfloat16)
+    k = torch.randn(1, 8, T, 64, device="cuda", dtype=torch.bfloat16)
+    v = torch.randn_like(k)
+    pos = torch.tensor([[T - 1]], device="cuda")
+    settings = read_settings(config, 1)
+    index, count = decode_index(layout, settings.pattern, None)
+    calls = {}
+    real_launch = dec.launch
+
+    def recording(kernel, grid, args, constexprs, **options):
+        calls[kernel.__name__ if hasattr(kernel, "__name__") else str(kernel)] = (kernel, grid, args, constexprs,
+                                                                                    options)
+        real_launch(kernel, grid, args, constexprs, **options)
+
+    dec.launch = recording
+    dec._decode(q, k, v, index, count, 0.125)
+    dec.launch = real_launch
+    pieces = {
+        "attention call (ppa_attention_forward)": lambda: ppa_attention_forward(module, q, k, v, layout,
+                                                                                scaling=0.125, position_ids=pos),
+        "run_path (triton_decode)": lambda: run_path("triton_decode", q, k, v, layout, settings, 0.125, 0.0, None),
+        "decode op (_decode: 2 launches)": lambda: dec._decode(q, k, v, index, count, 0.125),
+        "output allocation": lambda: dec._decode_output(q),
+        "sdpa attention call (flash)": None,
+        "torch add": lambda: q + 1,
+    }
+    for name, (kernel, grid, args, constexprs, options) in calls.items():
+        pieces[f"launch {name}"] = (lambda kernel=kernel, grid=grid, args=args, constexprs=constexprs,
+                                    options=options: real_launch(kernel, grid, args, constexprs, **options))
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    def sdpa_call():
+        with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+            return sdpa_attention_forward(module, q, k, v, None, scaling=0.125, is_causal=False)
+
+    pieces["sdpa attention call (flash)"] = sdpa_call
+    for name, fn in pieces.items():
+        fn()
+        torch.cuda.synchronize()
+        us = timeit.timeit(fn, number=reps) / reps * 1e6
+        torch.cuda.synchronize()
+        emit(part="host_parts", piece=name, host_us=round(us, 2))
+
+
 if __name__ == "__main__":
-    main()
+    import argparse
+
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--parts", nargs="+", default=["decode"], choices=["decode", "sdpa-kernels", "host-parts"])
+    chosen = ap.parse_args().parts
+    if "host-parts" in chosen:
+        host_parts()
+    if "sdpa-kernels" in chosen:
+        sdpa_kernels()
+    if "decode" in chosen:
+        main()

@@ -452,10 +452,11 @@ def decode_timing(model, batch: int, context: int, steps: int, static: bool, com
     return prefill_ms, first, rest[len(rest) // 2]
 
 
-def generate_timing(model, batch: int, context: int, steps: int, static: bool) -> tuple[float, float, float]:
+def generate_timing(model, batch: int, context: int, steps: int, static: bool,
+                    pairs: int = 3) -> tuple[float, float, float]:
     """``(prefill_ms, first_step_ms, ms_per_token)`` measured through ``model.generate`` as a user calls it (greedy,
     ``steps + 1`` new tokens forced with ``min_new_tokens``): ``prefill_ms`` is one ``generate(1 new token)``, the
-    per-token time ``(generate(steps + 1) - generate(1)) / steps`` (the median of three such pairs), so it includes
+    per-token time ``(generate(steps + 1) - generate(1)) / steps`` (the median of ``pairs`` such pairs), so it includes
     everything ``generate`` does per step. ``static``: ``cache_implementation="static"``, which Transformers
     compiles itself; a first untimed call pays the compilation. ``first_step_ms``: ``generate(2) - generate(1)``."""
     ids = torch.randint(3, VOCAB, (batch, context), device="cuda")
@@ -474,7 +475,7 @@ def generate_timing(model, batch: int, context: int, steps: int, static: bool) -
         run(steps + 1 if static else 1)  # untimed: first-call set-up (static: the compilation) stays out
         one = run(1)
         first = run(2) - one
-        per = sorted((run(steps + 1) - run(1)) / steps for _ in range(3))[1]
+        per = sorted((run(steps + 1) - run(1)) / steps for _ in range(pairs))[pairs // 2]
     return one, first, per
 
 
@@ -501,7 +502,7 @@ def part_generate(args, info):
                             with sdpa_backends(impl):
                                 if args.timing == "generate":
                                     prefill, first, per = generate_timing(model, batch, context, args.steps,
-                                                                          cache_kind == "static")
+                                                                          cache_kind == "static", args.pairs)
                                 else:
                                     prefill, first, per = decode_timing(model, batch, context, args.steps,
                                                                         cache_kind == "static", compiled,
@@ -556,6 +557,7 @@ def main(argv=None):
     ap.add_argument("--timing", default="steps", choices=["steps", "generate"],
                     help="generate: ms per token through model.generate (static caches: Transformers compiles the "
                          "step itself); steps: direct model calls, one per token, each synchronised")
+    ap.add_argument("--pairs", type=int, default=3, help="--timing generate: (long, short) generate pairs, median")
     ap.add_argument("--growing-mask", action="store_true",
                     help="static caches: a padding mask one column longer each step, as generate() passes it")
     args = ap.parse_args(argv)
