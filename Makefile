@@ -28,8 +28,8 @@ masks:
 # Each target writes logs, CSV/JSON outputs, timings.txt and machine.txt (GPU, versions, commit, date) to $(OUT)/NAME.
 
 # docs/results.md: zero-shot perplexity, sinks, block granularity, and the fine-tuned retrieval grid of section 6 on
-# every GPU (several runs per GPU). SCURVE_SIZE=smoke: the reduced grid alone (estimated 5-8 minutes on one H200,
-# not yet measured);# SCURVE_ARGS: more `scurve_runs run` options; PUBLISH=docs/results_data: copy the grid's CSV, summary and plots there;
+# every GPU (several runs per GPU). SCURVE_SIZE=smoke: the reduced grid alone (about 5 minutes on one H200);
+# SCURVE_ARGS: more `scurve_runs run` options; PUBLISH=docs/results_data: copy the grid's CSV, summary and plots there;
 # LEGACY_SCURVE=1: also the one-seed fine-tunes of sections 2 and 3 as published.
 SCURVE_SIZE ?= full
 results-gpu:

@@ -6,8 +6,8 @@
 #                                 summary.md, paired_tests.csv, plots, curves/ and prompts/ (one file per run)
 #   scurve.csv + plots            sections 2 and 3 (fine-tuned, one seed): only with LEGACY_SCURVE=1
 # Every result row is appended as soon as it is finished, so a re-run into the same $OUT skips what is done.
-# Environment: SCURVE_SIZE=full (default: every step, the whole grid) | smoke (the reduced grid alone; estimated 5-8 min
-# on one H200, not yet measured); SCURVE_ARGS: more options for `scurve_runs run` (e.g. "--steps 800 --workers-per-gpu 6");
+# Environment: SCURVE_SIZE=full (default: every step, the whole grid) | smoke (the reduced grid alone; about 5 min
+# on one H200); SCURVE_ARGS: more options for `scurve_runs run` (e.g. "--steps 800 --workers-per-gpu 6");
 # PUBLISH=DIR: copy the grid's CSV, summary, paired tests, plots and a tarball of curves/ and prompts/ to DIR
 # (docs/results_data for the published figures); PPA_COMMIT: the commit, for code run outside its git checkout.
 source "$(dirname "$0")/gpu_common.sh"

@@ -89,6 +89,10 @@ def test_plateau_statement():
     assert scurve_runs.plateau_statement(plateau).startswith("Plateau below p = 1 from p = 0.75")
     flat = {0.0: (0, 6), 1.0: (0, 6)}
     assert "no rise to describe" in scurve_runs.plateau_statement(flat)
+    # overlapping 95% intervals but a significant difference (Fisher p = 0.03): not a plateau
+    close = {0.5: (15, 200), 0.875: (194, 200), 1.0: (200, 200)}
+    statement = scurve_runs.plateau_statement(close)
+    assert statement.startswith("No plateau below p = 1") and "Fisher's exact test tells them apart" in statement
     assert "not measured" in scurve_runs.plateau_statement({0.5: (1, 5)})
 
 

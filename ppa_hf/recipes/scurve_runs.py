@@ -494,7 +494,9 @@ def pooled(rows, field: str = "n_correct") -> tuple[int, int]:
 
 def plateau_statement(points: dict) -> str:
     """A sentence on the token curve of one task/context from pooled Wilson intervals: ``points`` maps ``p`` to
-    ``(correct, n)``. A p < 1 "reaches" full attention when its 95% interval overlaps full attention's; a plateau
+    ``(correct, n)``. A p < 1 "reaches" full attention when the data cannot tell them apart: its 95% interval
+    overlaps full attention's AND Fisher's exact test does not reject equal accuracy at the 5% level (overlapping
+    intervals alone can hide a significant difference: 194/200 against 200/200 overlap, Fisher p = 0.03). A plateau
     below 1 starts at the lowest p from which every measured p < 1 reaches it."""
     from .stats import fisher_proportions, wilson_interval
 
@@ -510,7 +512,8 @@ def plateau_statement(points: dict) -> str:
         return (f"Full attention ({fk / fn:.3f} [{flo:.3f}, {fhi:.3f}]) is not above the lowest p measured "
                 f"(p = {below[0]:g}: {lk / ln:.3f} [{wilson_interval(lk, ln)[0]:.3f}, {wilson_interval(lk, ln)[1]:.3f}]"
                 "; the 95% intervals overlap): there is no rise to describe, so no statement on a plateau.")
-    reach = {p: wilson_interval(*points[p])[1] >= flo for p in below}
+    reach = {p: wilson_interval(*points[p])[1] >= flo and fisher_proportions(*points[p], fk, fn) >= 0.05
+             for p in below}
     start = None
     for p in reversed(below):
         if not reach[p]:
@@ -521,16 +524,20 @@ def plateau_statement(points: dict) -> str:
         best = max(below, key=lambda p: points[p][0] / points[p][1])
         bk, bn = points[best]
         blo, bhi = wilson_interval(bk, bn)
-        return (f"No plateau below p = 1: the 95% interval of the highest p < 1 measured (p = {below[-1]:g}) lies "
-                f"below that of {full}; the best p < 1 is p = {best:g} with {bk / bn:.3f} [{blo:.3f}, {bhi:.3f}] "
+        hk, hn = points[below[-1]]
+        overlap = wilson_interval(hk, hn)[1] >= flo
+        why = ("its 95% interval overlaps, but Fisher's exact test tells them apart" if overlap
+               else "its 95% interval lies below")
+        return (f"No plateau below p = 1: the highest p < 1 measured (p = {below[-1]:g}) does not reach {full} "
+                f"({why}); the best p < 1 is p = {best:g} with {bk / bn:.3f} [{blo:.3f}, {bhi:.3f}] "
                 f"(Fisher's exact test against full attention: p = {fisher_proportions(bk, bn, fk, fn):.2g}).")
     sk, sn = points[start]
     slo, shi = wilson_interval(sk, sn)
     others = [p for p in below if p < start and reach[p]]
-    note = (f" (lower p whose interval also overlaps, not followed by a run of overlapping points: "
+    note = (f" (lower p that also reach it, not followed by a run of such points: "
             f"{', '.join(f'{p:g}' for p in others)})" if others else "")
-    return (f"Plateau below p = 1 from p = {start:g}: every measured p in [{start:g}, 1) has a 95% interval that "
-            f"overlaps that of {full}; at p = {start:g}: {sk / sn:.3f} [{slo:.3f}, {shi:.3f}] (Fisher's exact test "
+    return (f"Plateau below p = 1 from p = {start:g}: every measured p in [{start:g}, 1) is indistinguishable from "
+            f"{full} (overlapping 95% intervals, Fisher's exact test p >= 0.05); at p = {start:g}: {sk / sn:.3f} [{slo:.3f}, {shi:.3f}] (Fisher's exact test "
             f"against full attention: p = {fisher_proportions(sk, sn, fk, fn):.2g}){note}.")
 
 
