@@ -5,9 +5,9 @@ embedded SmolLM2-135M-Instruct, sdpa against PPA in one process; and whether PPA
         [--batch-size 50] [--max-new-tokens 256] [--dtype float32] [--impls sdpa ppa:token:1 ppa:token:0.75 ...]
 
 Each implementation runs the same batches twice (the first run pays one-off costs: kernel compilation, cuDNN
-plans) and the second is timed. Writes ``eval_workload.csv`` (a row per implementation: seconds, new tokens,
-tokens per second, speedup against sdpa, accuracy, how many answers and texts equal sdpa's; machine stamp) and
-``eval_workload_samples.jsonl`` (every prompt's generation and extracted answer per implementation) to OUT.
+plans) and the second is timed. Writes, as each implementation finishes, ``eval_workload.csv`` (a row per
+implementation: seconds, new tokens, tokens per second, speedup against sdpa, accuracy, how many answers and
+texts equal sdpa's; machine stamp) and ``eval_workload_samples.jsonl`` (every prompt's generation and extracted answer per implementation) to OUT.
 """
 
 from __future__ import annotations
@@ -135,15 +135,14 @@ def main(argv=None) -> list[dict]:
             same_texts_as_sdpa=sum(a == b for a, b in zip(texts, base[0])))
         rows.append(row)
         print(json.dumps(row), flush=True)
+        with open(os.path.join(args.out, "eval_workload.csv"), "w", newline="") as handle:  # a cut run keeps its rows
+            writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+            writer.writeheader()
+            writer.writerows(rows)
         with open(os.path.join(args.out, "eval_workload_samples.jsonl"), "a") as handle:
             for i, (text, answer) in enumerate(zip(texts, answers)):
                 handle.write(json.dumps(dict(impl=impl, granularity=granularity, p=p, index=i, gold=golds[i],
                                              answer=answer, generation=text)) + "\n")
-    path = os.path.join(args.out, "eval_workload.csv")
-    with open(path, "w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
     return rows
 
 
