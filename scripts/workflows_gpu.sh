@@ -2,7 +2,7 @@
 # `make workflows-gpu`: the one-GPU timings of docs/evaluate.md and docs/finetune.md (embedded SmolLM2-135M-Instruct,
 # PPA p = 0.75, backend auto). Writes to $OUT: one log per command, eval/*.json (+ .samples.jsonl), the LoRA
 # fine-tune in finetune_lora/ (its train_log.jsonl), lm_eval/, sweep_gsm8k/ (sweep.csv, sweep.png),
-# generation_profile.jsonl, timings.txt (wall time of each command), machine.txt.
+# generation_profile.jsonl, eval_workload_*/ (benchmarks/eval_workload.py), timings.txt (wall time of each command), machine.txt.
 source "$(dirname "$0")/gpu_common.sh"
 start "make workflows-gpu" 1
 export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1
@@ -31,5 +31,10 @@ step sweep_gsm8k "$PYTHON" -m ppa_hf.cli sweep --ps 0 0.5 0.75 1 "${GSM8K[@]}" -
 # prefill, decoding and training steps of the stock sdpa path and PPA auto on a random model of SmolLM2's shape
 step generation_profile "$PYTHON" benchmarks/generation_profile.py --attns sdpa ppa-auto --prompt-lengths 700 1000 \
   --train-lengths 269 275 301 288 310 333 --out "$OUT/generation_profile.jsonl"
+# the evaluation workload against sdpa in one process (docs/benchmarks.md): speed, and answers equal to sdpa's
+step eval_workload_fp32 "$PYTHON" benchmarks/eval_workload.py --data "$DATA/gsm8k/test.jsonl" --out "$OUT/eval_workload_fp32" \
+  --dtype float32
+step eval_workload_bf16 "$PYTHON" benchmarks/eval_workload.py --data "$DATA/gsm8k/test.jsonl" --out "$OUT/eval_workload_bf16" \
+  --dtype bfloat16
 
 finish
