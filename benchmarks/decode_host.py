@@ -151,7 +151,8 @@ def host_parts(reps: int = 2000):
     """Host time of the pieces of one PPA decoding attention call (token p = 0.75, batch 1, 32 query / 8 KV heads,
     head size 64, 32k cached keys), each called ``reps`` times in a loop without synchronisation (the GPU work of
     each is a few microseconds, so the loop measures the host): the registered attention function, the path it
-    runs, the decode op, each Triton launch alone, an allocation, sdpa's attention function, one torch addition."""
+    runs, the decode op, each Triton launch alone, an allocation, sdpa's attention function, one torch addition;
+    then a cProfile table of the attention call's loop (``$OUT/decode_host_call_profile.txt``)."""
     import timeit
 
     from transformers import LlamaConfig
@@ -212,6 +213,23 @@ def host_parts(reps: int = 2000):
         us = timeit.timeit(fn, number=reps) / reps * 1e6
         torch.cuda.synchronize()
         emit(part="host_parts", piece=name, host_us=round(us, 2))
+    # where the attention call's own Python time goes: cProfile of the same loop, by internal time
+    import cProfile
+    import io
+    import pstats
+
+    profiler = cProfile.Profile()
+    call = pieces["attention call (ppa_attention_forward)"]
+    profiler.enable()
+    for _ in range(reps):
+        call()
+    profiler.disable()
+    torch.cuda.synchronize()
+    text = io.StringIO()
+    pstats.Stats(profiler, stream=text).sort_stats("tottime").print_stats(30)
+    with open(os.path.join(OUT, "decode_host_call_profile.txt"), "w") as handle:
+        handle.write(text.getvalue())
+    print(text.getvalue()[:6000], flush=True)
 
 
 if __name__ == "__main__":
