@@ -452,31 +452,50 @@ def decode_timing(model, batch: int, context: int, steps: int, static: bool, com
     return prefill_ms, first, rest[len(rest) // 2]
 
 
-def generate_timing(model, batch: int, context: int, steps: int, static: bool,
-                    pairs: int = 3) -> tuple[float, float, float]:
-    """``(prefill_ms, first_step_ms, ms_per_token)`` measured through ``model.generate`` as a user calls it (greedy,
-    ``steps + 1`` new tokens forced with ``min_new_tokens``): ``prefill_ms`` is one ``generate(1 new token)``, the
-    per-token time ``(generate(steps + 1) - generate(1)) / steps`` (the median of ``pairs`` such pairs), so it includes
-    everything ``generate`` does per step. ``static``: ``cache_implementation="static"``, which Transformers
-    compiles itself; a first untimed call pays the compilation. ``first_step_ms``: ``generate(2) - generate(1)``."""
-    ids = torch.randint(3, VOCAB, (batch, context), device="cuda")
+class StepClock:
+    """A ``generate`` stopping criterion that stops nothing and records, synchronised, when each new token is ready
+    (``generate`` calls its criteria once per step)."""
+
+    def __init__(self, sync):
+        self.sync, self.times = sync, []
+
+    def __call__(self, input_ids, scores, **kwargs):
+        self.sync()
+        self.times.append(time.perf_counter())
+        return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+
+
+def generate_timing(model, batch: int, context: int, steps: int, static: bool, repeats: int = 1,
+                    device: str = "cuda") -> tuple[float, float, float]:
+    """``(prefill_ms, first_step_ms, ms_per_token)`` measured inside ``model.generate`` as a user calls it (greedy,
+    ``steps + 2`` new tokens forced with ``min_new_tokens``) by a stopping criterion that timestamps every step:
+    ``prefill_ms`` from the call to the first token, ``first_step_ms`` the step after it, ``ms_per_token`` the median
+    of the later steps over ``repeats`` calls. Each step includes everything ``generate`` does per token; the
+    prefill's run-to-run variation stays out of the per-token figure. ``static``: ``cache_implementation="static"``,
+    which Transformers compiles itself; a first untimed call pays the compilation."""
+    from transformers import StoppingCriteriaList
+
+    ids = torch.randint(3, VOCAB, (batch, context), device=device)
     mask = torch.ones_like(ids)
     extra = dict(cache_implementation="static") if static else {}
+    sync = torch.cuda.synchronize if torch.device(device).type == "cuda" else (lambda: None)
 
-    def run(new: int) -> float:
-        torch.cuda.synchronize()
+    def run(new: int) -> tuple[float, list[float]]:
+        clock = StepClock(sync)
+        sync()
         t0 = time.perf_counter()
         model.generate(ids, attention_mask=mask, max_new_tokens=new, min_new_tokens=new, do_sample=False,
-                       pad_token_id=0, **extra)
-        torch.cuda.synchronize()
-        return (time.perf_counter() - t0) * 1e3
+                       pad_token_id=0, stopping_criteria=StoppingCriteriaList([clock]), **extra)
+        return (clock.times[0] - t0) * 1e3, [(b - a) * 1e3 for a, b in zip(clock.times, clock.times[1:])]
 
     with torch.no_grad():
-        run(steps + 1 if static else 1)  # untimed: first-call set-up (static: the compilation) stays out
-        one = run(1)
-        first = run(2) - one
-        per = sorted((run(steps + 1) - run(1)) / steps for _ in range(pairs))[pairs // 2]
-    return one, first, per
+        run(steps + 2 if static else 2)  # untimed: first-call set-up (static: the compilation) stays out
+        prefill, gaps = run(steps + 2)
+        later = gaps[1:]
+        for _ in range(repeats - 1):
+            later += run(steps + 2)[1][1:]
+    later.sort()
+    return prefill, gaps[0], later[len(later) // 2]
 
 
 def part_generate(args, info):
@@ -502,7 +521,7 @@ def part_generate(args, info):
                             with sdpa_backends(impl):
                                 if args.timing == "generate":
                                     prefill, first, per = generate_timing(model, batch, context, args.steps,
-                                                                          cache_kind == "static", args.pairs)
+                                                                          cache_kind == "static", args.repeats)
                                 else:
                                     prefill, first, per = decode_timing(model, batch, context, args.steps,
                                                                         cache_kind == "static", compiled,
@@ -555,9 +574,11 @@ def main(argv=None):
                     choices=["dynamic", "static", "static-compiled"])
     ap.add_argument("--steps", type=int, default=32, help="timed decoding steps")
     ap.add_argument("--timing", default="steps", choices=["steps", "generate"],
-                    help="generate: ms per token through model.generate (static caches: Transformers compiles the "
-                         "step itself); steps: direct model calls, one per token, each synchronised")
-    ap.add_argument("--pairs", type=int, default=3, help="--timing generate: (long, short) generate pairs, median")
+                    help="generate: ms per token inside model.generate, every step timestamped (static caches: "
+                         "Transformers compiles the step itself); steps: direct model calls, one per token, each "
+                         "synchronised")
+    ap.add_argument("--repeats", type=int, default=1,
+                    help="--timing generate: timed generate calls whose step times are pooled (median)")
     ap.add_argument("--growing-mask", action="store_true",
                     help="static caches: a padding mask one column longer each step, as generate() passes it")
     args = ap.parse_args(argv)
