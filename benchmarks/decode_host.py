@@ -8,6 +8,7 @@ token steps at batch 1. Needs a CUDA GPU.
 
     python benchmarks/decode_host.py    # writes $OUT/decode_host.jsonl and $OUT/decode_profile_token.txt
     python benchmarks/decode_host.py --parts host-parts sdpa-kernels   # the pieces of one call; sdpa's kernels
+    python benchmarks/decode_host.py --parts cpu                       # the per-layer calls on a CPU
 """
 import collections
 import json
@@ -233,12 +234,58 @@ def host_parts(reps: int = 2000):
     print(text.getvalue()[:6000], flush=True)
 
 
+def cpu_calls(contexts=(4096, 16384), steps: int = 20):
+    """The same per-layer measurement on the CPU (no GPU needed): a 1B-shaped attention (32 query / 8 KV heads, head
+    size 64) in 4 layers with a small MLP, bf16, batch 1, dynamic cache. On a CPU the call's time is its compute
+    (PPA runs its torch gather path, sdpa its CPU kernel), so this compares work, not launch overhead."""
+    import statistics
+
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    import ppa_hf
+
+    AttentionInterface.register("sdpa", timed("sdpa", sdpa_attention_forward))
+    AttentionInterface.register("ppa", timed("ppa", ppa_attention_forward))
+    for context in contexts:
+        for impl in ("sdpa", "ppa"):
+            config = LlamaConfig(hidden_size=2048, intermediate_size=256, num_hidden_layers=4, num_attention_heads=32,
+                                 num_key_value_heads=8, vocab_size=256)
+            torch.manual_seed(0)
+            model = LlamaForCausalLM(config).to(torch.bfloat16).eval()
+            if impl == "sdpa":
+                model.set_attn_implementation("sdpa")
+            else:
+                ppa_hf.apply(model, p=0.75)
+            ids = torch.randint(3, 200, (1, context))
+            mask = torch.ones(1, context + steps + 1, dtype=torch.long)
+            with torch.no_grad():
+                cache = DynamicCache(config=model.config)
+                tok = model(ids, attention_mask=mask[:, :context], past_key_values=cache,
+                            logits_to_keep=1).logits.argmax(-1)
+                HOST.clear()
+                times = []
+                for i in range(steps):
+                    t0 = time.perf_counter()
+                    tok = model(tok, attention_mask=mask[:, :context + 1 + i],
+                                past_key_values=cache).logits[:, -1:].argmax(-1)
+                    times.append(time.perf_counter() - t0)
+            calls = HOST[impl][8:]  # past the first two steps
+            emit(part="cpu", context=context, impl=impl, threads=torch.get_num_threads(),
+                 step_ms=round(statistics.median(times[2:]) * 1e3, 2),
+                 attn_us_per_layer=round(statistics.median(calls) * 1e6))
+    AttentionInterface.register("sdpa", sdpa_attention_forward)
+    AttentionInterface.register("ppa", ppa_attention_forward)
+
+
 if __name__ == "__main__":
     import argparse
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--parts", nargs="+", default=["decode"], choices=["decode", "sdpa-kernels", "host-parts"])
+    ap.add_argument("--parts", nargs="+", default=["decode"],
+                    choices=["decode", "sdpa-kernels", "host-parts", "cpu"])
     chosen = ap.parse_args().parts
+    if "cpu" in chosen:
+        cpu_calls()
     if "host-parts" in chosen:
         host_parts()
     if "sdpa-kernels" in chosen:
