@@ -38,7 +38,15 @@ def timed(name, fn):
     return wrapper
 
 
+_STAMP = {}
+
+
 def emit(**row):
+    if not _STAMP:  # GPU, versions, Python, commit, date: the stamp of every row
+        from ppa_hf.recipes.stamp import machine_stamp
+
+        _STAMP.update(machine_stamp())
+    row = {**_STAMP, **row}
     print(json.dumps(row), flush=True)
     with open(os.path.join(OUT, "decode_host.jsonl"), "a") as f:
         f.write(json.dumps(row) + "\n")
