@@ -46,7 +46,7 @@ workflows-gpu:
 	OUT=$(OUT)/workflows DATA=$(DATA) PYTHON=$(PYTHON) bash scripts/workflows_gpu.sh
 
 # docs/benchmarks.md: attention kernels, whole-model training/prefill and generation against sdpa (one GPU, about
-# 40 minutes); CSVs and results.md in $(OUT)/bench (benchmarks/results holds the published ones)
+# 45 minutes, estimated from its parts: never run as a whole); CSVs and results.md in $(OUT)/bench (benchmarks/results holds the published ones)
 bench-gpu:
 	$(PYTHON) -m benchmarks.run tune --out $(OUT)/bench
 	$(PYTHON) -m benchmarks.run kernels --lengths 32768 131072 --out $(OUT)/bench
