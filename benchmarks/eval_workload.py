@@ -7,7 +7,8 @@ embedded SmolLM2-135M-Instruct, sdpa against PPA in one process; and whether PPA
 Each implementation runs the same batches twice (the first run pays one-off costs: kernel compilation, cuDNN
 plans) and the second is timed. Writes, as each implementation finishes, ``eval_workload.csv`` (a row per
 implementation: seconds, new tokens, tokens per second, speedup against sdpa, accuracy, how many answers and
-texts equal sdpa's; machine stamp) and ``eval_workload_samples.jsonl`` (every prompt's generation and extracted answer per implementation) to OUT.
+texts equal sdpa's; machine stamp) and ``eval_workload_samples.jsonl`` (every prompt's generation and extracted
+answer per implementation) to OUT.
 """
 
 from __future__ import annotations

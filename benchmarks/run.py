@@ -538,7 +538,8 @@ def part_generate(args, info):
                         # generate() compiles a static-cache step itself (Transformers' automatic compilation)
                         compiled_step = compiled or (args.timing == "generate" and cache_kind == "static")
                         out.add(dict(timing=args.timing, layers=layers, batch=batch, context=context, cache=cache_kind,
-                                     compiled=int(compiled_step), mask=mask, impl=impl, granularity=gran, p=p, ms_per_token=per,
+                                     compiled=int(compiled_step), mask=mask, impl=impl, granularity=gran, p=p,
+                                     ms_per_token=per,
                                      speedup_vs_sdpa=base / per if base else float("nan"),
                                      speedup_vs_sdpa_flash=base_flash / per if base_flash else float("nan"),
                                      first_step_ms=first, prefill_ms=prefill,
@@ -548,7 +549,8 @@ def part_generate(args, info):
         torch.cuda.empty_cache()
     markdown(os.path.join(args.out, "results.md"), "Whole model: decoding, ms per new token (greedy, one token per "
              "sequence per step)", out.rows,
-             ["timing", "layers", "batch", "context", "cache", "compiled", "mask", "impl", "granularity", "p", "ms_per_token",
+             ["timing", "layers", "batch", "context", "cache", "compiled", "mask", "impl", "granularity", "p",
+              "ms_per_token",
               "speedup_vs_sdpa", "speedup_vs_sdpa_flash", "first_step_ms", "prefill_ms", "dense_floor_ms"], info)
 
 

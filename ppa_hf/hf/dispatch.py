@@ -3,6 +3,8 @@ chooses an attention path (:func:`choose_path`). Ops never choose: an op that ca
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from ..layout import PPALayout
@@ -36,17 +38,13 @@ _UNSUPPORTED_KWARGS = {
 }
 
 
-_TRITON_OPS = []
-
-
+@functools.cache
 def _triton():
     """:mod:`ppa_hf.ops.triton`, imported on first use (importing Triton costs start-up time), then kept (this runs
     in every attention call)."""
-    if not _TRITON_OPS:
-        from ..ops import triton
+    from ..ops import triton
 
-        _TRITON_OPS.append(triton)
-    return _TRITON_OPS[0]
+    return triton
 
 
 def _refuse(module, is_causal, kwargs):

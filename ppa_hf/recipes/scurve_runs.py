@@ -537,8 +537,9 @@ def plateau_statement(points: dict) -> str:
     note = (f" (lower p that also reach it, not followed by a run of such points: "
             f"{', '.join(f'{p:g}' for p in others)})" if others else "")
     return (f"Plateau below p = 1 from p = {start:g}: every measured p in [{start:g}, 1) is indistinguishable from "
-            f"{full} (overlapping 95% intervals, Fisher's exact test p >= 0.05); at p = {start:g}: {sk / sn:.3f} [{slo:.3f}, {shi:.3f}] (Fisher's exact test "
-            f"against full attention: p = {fisher_proportions(sk, sn, fk, fn):.2g}){note}.")
+            f"{full} (overlapping 95% intervals, Fisher's exact test p >= 0.05); at p = {start:g}: {sk / sn:.3f} "
+            f"[{slo:.3f}, {shi:.3f}] (Fisher's exact test against full attention: "
+            f"p = {fisher_proportions(sk, sn, fk, fn):.2g}){note}.")
 
 
 def paired_tests(out_dir: str, rows) -> list[dict]:
