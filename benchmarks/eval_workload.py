@@ -24,7 +24,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch  # noqa: E402
 
-import ppa_hf  # noqa: E402
+from benchmarks.run import sdpa_backends, use_impl  # noqa: E402
 from ppa_hf.recipes.answers import extract_gsm8k, gsm8k_equal, truncate_at_stop  # noqa: E402
 from ppa_hf.recipes.evaluation import build_prompts, gold_of  # noqa: E402
 from ppa_hf.recipes.stamp import machine_stamp  # noqa: E402
@@ -45,24 +45,6 @@ def parse_impl(spec: str) -> tuple[str, str | None, float | None]:
     if len(parts) != 3 or parts[0] != "ppa" or parts[1] not in ("token", "block"):
         raise ValueError(f"--impls entry {spec!r} must be sdpa, sdpa_flash or ppa:token|block:P")
     return "ppa", parts[1], float(parts[2])
-
-
-def use(model, impl: str, granularity: str | None, p: float | None):
-    if impl == "ppa":
-        ppa_hf.apply(model, p=p, granularity=granularity)
-    else:
-        model.set_attn_implementation("sdpa")
-
-
-def backends(impl: str):
-    """``sdpa_flash``: SDPA without cuDNN's attention (see benchmarks/run.py); else SDPA's own choice."""
-    import contextlib
-
-    if impl != "sdpa_flash" or not torch.cuda.is_available():
-        return contextlib.nullcontext()
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-
-    return sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH])
 
 
 def run_batches(model, tokenizer, prompts, batch_size: int, max_new_tokens: int):
@@ -119,8 +101,8 @@ def main(argv=None) -> list[dict]:
     os.makedirs(args.out, exist_ok=True)
     rows, base = [], None
     for impl, granularity, p in impls:
-        use(model, impl, granularity, p)
-        with backends(impl):
+        use_impl(model, impl, granularity, p)
+        with sdpa_backends(impl):
             run_batches(model, tokenizer, prompts, args.batch_size, args.max_new_tokens)  # one-off costs
             texts, new_tokens, seconds = run_batches(model, tokenizer, prompts, args.batch_size, args.max_new_tokens)
         answers = [extract_gsm8k(t) for t in texts]
