@@ -22,7 +22,7 @@ import torch  # noqa: E402
 from transformers import AttentionInterface, DynamicCache  # noqa: E402
 from transformers.integrations.sdpa_attention import sdpa_attention_forward  # noqa: E402
 
-from benchmarks.run import VOCAB, make_model, sdpa_backends, use_impl  # noqa: E402
+from benchmarks.run import SHAPES, VOCAB, make_model, sdpa_backends, use_impl  # noqa: E402
 from ppa_hf.hf.dispatch import ppa_attention_forward  # noqa: E402
 
 OUT = os.environ.get("OUT", ".")
@@ -174,8 +174,7 @@ def host_parts(reps: int = 2000):
     from ppa_hf.ops.triton import decode as dec
 
     T = 32768
-    config = LlamaConfig(hidden_size=2048, intermediate_size=64, num_hidden_layers=2, num_attention_heads=32,
-                         num_key_value_heads=8, vocab_size=128)
+    config = LlamaConfig(**{**SHAPES["llama-1b"], "intermediate_size": 64}, num_hidden_layers=2, vocab_size=128)
     write_settings(config, 0.75)
     module = LlamaAttention(config, 1).cuda()
     layout = ppa_mask_interface(1, 1, T, q_offset=T - 1, attention_mask=torch.ones(1, T, dtype=torch.long,
@@ -250,20 +249,15 @@ def cpu_calls(contexts=(4096, 16384), steps: int = 20):
 
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    import ppa_hf
-
     AttentionInterface.register("sdpa", timed("sdpa", sdpa_attention_forward))
     AttentionInterface.register("ppa", timed("ppa", ppa_attention_forward))
     for context in contexts:
         for impl in ("sdpa", "ppa"):
-            config = LlamaConfig(hidden_size=2048, intermediate_size=256, num_hidden_layers=4, num_attention_heads=32,
-                                 num_key_value_heads=8, vocab_size=256)
+            config = LlamaConfig(**{**SHAPES["llama-1b"], "intermediate_size": 256}, num_hidden_layers=4,
+                                 vocab_size=256)
             torch.manual_seed(0)
             model = LlamaForCausalLM(config).to(torch.bfloat16).eval()
-            if impl == "sdpa":
-                model.set_attn_implementation("sdpa")
-            else:
-                ppa_hf.apply(model, p=0.75)
+            use_impl(model, impl, "token", 0.75)
             ids = torch.randint(3, 200, (1, context))
             mask = torch.ones(1, context + steps + 1, dtype=torch.long)
             with torch.no_grad():
