@@ -18,6 +18,7 @@ class PPALayout:
         seg: ``[B, T]`` long, the sequence each token belongs to (``-1``: padding, never attended).
         pos: ``[B, T]`` long, the token's position inside its sequence (0 = the sequence's first real token).
         q_index: ``[Q]`` long, absolute kv-axis index of each query.
+        valid: ``[B, T]`` bool, the real tokens (``seg >= 0``).
         kv_offset, kv_length: the keys handed to attention are absolute indices ``kv_offset .. kv_offset+K-1``.
 
     ``one_sequence_per_row``: the real tokens of each row form one sequence (see :func:`one_sequence_per_row`).
@@ -29,8 +30,13 @@ class PPALayout:
     """
 
     def __init__(self, seg, pos, q_index, kv_offset: int, kv_length: int, q_start: int | None = None,
-                 one_sequence_per_row: bool = False):
-        self.seg, self.pos, self.q_index = seg, pos, q_index
+                 one_sequence_per_row: bool = False, valid: torch.Tensor | None = None):
+        if seg is None and (valid is None or not one_sequence_per_row):
+            raise ValueError("PPALayout needs seg and pos, or valid with one_sequence_per_row=True")
+        # with one sequence per row, seg and pos follow from ``valid [B, T]`` (real tokens) and are built on first
+        # use: a decoding step's index kernel reads ``valid`` itself, so they are never built there
+        self._seg, self._pos, self._valid = seg, pos, valid
+        self.q_index = q_index
         # True when each row's real tokens form one sequence (padding anywhere, no packing): a real token's position
         # is then its rank among the row's real tokens (ops use this to skip work)
         self.one_sequence_per_row = bool(one_sequence_per_row)
@@ -39,10 +45,33 @@ class PPALayout:
         if q_start is not None:
             self.cache[("single_sequence_rows",)] = (int(q_start), self.kv_offset, None)
 
+    @property
+    def seg(self) -> torch.Tensor:
+        if self._seg is None:
+            self._seg, self._pos = one_sequence_per_row(self._valid)
+        return self._seg
+
+    @property
+    def pos(self) -> torch.Tensor:
+        if self._pos is None:
+            self._seg, self._pos = one_sequence_per_row(self._valid)
+        return self._pos
+
+    @property
+    def valid(self) -> torch.Tensor:
+        """``[B, T]`` bool: real tokens."""
+        if self._valid is None:
+            self._valid = self._seg >= 0
+        return self._valid
+
     # Shape-like attributes so model code that inspects the mask keeps working.
     @property
     def shape(self):
-        return (self.seg.shape[0], 1, int(self.q_index.numel()), self.kv_length)
+        return (self._grid_shape()[0], 1, int(self.q_index.numel()), self.kv_length)
+
+    def _grid_shape(self):
+        """``(B, T)`` without building ``seg``."""
+        return (self._seg if self._seg is not None else self._valid).shape
 
     @property
     def ndim(self):
@@ -50,7 +79,7 @@ class PPALayout:
 
     @property
     def device(self):
-        return self.seg.device
+        return self.q_index.device
 
     def q_seg(self):
         return self.seg[:, self.q_index]
@@ -70,7 +99,7 @@ class PPALayout:
         Transformers only detects packing itself when no cache and no padding mask are given; models usually
         create a cache even in training, so the position ids seen by the attention layer are checked too.
         """
-        if position_ids is None or position_ids.dim() != 2 or position_ids.shape[-1] != self.seg.shape[-1]:
+        if position_ids is None or position_ids.dim() != 2 or position_ids.shape[-1] != self._grid_shape()[-1]:
             return self
         key = ("position_ids", position_ids.data_ptr(), tuple(position_ids.shape))
         if key not in self.cache:

@@ -114,6 +114,36 @@ def test_triton_decode_matches_reference(pattern, nq):
 
 @cuda
 @needs_triton
+@pytest.mark.parametrize("pattern", [PPAPattern(0.75), PPAPattern(0.5, 32, 4), PPAPattern(0.75, 64, 0, "block", 128),
+                                     PPAPattern(0.625, 16, 3, "block", 64)], ids=lambda p: p.name)
+def test_triton_decode_index_matches_torch_on_gpu(pattern):
+    """The one-launch index list equals the torch list (within each query's count) on a long, padded layout: left
+    padding, holes, one row with a single real token; one and four queries; a model window."""
+    import itertools
+
+    from ppa_hf.layout import PPALayout
+    from ppa_hf.ops.gather import decode_index
+    from ppa_hf.ops.triton import triton_decode_index
+
+    T = 40001
+    torch.manual_seed(0)
+    valid = torch.ones(4, T, dtype=torch.bool, device="cuda")
+    valid[1, :9000] = False
+    valid[2, torch.rand(T, device="cuda") < 0.2] = False
+    valid[3, :-1] = False
+    for nq, md in itertools.product((1, 4), (None, 3000)):
+        def make():
+            return PPALayout(None, None, torch.arange(T - nq, T, device="cuda"), 0, T, one_sequence_per_row=True,
+                             valid=valid)
+        i0, c0 = decode_index(make(), pattern, md)
+        i1, c1 = triton_decode_index(make(), pattern, md)
+        assert i0.shape == i1.shape and torch.equal(c0, c1)
+        n = torch.arange(i0.shape[-1], device="cuda") < c0[..., None]
+        assert torch.equal(torch.where(n, i0, -2), torch.where(n, i1, -2)), (nq, md)
+
+
+@cuda
+@needs_triton
 def test_model_paths_agree_on_gpu():
     """A tiny Llama on CUDA: ppa 'auto' (Triton prefill, Triton decode) matches ppa 'sdpa_mask' logits, right padding
     included, and a cached decoding step matches the full forward."""

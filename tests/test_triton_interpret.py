@@ -1,7 +1,7 @@
 """The Triton kernels on CPU through the Triton interpreter (TRITON_INTERPRET=1), tiny shapes, fp32, against the
 float64 reference: forward and every gradient of the block-sparse kernel (token and block granularity, sinks, a
 model sliding window, GQA, odd lengths, q_len != kv_len), the word-mask and the element-mask variants, and the
-fused decode kernel, and the custom ops torch.compile sees (torch.library.opcheck). Runs in a subprocess because Triton reads TRITON_INTERPRET when the kernels are defined."""
+fused decode kernel and its index-list kernel (against the torch index list), and the custom ops torch.compile sees (torch.library.opcheck). Runs in a subprocess because Triton reads TRITON_INTERPRET when the kernels are defined."""
 
 import os
 import subprocess
@@ -51,6 +51,30 @@ SCRIPT = textwrap.dedent("""
         err = (o.double() - r).abs().max().item()
         print("decode", pat.name, err)
         assert err < 1e-4
+    # the decode index list in one kernel against the torch version: left padding, holes, a row of two real tokens,
+    # sinks, block granularity, a model window, several queries, keys before those handed to attention
+    import itertools
+    from ppa_hf.layout import PPALayout
+    from ppa_hf.ops.gather import decode_index
+    from ppa_hf.ops.triton import triton_decode_index
+    T = 300
+    valid = torch.ones(4, T, dtype=torch.bool)
+    valid[1, :120] = False
+    valid[2, torch.rand(T) < 0.3] = False
+    valid[3, :-1] = False
+    valid[3, 150] = True
+    pats = [PPAPattern(0.75, 8), PPAPattern(0.5, 5, 3), PPAPattern(0.0, 7, 1), PPAPattern(1.0, 4),
+            PPAPattern(0.625, 6, 2, "block", 16), PPAPattern(0.75, 4, 0, "block", 8)]
+    for pat, md, Q, kv_offset in itertools.product(pats, (None, 40), (1, 3), (0, 5)):
+        def make():
+            return PPALayout(None, None, torch.arange(T - Q, T), kv_offset, T - kv_offset, one_sequence_per_row=True,
+                             valid=valid)
+        i0, c0 = decode_index(make(), pat, md)
+        i1, c1 = triton_decode_index(make(), pat, md)
+        assert i0.shape == i1.shape and torch.equal(c0, c1), (pat, md, Q, kv_offset)
+        for b, qi in itertools.product(range(4), range(Q)):
+            assert torch.equal(i0[b, qi, :c0[b, qi]], i1[b, qi, :c1[b, qi]]), (pat, md, Q, kv_offset, b, qi)
+    print("decode index lists equal")
     # the custom ops that torch.compile sees: schema, fake tensors, autograd registration, AOT dispatch
     from ppa_hf.ops.triton import prefill, decode  # noqa: F401  (registers the ops)
     q, k, v = (torch.randn(1, h, 40, 16, requires_grad=True) for h in (2, 1, 1))

@@ -137,7 +137,11 @@ def run_path(path: str, query, key, value, layout: PPALayout, settings: PPASetti
     """Run ``path`` (from :func:`choose_path`): ``[B, H, Q, D]``."""
     pattern = settings.pattern
     if path in ("gather_decode", "triton_decode"):
-        index, count = decode_index(layout, pattern, max_distance)
+        if path == "triton_decode" and layout.one_sequence_per_row and not torch.compiler.is_compiling():
+            # eager: the index list in one launch instead of about 25 (compiled steps trace the torch version)
+            index, count = _triton().triton_decode_index(layout, pattern, max_distance)
+        else:
+            index, count = decode_index(layout, pattern, max_distance)
         if path == "triton_decode":
             return _triton().triton_decode_attention(query, key, value, index, count, scale)
         return gather_decode_attention(query, key, value, index, count, scale)

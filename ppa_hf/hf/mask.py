@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from transformers.masking_utils import causal_mask_function
 
-from ..layout import PPALayout, layout_from_links, one_sequence_per_row, previous_valid
+from ..layout import PPALayout, layout_from_links, previous_valid
 from .settings import fill_defaults, layer_patterns, read_settings
 
 
@@ -52,9 +52,9 @@ def ppa_mask_interface(batch_size: int, q_length: int, kv_length: int, q_offset=
     q_index = torch.arange(q_length, device=device) + q_offset
     # no padding mask and the plain causal mask: every row is one unpadded sequence, known without looking
     q_start = q_offset if attention_mask is None and plain_causal and isinstance(q_offset, int) else None
-    if plain_causal or total <= 1:  # every real token continues its row's sequence
-        seg, pos = one_sequence_per_row(valid)
-        return PPALayout(seg, pos, q_index, kv_offset, kv_length, q_start=q_start, one_sequence_per_row=True)
+    if plain_causal or total <= 1:  # every real token continues its row's sequence: seg and pos follow from valid
+        return PPALayout(None, None, q_index, kv_offset, kv_length, q_start=q_start, one_sequence_per_row=True,
+                         valid=valid)
     prev = previous_valid(valid)
     # Transformers' own mask function knows about packed sequences (position ids that restart):
     # a token continues a sequence iff it may attend the previous real token.
