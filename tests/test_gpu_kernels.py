@@ -114,6 +114,33 @@ def test_triton_decode_matches_reference(pattern, nq):
 
 @cuda
 @needs_triton
+@pytest.mark.parametrize("batch", [1, 3, 16])
+def test_fused_decode_combine_is_deterministic_and_matches_the_combine_kernel(batch):
+    """The fused combine (the last split of each program to finish combines the partials, through an atomic ticket)
+    gives bitwise the same output in every one of 300 launches (a split that read another's partials before they
+    were written would show up as a differing launch), matches the two-kernel path, and leaves the tickets at zero."""
+    from ppa_hf.ops.triton import decode
+
+    torch.manual_seed(0)
+    T, H, Hkv, D = 32768, 32, 8, 64
+    pattern = PPAPattern(0.75)
+    q = torch.randn(batch, H, 1, D, device="cuda", dtype=torch.bfloat16)
+    k = torch.randn(batch, Hkv, T, D, device="cuda", dtype=torch.bfloat16)
+    v = torch.randn_like(k)
+    index, count = pattern.key_lists(torch.full((batch, 1), T - 1, device="cuda"), T)
+    first = decode._decode(q, k, v, index, count, 0.125)
+    outs = [decode._decode(q, k, v, index, count, 0.125) for _ in range(300)]
+    differing = sum(not torch.equal(o, first) for o in outs)
+    two_kernels = decode._decode(q, k, v, index, count, 0.125, fused=False)
+    err = (first.float() - two_kernels.float()).abs().max().item()
+    print(f"[fused combine] batch {batch}: {differing} of 300 launches differ; vs combine kernel {err:.2e}")
+    assert differing == 0 and err < 0.02 * two_kernels.abs().max().item()
+    _, tickets = decode._BUFFERS.get(q.device, 0, 0)
+    assert int(tickets.abs().sum()) == 0
+
+
+@cuda
+@needs_triton
 @pytest.mark.parametrize("pattern", [PPAPattern(0.75), PPAPattern(0.5, 32, 4), PPAPattern(0.75, 64, 0, "block", 128),
                                      PPAPattern(0.625, 16, 3, "block", 64)], ids=lambda p: p.name)
 def test_triton_decode_index_matches_torch_on_gpu(pattern):

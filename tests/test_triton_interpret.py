@@ -16,6 +16,7 @@ SCRIPT = textwrap.dedent("""
     import os, torch
     from ppa_hf.pattern import PPAPattern
     from ppa_hf.ops.triton import triton_ppa_attention, triton_decode_attention
+    from ppa_hf.ops.triton import decode
     from ppa_hf.ops.reference import reference_attention
     torch.manual_seed(0)
     def run(pat, B, H, Hkv, Lq, Lk, D, md=None):
@@ -46,11 +47,14 @@ SCRIPT = textwrap.dedent("""
         keep = pat.keep(torch.arange(T - Q, T)[:, None], torch.arange(T)[None])
         index, count = pat.key_lists(torch.arange(T - Q, T), T)
         index, count = index[None], count[None]
-        o = triton_decode_attention(q, k, v, index, count)
         r = reference_attention(q.double(), k.double(), v.double(), keep)
-        err = (o.double() - r).abs().max().item()
-        print("decode", pat.name, err)
-        assert err < 1e-4
+        # eager calls combine the splits inside the decode kernel; the custom op runs a combine kernel after it
+        for fused in (True, False):
+            o = decode._decode(q, k, v, index, count, 0.25, fused=fused)
+            err = (o.double() - r).abs().max().item()
+            print("decode", pat.name, "fused" if fused else "combine kernel", err)
+            assert err < 1e-4
+        assert torch.equal(triton_decode_attention(q, k, v, index, count), decode._decode(q, k, v, index, count, 0.25))
     # the decode index list in one kernel against the torch version: left padding, holes, a row of two real tokens,
     # sinks, block granularity, a model window, several queries, keys before those handed to attention
     import itertools
@@ -76,7 +80,7 @@ SCRIPT = textwrap.dedent("""
             assert torch.equal(i0[b, qi, :c0[b, qi]], i1[b, qi, :c1[b, qi]]), (pat, md, Q, kv_offset, b, qi)
     print("decode index lists equal")
     # the custom ops that torch.compile sees: schema, fake tensors, autograd registration, AOT dispatch
-    from ppa_hf.ops.triton import prefill, decode  # noqa: F401  (registers the ops)
+    from ppa_hf.ops.triton import prefill  # noqa: F401  (registers the ops)
     q, k, v = (torch.randn(1, h, 40, 16, requires_grad=True) for h in (2, 1, 1))
     res = torch.library.opcheck(torch.ops.ppa_hf.prefill_forward.default,
                                 (q, k, v, [0.75, 8, 1, 128], "token", 0, 0, None, 0.25))

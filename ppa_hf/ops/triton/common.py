@@ -56,16 +56,14 @@ def supports(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> boo
 _COMPILED: dict = {}  # (kernel, launch options, argument specialisation) -> Triton's compiled kernel
 
 
-def _specialisation(arg):
-    """What Triton specialises a launch on, for one argument: a tensor's dtype, device and 16-byte alignment; whether an
-    integer needs 64 bits (every integer argument of our kernels is ``do_not_specialize``); a float's type."""
-    if isinstance(arg, torch.Tensor):
-        return arg.dtype, arg.device.index, arg.data_ptr() % 16 == 0
-    if isinstance(arg, bool):
-        return bool, arg
-    if isinstance(arg, int):
-        return int, -2**31 <= arg < 2**31
-    return type(arg)
+def _signature(args: tuple) -> tuple:
+    """What Triton specialises a launch on: each tensor's dtype and 16-byte alignment, whether each integer needs 64
+    bits (every integer argument of our kernels is ``do_not_specialize``), any other argument's type; and the device of
+    the first tensor. One expression, no call per argument: this runs in every decoding layer."""
+    tensor = torch.Tensor
+    return (args[0].device.index,) + tuple(
+        (a.dtype, a.data_ptr() % 16 == 0) if isinstance(a, tensor)
+        else -2**31 <= a < 2**31 if type(a) is int else type(a) for a in args)
 
 
 def launch(kernel, grid: tuple, args: tuple, constexprs: dict, **options) -> None:
@@ -79,7 +77,7 @@ def launch(kernel, grid: tuple, args: tuple, constexprs: dict, **options) -> Non
     if interpreted(args[0].device):
         kernel[grid](*args, **constexprs, **options)
         return
-    key = (kernel, tuple(sorted(options.items())), tuple(constexprs.items()), tuple(map(_specialisation, args)))
+    key = (kernel, tuple(sorted(options.items())), tuple(constexprs.items()), _signature(args))
     compiled = _COMPILED.get(key)
     if compiled is not None:
         compiled[grid](*args, *constexprs.values())

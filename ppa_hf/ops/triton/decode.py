@@ -20,14 +20,17 @@ if triton is not None:
                     "som", "HKV", "G", "NQ", "n_split"]
 
     @triton.jit(do_not_specialize=_DECODE_INTS)
-    def _decode_kernel(Q, K, V, IDX, CNT, OP, MP, LP, O, scale_log2,
+    def _decode_kernel(Q, K, V, IDX, CNT, OP, MP, LP, TICKETS, O, scale_log2,
                        sqb, sqh, sqm, skb, skh, skn, svb, svh, svn, sib, siq, scb, sob, soh, som,
                        HKV, G, NQ, n_split,
-                       HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, GP: tl.constexpr, SINGLE: tl.constexpr):
+                       HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, GP: tl.constexpr, SINGLE: tl.constexpr,
+                       COMBINE: tl.constexpr):
         """One program per (batch row, KV head, query) and split: the query heads of one KV head attend that
         split's share of the row's listed keys (the ``count`` entries shared evenly by the splits). ``SINGLE``
-        (one split): the output is written normalised; else the partial results go to ``OP/MP/LP`` for
-        :func:`_combine_kernel`."""
+        (one split): the output is written normalised; else the partial results go to ``OP/MP/LP``, combined by
+        :func:`_combine_kernel`, or (``COMBINE``) by the last split of each program to finish: each split takes a
+        ticket from ``TICKETS[pid]`` (zero before the launch, reset to zero by that last split), so a layer costs
+        one launch instead of two."""
         pid = tl.program_id(0)
         split = tl.program_id(1)
         qi = pid % NQ
@@ -75,6 +78,35 @@ if triton is not None:
                      mask=gmask[:, None])
             tl.store(MP + row * n_split + split, m_i, mask=gmask)
             tl.store(LP + row * n_split + split, l_i, mask=gmask)
+            if COMBINE:
+                # every thread's partial stores before the ticket (the atomic is acq_rel at GPU scope): the split that
+                # draws the last ticket sees all the others' partials
+                tl.debug_barrier()
+                ticket = tl.atomic_add(TICKETS + pid, 1, sem="acq_rel", scope="gpu")
+                if ticket == n_split - 1:
+                    _combine_heads(OP, MP, LP, O, b, qi, heads, row, gmask, n_split, sob, soh, som, HEAD_DIM, GP)
+                    tl.store(TICKETS + pid, 0)
+
+    @triton.jit
+    def _combine_heads(OP, MP, LP, O, b, qi, heads, row, gmask, n_split, sob, soh, som, HEAD_DIM: tl.constexpr,
+                       GP: tl.constexpr):
+        """The normalised output of the heads ``heads`` (rows ``row`` of the partials) from their ``n_split``
+        partial results. Loads bypass L1 (``.cg``): the partials were written by other programs of this launch."""
+        offs_d = tl.arange(0, HEAD_DIM)
+        m_max = tl.load(MP + row * n_split, mask=gmask, other=-1.0e30, cache_modifier=".cg")
+        for s in range(1, n_split):
+            m_max = tl.maximum(m_max, tl.load(MP + row * n_split + s, mask=gmask, other=-1.0e30, cache_modifier=".cg"))
+        num = tl.zeros([GP, HEAD_DIM], dtype=tl.float32)
+        den = tl.zeros([GP], dtype=tl.float32)
+        for s in range(n_split):
+            w = tl.exp2(tl.load(MP + row * n_split + s, mask=gmask, other=-1.0e30, cache_modifier=".cg") - m_max)
+            den += w * tl.load(LP + row * n_split + s, mask=gmask, other=0.0, cache_modifier=".cg")
+            part = tl.load(OP + (row[:, None] * n_split + s).to(tl.int64) * HEAD_DIM + offs_d[None, :],
+                           mask=gmask[:, None], other=0.0, cache_modifier=".cg")
+            num += part * w[:, None]
+        out = num / tl.where(den == 0.0, 1.0, den)[:, None]
+        tl.store(O + b.to(tl.int64) * sob + heads[:, None].to(tl.int64) * soh + qi * som + offs_d[None, :],
+                 out.to(O.dtype.element_ty), mask=gmask[:, None])
 
     @triton.jit(do_not_specialize=["n_split", "H", "NQ", "sob", "soh", "som"])
     def _combine_kernel(OP, MP, LP, O, n_split, H, NQ, sob, soh, som,
@@ -133,7 +165,35 @@ def _decode_output(query: torch.Tensor) -> torch.Tensor:
     return query.new_empty(B, NQ, H, D).transpose(1, 2)
 
 
-def _decode(query, key, value, index, count, scale: float) -> torch.Tensor:
+class _StreamBuffers:
+    """Scratch memory of the eager decode path, one set per CUDA stream (kernels on one stream run in order, so the
+    layers of a step reuse it; two streams never share it): a float32 workspace for the partial results and the
+    int32 tickets of the fused combine, zero between launches. Grows, never shrinks."""
+
+    def __init__(self):
+        self._buffers: dict = {}
+
+    def get(self, device: torch.device, workspace: int, tickets: int):
+        stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
+        key = (str(device), stream)
+        work, tick = self._buffers.get(key, (None, None))
+        if work is None or work.numel() < workspace:
+            work = torch.empty(max(workspace, 2 * (0 if work is None else work.numel())), device=device,
+                               dtype=torch.float32)
+        if tick is None or tick.numel() < tickets:
+            tick = torch.zeros(max(tickets, 2 * (0 if tick is None else tick.numel())), device=device,
+                               dtype=torch.int32)
+        self._buffers[key] = (work, tick)
+        return work, tick
+
+
+_BUFFERS = _StreamBuffers()
+
+
+def _decode(query, key, value, index, count, scale: float, fused: bool = True) -> torch.Tensor:
+    """``fused``: one launch, the partial results combined by the last split of each program (eager calls, with
+    per-stream scratch memory); else a combine kernel after the decode kernel and fresh scratch memory per call (the
+    custom op: safe to capture in a CUDA graph)."""
     B, H, NQ, D = query.shape
     Hkv = key.shape[1]
     G = H // Hkv
@@ -147,24 +207,29 @@ def _decode(query, key, value, index, count, scale: float) -> torch.Tensor:
     splits = max(1, min(-(-2 * _num_sms(str(query.device)) // programs), -(-N // block_n), MAX_SPLITS))
     out = _decode_output(query)
     rows = B * H * NQ
-    if splits > 1:  # one workspace for the partial outputs, maxima and denominators (one allocation, not three)
-        n = rows * splits
-        n16 = -(-n // 4) * 4  # segments start 16-byte aligned whatever n is (alignment is part of Triton's cache key)
-        work = torch.empty(n * D + 2 * n16, device=query.device, dtype=torch.float32)
+    n = rows * splits
+    n16 = -(-n // 4) * 4  # segments start 16-byte aligned whatever n is (alignment is part of Triton's cache key)
+    if splits == 1:
+        work = tickets = out  # not touched
+    elif fused:
+        work, tickets = _BUFFERS.get(query.device, n * D + 2 * n16, programs)
+    else:  # one workspace for the partial outputs, maxima and denominators (one allocation, not three)
+        work, tickets = torch.empty(n * D + 2 * n16, device=query.device, dtype=torch.float32), out
+    op = mp = lp = out
+    if splits > 1:
         op = work[: n * D].view(rows, splits, D)
         mp = work[n * D: n * D + n].view(rows, splits)
         lp = work[n * D + n16: n * D + n16 + n].view(rows, splits)
-    else:
-        op = mp = lp = out  # not written
     gp = max(16, 1 << (G - 1).bit_length())  # the query heads of one KV head, padded to a power of two
     launch(_decode_kernel, (programs, splits),
-           (query, key, value, index, count, op, mp, lp, out, scale * LOG2E,
+           (query, key, value, index, count, op, mp, lp, tickets, out, scale * LOG2E,
             query.stride(0), query.stride(1), query.stride(2), key.stride(0), key.stride(1), key.stride(2),
             value.stride(0), value.stride(1), value.stride(2),
             index.stride(0) if index.shape[0] > 1 else 0, index.stride(1), count.stride(0) if count.shape[0] > 1 else 0,
             out.stride(0), out.stride(1), out.stride(2), Hkv, G, NQ, splits),
-           dict(HEAD_DIM=D, BLOCK_N=block_n, GP=gp, SINGLE=splits == 1), num_warps=4, num_stages=3)
-    if splits > 1:  # SPLITS fixed at the largest split count: one compiled combine kernel for every shape
+           dict(HEAD_DIM=D, BLOCK_N=block_n, GP=gp, SINGLE=splits == 1, COMBINE=fused and splits > 1),
+           num_warps=4, num_stages=3)
+    if splits > 1 and not fused:  # SPLITS fixed at the largest split count: one compiled combine kernel for every shape
         launch(_combine_kernel, (rows,), (op, mp, lp, out, splits, H, NQ, out.stride(0), out.stride(1), out.stride(2)),
                dict(HEAD_DIM=D, SPLITS=MAX_SPLITS), num_warps=4)
     return out
@@ -173,7 +238,7 @@ def _decode(query, key, value, index, count, scale: float) -> torch.Tensor:
 @torch.library.custom_op("ppa_hf::triton_decode", mutates_args=())
 def _decode_op(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, index: torch.Tensor, count: torch.Tensor,
                scale: float) -> torch.Tensor:
-    return _decode(query, key, value, index, count, scale)
+    return _decode(query, key, value, index, count, scale, fused=False)
 
 
 @_decode_op.register_fake
