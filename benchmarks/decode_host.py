@@ -3,10 +3,11 @@ PPA (token and block, p = 0.75): the 1B-shaped model of benchmarks/run.py, 8 lay
 batch 1 and 8. The registered attention functions are wrapped with a ``time.perf_counter`` timer (host time of the
 call, no synchronisation); each step is synchronised. One JSON line per (batch, implementation) with the step's
 time, its host time, the first step after the prefill, and the attention call's host time in the first layer
-(where PPA builds its index lists) and in the others (median over 29 steps); plus a torch.profiler table of PPA
-token steps at batch 1. Needs a CUDA GPU.
+(where PPA builds its index lists) and in the others (median over 29 steps), and the mask interface's host time
+(once per step); plus, at batch 1, a cProfile table of ten whole steps for sdpa_flash and PPA (where a step's host
+time goes, by function) and a torch.profiler table of PPA token steps. Needs a CUDA GPU.
 
-    python benchmarks/decode_host.py    # writes $OUT/decode_host.jsonl and $OUT/decode_profile_token.txt
+    python benchmarks/decode_host.py    # $OUT/decode_host.jsonl, decode_step_profile_*.txt, decode_profile_token.txt
     python benchmarks/decode_host.py --parts host-parts sdpa-kernels   # the pieces of one call; sdpa's kernels
     python benchmarks/decode_host.py --parts cpu                       # the per-layer calls on a CPU
 """
@@ -53,9 +54,14 @@ def emit(**row):
 
 
 def main():
+    from transformers import AttentionMaskInterface
+
     model = make_model("llama-1b", 8, 40000).eval()
     AttentionInterface.register("sdpa", timed("sdpa", sdpa_attention_forward))
     AttentionInterface.register("ppa", timed("ppa", ppa_attention_forward))
+    masks = {name: AttentionMaskInterface._global_mapping[name] for name in ("sdpa", "ppa")}
+    for name, fn in masks.items():  # the mask interface: once per forward pass
+        AttentionMaskInterface.register(name, timed("mask_" + name, fn))
     for batch in (1, 8):
         ids = torch.randint(3, VOCAB, (batch, 32768), device="cuda")
         for impl, gran in (("sdpa", None), ("sdpa_flash", None), ("ppa", "token"), ("ppa", "block")):
@@ -66,7 +72,7 @@ def main():
                 mask = torch.ones(batch, 32768 + 64, dtype=torch.long, device="cuda")
                 tok = model(ids, attention_mask=mask[:, :32768], past_key_values=cache, logits_to_keep=1).logits.argmax(-1)
                 torch.cuda.synchronize()
-                full, host, first, first_layer, other_layers = [], [], None, [], []
+                full, host, first, first_layer, other_layers, mask_calls = [], [], None, [], [], []
                 for i in range(30):
                     HOST.clear()
                     torch.cuda.synchronize()
@@ -82,11 +88,31 @@ def main():
                     full.append((t2 - t0) * 1e3); host.append((t1 - t0) * 1e3)
                     calls = HOST[key]
                     first_layer.append(calls[0] * 1e6); other_layers.append(sum(calls[1:]) / (len(calls) - 1) * 1e6)
+                    mask_calls.append(sum(HOST["mask_" + key]) * 1e6)
                 full.sort(); host.sort()
                 emit(part="decode", batch=batch, impl=impl, gran=gran, step_ms=full[len(full)//2],
                      host_ms=host[len(host)//2], first_ms=first,
                      attn_host_us_layer0=sorted(first_layer)[len(first_layer)//2],
-                     attn_host_us_other_layers=sorted(other_layers)[len(other_layers)//2])
+                     attn_host_us_other_layers=sorted(other_layers)[len(other_layers)//2],
+                     mask_host_us=sorted(mask_calls)[len(mask_calls)//2])
+                if batch == 1 and impl in ("sdpa_flash", "ppa"):  # where a whole step's host time goes
+                    import cProfile
+                    import io
+                    import pstats
+
+                    profiler = cProfile.Profile()
+                    profiler.enable()
+                    for i in range(10):
+                        out = model(tok, attention_mask=mask[:, :32769 + 30 + i], past_key_values=cache)
+                        tok = out.logits[:, -1:].argmax(-1)
+                    torch.cuda.synchronize()
+                    profiler.disable()
+                    text = io.StringIO()
+                    pstats.Stats(profiler, stream=text).sort_stats("tottime").print_stats(40)
+                    name = impl if gran is None else f"{impl}_{gran}"
+                    with open(os.path.join(OUT, f"decode_step_profile_{name}.txt"), "w") as handle:
+                        handle.write(text.getvalue())
+                    cache.crop(32768 + 30)
                 if batch == 1 and impl == "ppa" and gran == "token":
                     from torch.profiler import profile, ProfilerActivity
                     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
@@ -101,6 +127,8 @@ def main():
             torch.cuda.empty_cache()
     AttentionInterface.register("sdpa", sdpa_attention_forward)
     AttentionInterface.register("ppa", ppa_attention_forward)
+    for name, fn in masks.items():
+        AttentionMaskInterface.register(name, fn)
     del model
     torch.cuda.empty_cache()
 

@@ -78,6 +78,16 @@ SCRIPT = textwrap.dedent("""
         assert i0.shape == i1.shape and torch.equal(c0, c1), (pat, md, Q, kv_offset)
         for b, qi in itertools.product(range(4), range(Q)):
             assert torch.equal(i0[b, qi, :c0[b, qi]], i1[b, qi, :c1[b, qi]]), (pat, md, Q, kv_offset, b, qi)
+    # a row longer than one scan step of the kernel (4096 tokens): the running rank carries over
+    long_valid = torch.rand(2, 9000) < 0.8
+    for pat in (PPAPattern(0.75, 8), PPAPattern(0.625, 6, 2, "block", 16)):
+        def make():
+            return PPALayout(None, None, torch.arange(8998, 9000), 0, 9000, one_sequence_per_row=True, valid=long_valid)
+        i0, c0 = decode_index(make(), pat)
+        i1, c1 = triton_decode_index(make(), pat)
+        assert torch.equal(c0, c1) and c0.max() > 250
+        for b, qi in itertools.product(range(2), range(2)):
+            assert torch.equal(i0[b, qi, :c0[b, qi]], i1[b, qi, :c1[b, qi]]), (pat, b, qi)
     print("decode index lists equal")
     # the custom ops that torch.compile sees: schema, fake tensors, autograd registration, AOT dispatch
     from ppa_hf.ops.triton import prefill  # noqa: F401  (registers the ops)

@@ -21,6 +21,8 @@ from ...cache import BoundedCache
 from ...pattern import PPAPattern
 
 LOG2E = 1.4426950408889634
+# Triton reads TRITON_INTERPRET when a kernel is defined (at import); read here once too (every call checks it)
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 SUPPORTED_HEAD_DIMS = (16, 32, 64, 128, 256)
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -29,7 +31,7 @@ def triton_available(device=None) -> bool:
     """Triton importable, and either a CUDA device or the interpreter (``TRITON_INTERPRET=1``)."""
     if triton is None:
         return False
-    if os.environ.get("TRITON_INTERPRET") == "1":
+    if INTERPRET:
         return True
     return device is None or torch.device(device).type == "cuda"
 
@@ -99,7 +101,7 @@ def last_contiguous(x: torch.Tensor) -> torch.Tensor:
 def interpreted(device) -> bool:
     """Kernels on ``device`` run under Triton's interpreter (a CPU device, or ``TRITON_INTERPRET=1``)."""
     kind = device.type if isinstance(device, torch.device) else torch.device(device).type
-    return kind != "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
+    return kind != "cuda" or INTERPRET
 
 
 def env_config(name, default):

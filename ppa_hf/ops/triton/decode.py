@@ -167,24 +167,37 @@ def _decode_output(query: torch.Tensor) -> torch.Tensor:
 
 class _StreamBuffers:
     """Scratch memory of the eager decode path, one set per CUDA stream (kernels on one stream run in order, so the
-    layers of a step reuse it; two streams never share it): a float32 workspace for the partial results and the
-    int32 tickets of the fused combine, zero between launches. Grows, never shrinks."""
+    layers of a step reuse it; two streams never share it): the partial outputs, maxima and denominators of the
+    splits (float32, as views of one workspace) and the int32 tickets of the fused combine, zero between launches.
+    The views are kept per shape: a decoding step's layers all ask for the same ones."""
 
     def __init__(self):
-        self._buffers: dict = {}
+        self._buffers: dict = {}  # (device, stream) -> [workspace, tickets, {(rows, splits, D): views}]
 
-    def get(self, device: torch.device, workspace: int, tickets: int):
-        stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
-        key = (str(device), stream)
-        work, tick = self._buffers.get(key, (None, None))
-        if work is None or work.numel() < workspace:
-            work = torch.empty(max(workspace, 2 * (0 if work is None else work.numel())), device=device,
-                               dtype=torch.float32)
-        if tick is None or tick.numel() < tickets:
-            tick = torch.zeros(max(tickets, 2 * (0 if tick is None else tick.numel())), device=device,
-                               dtype=torch.int32)
-        self._buffers[key] = (work, tick)
-        return work, tick
+    def get(self, device: torch.device, rows: int, splits: int, head_dim: int, programs: int):
+        """``(partial outputs [rows, splits, D], maxima [rows, splits], denominators [rows, splits], tickets)``."""
+        stream = torch._C._cuda_getCurrentRawStream(device.index) if device.type == "cuda" else 0
+        entry = self._buffers.get((device, stream))
+        if entry is None:
+            entry = self._buffers[(device, stream)] = [None, None, {}]
+        views = entry[2].get((rows, splits, head_dim))
+        if views is None or entry[1].numel() < programs:
+            n = rows * splits
+            n16 = -(-n // 4) * 4  # segments start 16-byte aligned (alignment is part of Triton's cache key)
+            size = n * head_dim + 2 * n16
+            if entry[0] is None or entry[0].numel() < size:
+                entry[0] = torch.empty(max(size, 2 * (0 if entry[0] is None else entry[0].numel())), device=device,
+                                       dtype=torch.float32)
+                entry[2].clear()  # views of the old workspace
+            if entry[1] is None or entry[1].numel() < programs:
+                entry[1] = torch.zeros(max(programs, 2 * (0 if entry[1] is None else entry[1].numel())),
+                                       device=device, dtype=torch.int32)
+                entry[2].clear()
+            work = entry[0]
+            views = entry[2][(rows, splits, head_dim)] = (
+                work[: n * head_dim].view(rows, splits, head_dim), work[n * head_dim: n * head_dim + n].view(rows, splits),
+                work[n * head_dim + n16: n * head_dim + n16 + n].view(rows, splits), entry[1])
+        return views
 
 
 _BUFFERS = _StreamBuffers()
@@ -207,19 +220,18 @@ def _decode(query, key, value, index, count, scale: float, fused: bool = True) -
     splits = max(1, min(-(-2 * _num_sms(str(query.device)) // programs), -(-N // block_n), MAX_SPLITS))
     out = _decode_output(query)
     rows = B * H * NQ
-    n = rows * splits
-    n16 = -(-n // 4) * 4  # segments start 16-byte aligned whatever n is (alignment is part of Triton's cache key)
     if splits == 1:
-        work = tickets = out  # not touched
+        op = mp = lp = tickets = out  # not touched
     elif fused:
-        work, tickets = _BUFFERS.get(query.device, n * D + 2 * n16, programs)
-    else:  # one workspace for the partial outputs, maxima and denominators (one allocation, not three)
-        work, tickets = torch.empty(n * D + 2 * n16, device=query.device, dtype=torch.float32), out
-    op = mp = lp = out
-    if splits > 1:
+        op, mp, lp, tickets = _BUFFERS.get(query.device, rows, splits, D, programs)
+    else:  # one fresh workspace for the partial outputs, maxima and denominators (one allocation, not three)
+        n = rows * splits
+        n16 = -(-n // 4) * 4  # segments start 16-byte aligned whatever n is (alignment is part of Triton's cache key)
+        work = torch.empty(n * D + 2 * n16, device=query.device, dtype=torch.float32)
         op = work[: n * D].view(rows, splits, D)
         mp = work[n * D: n * D + n].view(rows, splits)
         lp = work[n * D + n16: n * D + n16 + n].view(rows, splits)
+        tickets = out  # not touched
     gp = max(16, 1 << (G - 1).bit_length())  # the query heads of one KV head, padded to a power of two
     launch(_decode_kernel, (programs, splits),
            (query, key, value, index, count, op, mp, lp, tickets, out, scale * LOG2E,

@@ -36,8 +36,8 @@ if triton is not None:
     def _decode_index_kernel(VALID, QIDX, OFFS, DBS, TOK, BLK, WORK, IDX, CNT,
                              T, svb, NQ, n_offs, n_dbs, tok_len, blk_len, kv_offset, max_distance, sinks, window,
                              block_size, sib, siq, N,
-                             BLOCK: tl.constexpr, GRAN_BLOCK: tl.constexpr, HAS_SINKS: tl.constexpr,
-                             HAS_MD: tl.constexpr):
+                             BLOCK: tl.constexpr, SCAN: tl.constexpr, GRAN_BLOCK: tl.constexpr,
+                             HAS_SINKS: tl.constexpr, HAS_MD: tl.constexpr):
         b = tl.program_id(0)
         offs = tl.arange(0, BLOCK)
         valid_row = VALID + b.to(tl.int64) * svb
@@ -45,8 +45,8 @@ if triton is not None:
         ranks = slots + T  # kv index -> position (rank among the real tokens), -1 on padding
         # 1. ranks of the row's real tokens (a running cumulative sum), and the slot of each
         carry = 0
-        for start in range(0, T, BLOCK):
-            t = start + offs
+        for start in range(0, T, SCAN):  # (one program per row: wide steps keep the loop short at 128k)
+            t = start + tl.arange(0, SCAN)
             real = tl.load(valid_row + t, mask=t < T, other=0) != 0
             ones = real.to(tl.int32)
             rank = carry + tl.cumsum(ones, 0) - 1
@@ -140,7 +140,7 @@ def triton_decode_index(layout: PPALayout, pattern: PPAPattern, max_distance: in
             count, T, valid.stride(0), NQ, offs.numel(), dbs.numel(), tok.numel(), blk.numel(),
             layout.kv_offset, md, pattern.sink_tokens, pattern.window, pattern.block_size,
             index.stride(0), index.stride(1), n),
-           dict(BLOCK=1024, GRAN_BLOCK=pattern.is_block, HAS_SINKS=pattern.sink_tokens > 0,
-                HAS_MD=max_distance is not None), num_warps=4)
+           dict(BLOCK=1024, SCAN=4096, GRAN_BLOCK=pattern.is_block, HAS_SINKS=pattern.sink_tokens > 0,
+                HAS_MD=max_distance is not None), num_warps=8)
     layout.cache[key] = (index, count)
     return index, count
