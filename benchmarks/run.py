@@ -21,6 +21,7 @@ import contextlib
 import csv
 import math
 import os
+import statistics
 import sys
 import time
 
@@ -465,14 +466,14 @@ class StepClock:
         return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
 
 
-def generate_timing(model, batch: int, context: int, steps: int, static: bool, repeats: int = 1,
-                    device: str = "cuda") -> tuple[float, float, float]:
-    """``(prefill_ms, first_step_ms, ms_per_token)`` measured inside ``model.generate`` as a user calls it (greedy,
+def generate_timing(model, batch: int, context: int, steps: int, static: bool, device: str = "cuda",
+                    warm: bool = True) -> tuple[float, float, list[float]]:
+    """``(prefill_ms, first_step_ms, step_ms)`` measured inside ``model.generate`` as a user calls it (greedy,
     ``steps + 2`` new tokens forced with ``min_new_tokens``) by a stopping criterion that timestamps every step:
-    ``prefill_ms`` from the call to the first token, ``first_step_ms`` the step after it, ``ms_per_token`` the median
-    of the later steps over ``repeats`` calls. Each step includes everything ``generate`` does per token; the
-    prefill's run-to-run variation stays out of the per-token figure. ``static``: ``cache_implementation="static"``,
-    which Transformers compiles itself; a first untimed call pays the compilation."""
+    ``prefill_ms`` from the call to the first token, ``first_step_ms`` the step after it, ``step_ms`` the later steps.
+    Each step includes everything ``generate`` does per token; the prefill's run-to-run variation stays out of the
+    per-token figures. ``static``: ``cache_implementation="static"``, which Transformers compiles itself; ``warm``: a
+    first untimed call pays first-call set-up (static: the compilation)."""
     from transformers import StoppingCriteriaList
 
     ids = torch.randint(3, VOCAB, (batch, context), device=device)
@@ -489,13 +490,37 @@ def generate_timing(model, batch: int, context: int, steps: int, static: bool, r
         return (clock.times[0] - t0) * 1e3, [(b - a) * 1e3 for a, b in zip(clock.times, clock.times[1:])]
 
     with torch.no_grad():
-        run(steps + 2 if static else 2)  # untimed: first-call set-up (static: the compilation) stays out
+        if warm:
+            run(steps + 2 if static else 2)
         prefill, gaps = run(steps + 2)
-        later = gaps[1:]
-        for _ in range(repeats - 1):
-            later += run(steps + 2)[1][1:]
-    later.sort()
-    return prefill, gaps[0], later[len(later) // 2]
+    return prefill, gaps[0], gaps[1:]
+
+
+def interleaved_generate(model, impls, batch: int, context: int, steps: int, static: bool, repeats: int) -> dict:
+    """:func:`generate_timing` for each of ``impls`` (``(impl, granularity, p)``) ``repeats`` times, in rounds in which
+    every implementation runs once in turn: the host's and the GPU's speed drift over seconds, and taking turns
+    spreads the drift over all of them instead of favouring whichever ran in a fast period. (Static caches run
+    their repeats back to back: Transformers compiles the step per implementation.) Returns ``{impl triple:
+    (prefill_ms, first_step_ms, ms_per_token, spread)}``: the first run's prefill and first step, the median of all
+    runs' later steps, and the spread of the runs' own medians, ``(max - min) / median``."""
+    order = ([(r, v) for v in impls for r in range(repeats)] if static
+             else [(r, v) for r in range(repeats) for v in impls])
+    firsts, steps_of, medians = {}, {v: [] for v in impls}, {v: [] for v in impls}
+    for r, v in order:
+        impl, gran, p = v
+        use_impl(model, impl, gran, p)
+        try:
+            with sdpa_backends(impl):
+                prefill, first, later = generate_timing(model, batch, context, steps, static, warm=v not in firsts)
+        finally:
+            if static and r == repeats - 1:
+                torch._dynamo.reset()
+        firsts.setdefault(v, (prefill, first))
+        steps_of[v] += later
+        medians[v].append(statistics.median(later))
+        torch.cuda.empty_cache()
+    return {v: (*firsts[v], statistics.median(steps_of[v]),
+                (max(medians[v]) - min(medians[v])) / statistics.median(medians[v])) for v in impls}
 
 
 def part_generate(args, info):
@@ -514,26 +539,32 @@ def part_generate(args, info):
                 for context in args.contexts:
                     kv_bytes = 2 * layers * batch * 8 * context * 64 * 2
                     floor = kv_bytes / (bandwidth * 1e9) * 1e3
-                    base = base_flash = None
-                    for impl, gran, p in args.baselines + [("ppa", g, p) for g, p in PPA_VARIANTS[:2]]:
-                        use_impl(model, impl, gran, p)
+                    impls = args.baselines + [("ppa", g, p) for g, p in PPA_VARIANTS[:2]]
+                    if args.timing == "generate":
                         try:
-                            with sdpa_backends(impl):
-                                if args.timing == "generate":
-                                    prefill, first, per = generate_timing(model, batch, context, args.steps,
-                                                                          cache_kind == "static", args.repeats)
-                                else:
-                                    prefill, first, per = decode_timing(model, batch, context, args.steps,
-                                                                        cache_kind == "static", compiled,
-                                                                        args.growing_mask)
+                            timed = interleaved_generate(model, impls, batch, context, args.steps,
+                                                         cache_kind == "static", args.repeats)
                         except torch.cuda.OutOfMemoryError:
-                            print(f"OOM layers={layers} B={batch} T={context} {impl}", flush=True)
+                            print(f"OOM layers={layers} B={batch} T={context}", flush=True)
                             torch.cuda.empty_cache()
                             continue
-                        finally:
-                            torch._dynamo.reset()
-                        base = per if impl == "sdpa" else base
-                        base_flash = per if impl == "sdpa_flash" else base_flash
+                    else:
+                        timed = {}
+                        for impl, gran, p in impls:
+                            use_impl(model, impl, gran, p)
+                            try:
+                                with sdpa_backends(impl):
+                                    timed[(impl, gran, p)] = (*decode_timing(model, batch, context, args.steps,
+                                                                             cache_kind == "static", compiled,
+                                                                             args.growing_mask), float("nan"))
+                            except torch.cuda.OutOfMemoryError:
+                                print(f"OOM layers={layers} B={batch} T={context} {impl}", flush=True)
+                            finally:
+                                torch._dynamo.reset()
+                                torch.cuda.empty_cache()
+                    base = timed.get(("sdpa", "dense", 1.0), (None,) * 4)[2]
+                    base_flash = timed.get(("sdpa_flash", "dense", 1.0), (None,) * 4)[2]
+                    for (impl, gran, p), (prefill, first, per, spread) in timed.items():
                         mask = "growing" if cache_kind == "dynamic" or args.growing_mask else "whole-cache"
                         # generate() compiles a static-cache step itself (Transformers' automatic compilation)
                         compiled_step = compiled or (args.timing == "generate" and cache_kind == "static")
@@ -543,15 +574,16 @@ def part_generate(args, info):
                                      speedup_vs_sdpa=base / per if base else float("nan"),
                                      speedup_vs_sdpa_flash=base_flash / per if base_flash else float("nan"),
                                      first_step_ms=first, prefill_ms=prefill,
-                                     dense_floor_ms=floor, copy_gbs=round(bandwidth)))
-                        torch.cuda.empty_cache()
+                                     dense_floor_ms=floor, copy_gbs=round(bandwidth), repeats=args.repeats,
+                                     spread=spread))
         del model
         torch.cuda.empty_cache()
     markdown(os.path.join(args.out, "results.md"), "Whole model: decoding, ms per new token (greedy, one token per "
              "sequence per step)", out.rows,
              ["timing", "layers", "batch", "context", "cache", "compiled", "mask", "impl", "granularity", "p",
               "ms_per_token",
-              "speedup_vs_sdpa", "speedup_vs_sdpa_flash", "first_step_ms", "prefill_ms", "dense_floor_ms"], info)
+              "speedup_vs_sdpa", "speedup_vs_sdpa_flash", "first_step_ms", "prefill_ms", "dense_floor_ms", "repeats",
+              "spread"], info)
 
 
 def main(argv=None):

@@ -1,6 +1,7 @@
 """benchmarks.run's generate timing on CPU: the step clock sees every generated token, and the per-token figure is
 the median of the steps after the first."""
 
+import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -36,7 +37,33 @@ def test_generate_timing_on_cpu(monkeypatch):
     model = tiny_model()
     reads = iter(range(1000))
     monkeypatch.setattr(bench.time, "perf_counter", lambda: float(next(reads) ** 2))
-    prefill, first, per = bench.generate_timing(model, 2, 40, 5, static=False, device="cpu")
+    prefill, first, later = bench.generate_timing(model, 2, 40, 5, static=False, device="cpu")
     assert prefill == 7e3  # 16 - 9: the call's start to its first token
     assert first == 9e3  # 25 - 16: the step after the first token
-    assert per == 15e3  # median of the later steps 11, 13, 15, 17, 19
+    assert later == [11e3, 13e3, 15e3, 17e3, 19e3]  # the later steps
+
+
+@pytest.mark.parametrize("static", [False, True])
+def test_interleaved_generate_takes_turns_and_pools(monkeypatch, static):
+    """Dynamic caches: rounds in which each implementation runs once in turn, only each one's first run warmed;
+    static caches: each implementation's runs back to back. Per-token figure: the median of all runs' later steps;
+    spread: (max - min) / median of the runs' own medians."""
+    calls = []
+    fake = {"a": [[1.0, 2.0, 3.0], [5.0, 5.0, 5.0]], "b": [[10.0, 10.0, 10.0], [10.0, 11.0, 12.0]]}
+
+    def fake_timing(model, batch, context, steps, static_, device="cuda", warm=True):
+        impl = current[0]
+        calls.append((impl, warm))
+        return 100.0, 7.0, fake[impl][sum(c[0] == impl for c in calls) - 1]
+
+    current = [None]
+    monkeypatch.setattr(bench, "generate_timing", fake_timing)
+    monkeypatch.setattr(bench, "use_impl", lambda model, impl, gran, p: current.__setitem__(0, impl))
+    monkeypatch.setattr(bench.torch._dynamo, "reset", lambda: None)
+    impls = [("a", "dense", 1.0), ("b", "token", 0.75)]
+    out = bench.interleaved_generate(None, impls, 1, 64, 3, static, repeats=2)
+    expected = [("a", True), ("a", False), ("b", True), ("b", False)] if static else \
+        [("a", True), ("b", True), ("a", False), ("b", False)]
+    assert calls == expected
+    assert out[impls[0]] == (100.0, 7.0, 4.0, (5.0 - 2.0) / 3.5)  # median of 1, 2, 3, 5, 5, 5; medians 2 and 5
+    assert out[impls[1]] == (100.0, 7.0, 10.0, (11.0 - 10.0) / 10.5)

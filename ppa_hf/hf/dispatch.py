@@ -47,11 +47,17 @@ def _triton():
     return triton
 
 
+def _module_flag(module, name: str, default: bool):
+    """``getattr(module, name, default)`` without ``nn.Module.__getattr__``'s slow miss (this runs in every call)."""
+    own = vars(module)
+    return own[name] if name in own else getattr(type(module), name, default)
+
+
 def _refuse(module, is_causal, kwargs):
     name = type(module).__name__
-    if getattr(module, "is_cross_attention", False):
+    if _module_flag(module, "is_cross_attention", False):
         raise ValueError(f"attn_implementation='ppa' cannot run cross-attention ({name}); PPA is causal self-attention")
-    if is_causal is False or getattr(module, "is_causal", True) is False:
+    if is_causal is False or _module_flag(module, "is_causal", True) is False:
         raise ValueError(f"attn_implementation='ppa' cannot run non-causal attention ({name}); PPA is causal")
     for key, what in _UNSUPPORTED_KWARGS.items():
         if kwargs.get(key) is not None:
@@ -142,8 +148,8 @@ def run_path(path: str, query, key, value, layout: PPALayout, settings: PPASetti
             index, count = _triton().triton_decode_index(layout, pattern, max_distance)
         else:
             index, count = decode_index(layout, pattern, max_distance)
-        if path == "triton_decode":
-            return _triton().triton_decode_attention(query, key, value, index, count, scale)
+        if path == "triton_decode":  # (choose_path has checked that the kernel takes these inputs)
+            return _triton().triton_decode_attention(query, key, value, index, count, scale, check=False)
         return gather_decode_attention(query, key, value, index, count, scale)
     if path == "sdpa_mask":
         fold = query.shape[2] <= GQA_FOLD_MAX_QUERIES
@@ -168,6 +174,19 @@ def run_path(path: str, query, key, value, layout: PPALayout, settings: PPASetti
     return out
 
 
+def _layer_settings(layout: PPALayout, module: torch.nn.Module) -> PPASettings:
+    """:func:`read_settings` of the calling layer, read once per forward pass when every layer has the same settings
+    (the layout lives for one forward pass; a config changed before the next one is read again)."""
+    config = module.config
+    key = ("settings", id(config))
+    settings = layout.cache.get(key)
+    if settings is None:
+        settings = read_settings(config, _module_flag(module, "layer_idx", None))
+        if not isinstance(vars(config).get("ppa_p"), (list, tuple)):  # one p for every layer
+            layout.cache[key] = settings
+    return settings
+
+
 def ppa_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                           attention_mask, dropout: float = 0.0, scaling: float | None = None,
                           is_causal: bool | None = None, **kwargs):
@@ -179,7 +198,7 @@ def ppa_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: tor
             "attn_implementation='ppa' needs the PPA mask interface's layout, but got "
             f"{type(attention_mask).__name__}; pass a 2D padding mask (or none), not a prepared 4D mask"
         )
-    settings = read_settings(module.config, getattr(module, "layer_idx", None))
+    settings = _layer_settings(attention_mask, module)
     layout = attention_mask.with_position_ids(kwargs.get("position_ids"))
     if isinstance(layout, ContextParallelLayout):  # this rank holds one chunk of the sequence: gather all its keys
         key, value = layout.gather_kv(key, value)

@@ -68,20 +68,31 @@ def _signature(args: tuple) -> tuple:
         else -2**31 <= a < 2**31 if type(a) is int else type(a) for a in args)
 
 
-def launch(kernel, grid: tuple, args: tuple, constexprs: dict, **options) -> None:
+def launch(kernel, grid: tuple, args: tuple, constexprs: dict, fast_key: tuple | None = None, **options) -> None:
     """``kernel[grid](*args, **constexprs, **options)``; once a specialisation has been launched that way, later
     launches go through Triton's compiled kernel directly, skipping the per-call binding of arguments in
     ``JITFunction.run`` (on the H200 host the decode path's attention call went from 208-228 to 169-180 us per layer,
     ``benchmarks/decode_host.py``; the decode kernel's GPU time at batch 1 is a few microseconds).
     ``args`` are the kernel's non-constexpr parameters in order; its constexpr parameters come last, in ``constexprs``.
-    Every integer parameter of the kernel must be ``do_not_specialize`` (the cache key does not track 1 or 16)."""
+    Every integer parameter of the kernel must be ``do_not_specialize`` (the cache key does not track 1 or 16).
+
+    ``fast_key``: a cheaper cache key the caller computed, which must determine everything the full key holds (the
+    kernel, its constexprs and options, and every argument's specialisation); a hot call site (each decoding layer)
+    passes one to skip :func:`_signature`."""
     grid = tuple(grid) + (1,) * (3 - len(grid))
+    if fast_key is not None:
+        compiled = _COMPILED.get(fast_key)
+        if compiled is not None:
+            compiled[grid](*args, *constexprs.values())
+            return
     if interpreted(args[0].device):
         kernel[grid](*args, **constexprs, **options)
         return
     key = (kernel, tuple(sorted(options.items())), tuple(constexprs.items()), _signature(args))
     compiled = _COMPILED.get(key)
     if compiled is not None:
+        if fast_key is not None:
+            _COMPILED[fast_key] = compiled
         compiled[grid](*args, *constexprs.values())
         return
     names = list(getattr(kernel, "arg_names", []))
@@ -91,6 +102,8 @@ def launch(kernel, grid: tuple, args: tuple, constexprs: dict, **options) -> Non
     compiled = kernel[grid](*args, **constexprs, **options)
     if hasattr(compiled, "__getitem__"):  # a Triton without it keeps launching through the JIT function
         _COMPILED[key] = compiled
+        if fast_key is not None:
+            _COMPILED[fast_key] = compiled
 
 
 def last_contiguous(x: torch.Tensor) -> torch.Tensor:

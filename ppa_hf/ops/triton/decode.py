@@ -142,16 +142,18 @@ def _num_sms(device: str) -> int:
 
 
 def triton_decode_attention(query, key, value, index: torch.Tensor, count: torch.Tensor,
-                            scale: float | None = None) -> torch.Tensor:
+                            scale: float | None = None, check: bool = True) -> torch.Tensor:
     """``query [B, H, Q, D]`` against ``key``/``value [B, Hkv, T, D]`` (a KV cache) reading only the rows
     ``index [B or 1, Q, N]`` (kv indices, -1 for none; the first ``count [B or 1, Q]`` entries of each row are read,
     see :func:`ppa_hf.ops.gather.decode_index`). Returns ``[B, H, Q, D]``; a query with no key gets zeros.
 
     Eager calls launch the kernels directly (least host time per layer); under torch.compile the same work runs as
-    the custom op ``ppa_hf::triton_decode``, which Dynamo does not trace into and CUDA graphs capture."""
-    reason = unsupported_reason(query, key, value)
-    if reason is not None:
-        raise ValueError(f"the Triton decode kernel cannot run: {reason}")
+    the custom op ``ppa_hf::triton_decode``, which Dynamo does not trace into and CUDA graphs capture. ``check=False``:
+    the caller has already checked the inputs with :func:`~ppa_hf.ops.triton.unsupported_reason`."""
+    if check:
+        reason = unsupported_reason(query, key, value)
+        if reason is not None:
+            raise ValueError(f"the Triton decode kernel cannot run: {reason}")
     scale = 1.0 / math.sqrt(query.shape[-1]) if scale is None else float(scale)
     if torch.compiler.is_compiling():
         return torch.ops.ppa_hf.triton_decode(query, key, value, index, count, scale)
@@ -233,13 +235,21 @@ def _decode(query, key, value, index, count, scale: float, fused: bool = True) -
         lp = work[n * D + n16: n * D + n16 + n].view(rows, splits)
         tickets = out  # not touched
     gp = max(16, 1 << (G - 1).bit_length())  # the query heads of one KV head, padded to a power of two
+    combine = fused and splits > 1
+    # the kernel's specialisation in a few cheap values (see launch): every pointer 16-byte aligned, every integer
+    # (sizes and strides, at most the largest tensor's element count) 32-bit; otherwise the full key is computed
+    aligned = (query.data_ptr() | key.data_ptr() | value.data_ptr() | index.data_ptr() | count.data_ptr()
+               | out.data_ptr() | op.data_ptr() | mp.data_ptr() | lp.data_ptr() | tickets.data_ptr()) % 16 == 0
+    small = max(key.numel(), value.numel(), query.numel(), index.numel()) < 2**31
+    fast_key = (("decode", query.device.index, query.dtype, key.dtype, value.dtype, D, block_n, gp, splits == 1, combine)
+                if aligned and small else None)
     launch(_decode_kernel, (programs, splits),
            (query, key, value, index, count, op, mp, lp, tickets, out, scale * LOG2E,
             query.stride(0), query.stride(1), query.stride(2), key.stride(0), key.stride(1), key.stride(2),
             value.stride(0), value.stride(1), value.stride(2),
             index.stride(0) if index.shape[0] > 1 else 0, index.stride(1), count.stride(0) if count.shape[0] > 1 else 0,
             out.stride(0), out.stride(1), out.stride(2), Hkv, G, NQ, splits),
-           dict(HEAD_DIM=D, BLOCK_N=block_n, GP=gp, SINGLE=splits == 1, COMBINE=fused and splits > 1),
+           dict(HEAD_DIM=D, BLOCK_N=block_n, GP=gp, SINGLE=splits == 1, COMBINE=combine), fast_key=fast_key,
            num_warps=4, num_stages=3)
     if splits > 1 and not fused:  # SPLITS fixed at the largest split count: one compiled combine kernel for every shape
         launch(_combine_kernel, (rows,), (op, mp, lp, out, splits, H, NQ, out.stride(0), out.stride(1), out.stride(2)),
