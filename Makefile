@@ -58,10 +58,11 @@ bench-gpu:
 	$(PYTHON) -m benchmarks.run generate --gen-modes dynamic --batches 32 --contexts 1024 8192 32768 --steps 24 --out $(OUT)/bench
 	$(PYTHON) -m benchmarks.run generate --gen-modes static-compiled --batches 8 --contexts 32768 131072 --steps 24 --out $(OUT)/bench
 	$(PYTHON) -m benchmarks.run generate --gen-modes static-compiled --batches 8 --contexts 32768 131072 --steps 24 --growing-mask --out $(OUT)/bench
-	$(PYTHON) -m benchmarks.run generate --timing generate --gen-modes dynamic --batches 1 8 --contexts 32768 --steps 16 --out $(OUT)/bench
-	$(PYTHON) -m benchmarks.run generate --timing generate --gen-modes dynamic --gen-layers 16 --batches 1 8 --contexts 32768 --steps 16 --out $(OUT)/bench
-	$(PYTHON) -m benchmarks.run generate --timing generate --gen-modes dynamic --batches 1 --contexts 131072 --steps 16 --out $(OUT)/bench
-	$(PYTHON) -m benchmarks.run generate --timing generate --gen-modes static --baselines sdpa --batches 8 --contexts 32768 --steps 16 --out $(OUT)/bench
+	$(PYTHON) -m benchmarks.run generate --timing generate --gen-modes dynamic --batches 1 8 --contexts 1024 8192 32768 --steps 16 --repeats 5 --out $(OUT)/bench
+	$(PYTHON) -m benchmarks.run generate --timing generate --gen-modes dynamic --gen-layers 16 --batches 1 8 --contexts 32768 --steps 16 --repeats 5 --out $(OUT)/bench
+	$(PYTHON) -m benchmarks.run generate --timing generate --gen-modes dynamic --baselines sdpa_flash --batches 1 --contexts 131072 --steps 16 --repeats 3 --out $(OUT)/bench
+	$(PYTHON) -m benchmarks.run generate --timing generate --gen-modes static --baselines sdpa --batches 8 --contexts 32768 --steps 16 --repeats 2 --out $(OUT)/bench
+	$(PYTHON) -m benchmarks.run generate --timing generate --gen-modes dynamic --batches 32 --contexts 1024 8192 --steps 16 --repeats 3 --out $(OUT)/bench
 	OUT=$(OUT)/bench $(PYTHON) benchmarks/decode_host.py --parts decode host-parts sdpa-kernels
 	OUT=$(OUT)/bench $(PYTHON) benchmarks/profile_train.py
 	OUT=$(OUT)/bench $(PYTHON) -m benchmarks.experiments.token_mask
