@@ -59,3 +59,26 @@ def test_compiled_decode_step_matches_eager(settings):
     dynamo.reset()
     compiled = torch.compile(_model_and_step("llama", "ppa", settings), backend="aot_eager", fullgraph=True)()
     torch.testing.assert_close(compiled, eager, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("settings", SETTINGS[1:2], ids=["decode"])
+def test_generate_with_static_cache_compiles_without_graph_breaks(settings):
+    """`generate(cache_implementation="static")` as Transformers runs it (its own compilation of the decoding step,
+    here forced onto the CPU with fullgraph=True, so a graph break raises) gives the eager dynamic-cache tokens.
+    Guards against state that a compiled step would have to replay, such as a memo stored on the layout."""
+    from transformers.generation.configuration_utils import CompileConfig
+
+    torch.manual_seed(0)
+    config = tiny_config("llama", **settings)
+    model = AutoModelForCausalLM.from_config(config, attn_implementation="ppa").eval()
+    ids = torch.randint(1, 128, (2, 40))
+    mask = torch.ones_like(ids)
+    mask[1, :9] = 0  # left padding
+    compile_config = CompileConfig(fullgraph=True, backend="aot_eager", dynamic=False)
+    compile_config._compile_all_devices = True  # Transformers compiles on CUDA only unless told
+    kwargs = dict(attention_mask=mask, max_new_tokens=5, min_new_tokens=5, do_sample=False, pad_token_id=0)
+    dynamo.reset()
+    with torch.no_grad():
+        eager = model.generate(ids, **kwargs)
+        compiled = model.generate(ids, cache_implementation="static", compile_config=compile_config, **kwargs)
+    assert torch.equal(compiled, eager)

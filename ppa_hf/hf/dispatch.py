@@ -178,6 +178,8 @@ def _layer_settings(layout: PPALayout, module: torch.nn.Module) -> PPASettings:
     """:func:`read_settings` of the calling layer, read once per forward pass when every layer has the same settings
     (the layout lives for one forward pass; a config changed before the next one is read again)."""
     config = module.config
+    if torch.compiler.is_compiling():  # traced once per layer; a memo on the layout would be a side effect to replay
+        return read_settings(config, _module_flag(module, "layer_idx", None))
     key = ("settings", id(config))
     settings = layout.cache.get(key)
     if settings is None:
