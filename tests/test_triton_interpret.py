@@ -89,6 +89,32 @@ SCRIPT = textwrap.dedent("""
         for b, qi in itertools.product(range(2), range(2)):
             assert torch.equal(i0[b, qi, :c0[b, qi]], i1[b, qi, :c1[b, qi]]), (pat, b, qi)
     print("decode index lists equal")
+    # a whole decoding step of a tiny Llama (left padding, sinks): the Triton path (index kernel, fused decode)
+    # against the dense-mask path on the same cache, float32
+    from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
+    import ppa_hf
+    from ppa_hf.hf import dispatch
+    cfg = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096)
+    model = LlamaForCausalLM(cfg).eval()
+    ids = torch.randint(3, 128, (3, 1101))
+    mask = torch.ones_like(ids)
+    mask[1, :300] = 0
+    mask[2, :5] = 0
+    paths, run_path = [], dispatch.run_path
+    dispatch.run_path = lambda path, *a, **k: paths.append(path) or run_path(path, *a, **k)
+    logits = {}
+    for backend in ("triton", "sdpa_mask"):
+        ppa_hf.apply(model, p=0.75, window=16, sink_tokens=2, backend="sdpa_mask")
+        cache = DynamicCache(config=model.config)
+        with torch.no_grad():
+            model(ids[:, :-1], attention_mask=mask[:, :-1], past_key_values=cache)
+            ppa_hf.apply(model, p=0.75, window=16, sink_tokens=2, backend=backend)
+            logits[backend] = model(ids[:, -1:], attention_mask=mask, past_key_values=cache).logits
+    dispatch.run_path = run_path
+    err = (logits["triton"] - logits["sdpa_mask"]).abs().max().item()
+    print("model decode step, triton vs sdpa_mask", err, paths[:4])
+    assert paths[:4] == ["sdpa_mask", "sdpa_mask", "triton_decode", "triton_decode"] and err < 1e-5
     # the custom ops that torch.compile sees: schema, fake tensors, autograd registration, AOT dispatch
     from ppa_hf.ops.triton import prefill  # noqa: F401  (registers the ops)
     q, k, v = (torch.randn(1, h, 40, 16, requires_grad=True) for h in (2, 1, 1))
