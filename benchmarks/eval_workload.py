@@ -2,13 +2,15 @@
 embedded SmolLM2-135M-Instruct, sdpa against PPA in one process; and whether PPA at p = 1 gives sdpa's answers.
 
     python benchmarks/eval_workload.py --data ../shared/data/gsm8k/test.jsonl --out OUT [--limit 50]
-        [--batch-size 50] [--max-new-tokens 256] [--dtype float32] [--impls sdpa ppa:token:1 ppa:token:0.75 ...]
+        [--batch-size 50] [--max-new-tokens 256] [--dtype float32] [--rounds 3]
+        [--impls sdpa ppa:token:1 ppa:token:0.75 ...]
 
-Each implementation runs the same batches twice (the first run pays one-off costs: kernel compilation, cuDNN
-plans) and the second is timed. Writes, as each implementation finishes, ``eval_workload.csv`` (a row per
-implementation: seconds, new tokens, tokens per second, speedup against sdpa, accuracy, how many answers and
-texts equal sdpa's; machine stamp) and ``eval_workload_samples.jsonl`` (every prompt's generation and extracted
-answer per implementation) to OUT.
+Each implementation first runs the batches once untimed (one-off costs: kernel compilation, cuDNN plans); then, in
+each of ``--rounds`` rounds, every implementation runs them once in turn, timed (the host's speed drifts over
+seconds: taking turns spreads the drift over all of them). Writes, after each round, ``eval_workload.csv`` (a row
+per implementation: median seconds, the spread of its rounds, new tokens, tokens per second, speedup against sdpa,
+accuracy, how many answers and texts equal sdpa's; machine stamp) and ``eval_workload_samples.jsonl`` (every
+prompt's generation and extracted answer per implementation, from its first timed run) to OUT.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import argparse
 import csv
 import json
 import os
+import statistics
 import sys
 import time
 
@@ -68,6 +71,24 @@ def run_batches(model, tokenizer, prompts, batch_size: int, max_new_tokens: int)
     return texts, new_tokens, time.perf_counter() - t0
 
 
+def _row(stamp, v, first, times, base, golds, lengths, args, rounds: int) -> dict:
+    """The CSV row of implementation ``v`` after ``rounds`` rounds: the median of its timed runs, their spread
+    ((max - min) / median), and its first run's texts and answers against sdpa's (``base``)."""
+    impl, granularity, p = v
+    texts, answers, new_tokens = first[v]
+    seconds = statistics.median(times[v])
+    return {k: stamp[k] for k in ("gpu", "torch", "transformers", "python", "commit", "date")} | dict(
+        impl=impl, granularity=granularity or "dense", p=p if p is not None else 1.0, dtype=args.dtype,
+        prompts=len(golds), prompt_tokens_min=min(lengths), prompt_tokens_max=max(lengths),
+        batch=args.batch_size, max_new_tokens=args.max_new_tokens, seconds=round(seconds, 3),
+        rounds=rounds, spread=round((max(times[v]) - min(times[v])) / seconds, 3),
+        new_tokens=new_tokens, tokens_per_s=round(new_tokens / seconds, 1),
+        speedup_vs_sdpa=round(statistics.median(times[base]) / seconds, 3),
+        accuracy=sum(gsm8k_equal(a, g) for a, g in zip(answers, golds)) / len(golds),
+        same_answers_as_sdpa=sum(a == b for a, b in zip(answers, first[base][1])),
+        same_texts_as_sdpa=sum(a == b for a, b in zip(texts, first[base][0])))
+
+
 def main(argv=None) -> list[dict]:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data", required=True, help="GSM8K test JSONL (train.jsonl beside it gives the exemplars)")
@@ -77,10 +98,13 @@ def main(argv=None) -> list[dict]:
     ap.add_argument("--batch-size", type=int, default=50)
     ap.add_argument("--max-new-tokens", type=int, default=256)
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    ap.add_argument("--rounds", type=int, default=3, help="timed rounds; in each, every implementation runs once")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--impls", nargs="+", default=["sdpa", "sdpa_flash", "ppa:token:1", "ppa:token:0.75",
                                                    "ppa:block:0.75"])
     args = ap.parse_args(argv)
+    if args.rounds < 1:
+        raise ValueError(f"--rounds {args.rounds}: at least one timed round is needed")
     impls = [parse_impl(s) for s in args.impls]
     if impls[0][0] != "sdpa":
         raise ValueError("--impls must start with sdpa: the other rows are compared with it")
@@ -99,33 +123,33 @@ def main(argv=None) -> list[dict]:
     lengths = [len(tokenizer(p, add_special_tokens=False)["input_ids"]) for p in prompts]
     stamp = machine_stamp()
     os.makedirs(args.out, exist_ok=True)
-    rows, base = [], None
-    for impl, granularity, p in impls:
+    for impl, granularity, p in impls:  # one-off costs first (kernel compilation, cuDNN plans), untimed
         use_impl(model, impl, granularity, p)
         with sdpa_backends(impl):
-            run_batches(model, tokenizer, prompts, args.batch_size, args.max_new_tokens)  # one-off costs
-            texts, new_tokens, seconds = run_batches(model, tokenizer, prompts, args.batch_size, args.max_new_tokens)
-        answers = [extract_gsm8k(t) for t in texts]
-        base = base or (texts, answers, seconds)
-        row = {k: stamp[k] for k in ("gpu", "torch", "transformers", "python", "commit", "date")} | dict(
-            impl=impl, granularity=granularity or "dense", p=p if p is not None else 1.0, dtype=args.dtype,
-            prompts=len(prompts), prompt_tokens_min=min(lengths), prompt_tokens_max=max(lengths),
-            batch=args.batch_size, max_new_tokens=args.max_new_tokens, seconds=round(seconds, 3),
-            new_tokens=new_tokens, tokens_per_s=round(new_tokens / seconds, 1),
-            speedup_vs_sdpa=round(base[2] / seconds, 3),
-            accuracy=sum(gsm8k_equal(a, g) for a, g in zip(answers, golds)) / len(golds),
-            same_answers_as_sdpa=sum(a == b for a, b in zip(answers, base[1])),
-            same_texts_as_sdpa=sum(a == b for a, b in zip(texts, base[0])))
-        rows.append(row)
-        print(json.dumps(row), flush=True)
+            run_batches(model, tokenizer, prompts, args.batch_size, args.max_new_tokens)
+    times = {v: [] for v in impls}
+    first: dict = {}
+    for rnd in range(args.rounds):  # the implementations take turns: the host's speed drifts over seconds
+        for v in impls:
+            impl, granularity, p = v
+            use_impl(model, impl, granularity, p)
+            with sdpa_backends(impl):
+                texts, new_tokens, seconds = run_batches(model, tokenizer, prompts, args.batch_size,
+                                                         args.max_new_tokens)
+            times[v].append(seconds)
+            if v not in first:
+                first[v] = (texts, [extract_gsm8k(t) for t in texts], new_tokens)
+                with open(os.path.join(args.out, "eval_workload_samples.jsonl"), "a") as handle:
+                    for i, (text, answer) in enumerate(zip(texts, first[v][1])):
+                        handle.write(json.dumps(dict(impl=impl, granularity=granularity, p=p, index=i,
+                                                     gold=golds[i], answer=answer, generation=text)) + "\n")
+        rows = [_row(stamp, v, first, times, impls[0], golds, lengths, args, rnd + 1) for v in impls]
+        for row in rows:
+            print(json.dumps(row), flush=True)
         with open(os.path.join(args.out, "eval_workload.csv"), "w", newline="") as handle:  # a cut run keeps its rows
             writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
             writer.writeheader()
             writer.writerows(rows)
-        with open(os.path.join(args.out, "eval_workload_samples.jsonl"), "a") as handle:
-            for i, (text, answer) in enumerate(zip(texts, answers)):
-                handle.write(json.dumps(dict(impl=impl, granularity=granularity, p=p, index=i, gold=golds[i],
-                                             answer=answer, generation=text)) + "\n")
     return rows
 
 

@@ -14,12 +14,13 @@ DATA = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "gs
 
 def test_eval_workload_rows_and_p1_equality(tmp_path):
     rows = eval_workload.main(["--data", DATA, "--out", str(tmp_path), "--limit", "2", "--batch-size", "2",
-                               "--max-new-tokens", "3", "--device", "cpu",
+                               "--max-new-tokens", "3", "--device", "cpu", "--rounds", "2",
                                "--impls", "sdpa", "ppa:token:1", "ppa:token:0.5"])
     assert [(r["impl"], r["granularity"], r["p"]) for r in rows] == [("sdpa", "dense", 1.0), ("ppa", "token", 1.0),
                                                                      ("ppa", "token", 0.5)]
     assert rows[1]["same_texts_as_sdpa"] == 2 and rows[1]["same_answers_as_sdpa"] == 2
     assert all(r["prompts"] == 2 and r["new_tokens"] > 0 and r["seconds"] > 0 for r in rows)
+    assert all(r["rounds"] == 2 and r["spread"] >= 0 for r in rows) and rows[0]["speedup_vs_sdpa"] == 1.0
     with open(tmp_path / "eval_workload.csv") as handle:
         table = list(csv.DictReader(handle))
     assert len(table) == 3 and {"commit", "gpu", "torch", "transformers", "python", "date"} <= set(table[0])
