@@ -297,7 +297,10 @@ def _tiny_cuda_llama(dtype=torch.bfloat16, **ppa):
 def test_static_cache_compiled_generation_matches_eager_dynamic(granularity):
     """generate(cache_implementation="static") compiles the decoding step (CUDA graphs) through the Triton kernels'
     custom ops, and through the torch gather for a left-padded batch; its tokens equal those of eager generation
-    with a dynamic cache (fp32, so that the compiled graph's other fusions cannot flip a greedy choice)."""
+    with a dynamic cache (fp32, so that the compiled graph's other fusions cannot flip a greedy choice). fullgraph:
+    a graph break raises instead of quietly running part of the step eagerly."""
+    from transformers.generation.configuration_utils import CompileConfig
+
     for backend, left_pad in (("triton", 0), ("auto", 37)):
         model = _tiny_cuda_llama(torch.float32, p=0.75, window=16, sink_tokens=1, granularity=granularity,
                                  block_size=64, backend=backend)
@@ -307,7 +310,8 @@ def test_static_cache_compiled_generation_matches_eager_dynamic(granularity):
         kw = dict(attention_mask=mask, max_new_tokens=24, min_new_tokens=24, do_sample=False)
         with torch.no_grad():
             eager = model.generate(ids, **kw)
-            static = model.generate(ids, cache_implementation="static", **kw)
+            static = model.generate(ids, cache_implementation="static", compile_config=CompileConfig(fullgraph=True),
+                                    **kw)
         print(f"[static+compile {granularity} {backend}] differing steps:",
               (eager != static).any(0).nonzero().flatten().tolist())
         assert torch.equal(static, eager)
