@@ -103,10 +103,10 @@ class PPALayout:
             return self
         key = ("position_ids", position_ids.data_ptr(), tuple(position_ids.shape))
         if key not in self.cache:
-            pid = position_ids.to(self.seg.device).expand(self.seg.shape[0], -1)
+            pid = position_ids.to(self.device).expand(self._grid_shape()[0], -1)
             self.cache[key] = self
             if bool((pid[:, 1:] <= pid[:, :-1]).any()):
-                valid = self.seg >= 0
+                valid = self.valid
                 prev = previous_valid(valid)
                 restart = torch.gather(pid, 1, prev.clamp(min=0)) >= pid
                 link = (prev >= 0) & ~restart & (self.seg == torch.gather(self.seg, 1, prev.clamp(min=0)))
@@ -131,7 +131,7 @@ class PPALayout:
         Q, T = int(self.q_index.numel()), self.seg.shape[-1]
         if Q == 0:
             return None
-        valid = self.seg >= 0
+        valid = self.valid
         count = valid.sum(-1)
         idx = torch.arange(T, device=self.seg.device)
         last = torch.where(valid, idx, -1).max(dim=-1).values
