@@ -167,6 +167,20 @@ def _decode_output(query: torch.Tensor) -> torch.Tensor:
     return query.new_empty(B, NQ, H, D).transpose(1, 2)
 
 
+def _workspace_size(rows: int, splits: int, head_dim: int) -> int:
+    """float32 elements of a workspace holding the splits' partial outputs, maxima and denominators."""
+    n16 = -(-rows * splits // 4) * 4  # segments start 16-byte aligned (alignment is part of Triton's cache key)
+    return rows * splits * head_dim + 2 * n16
+
+
+def _workspace_views(work: torch.Tensor, rows: int, splits: int, head_dim: int):
+    """``(partial outputs [rows, splits, D], maxima [rows, splits], denominators [rows, splits])`` in ``work``."""
+    n = rows * splits
+    n16 = -(-n // 4) * 4
+    return (work[: n * head_dim].view(rows, splits, head_dim), work[n * head_dim: n * head_dim + n].view(rows, splits),
+            work[n * head_dim + n16: n * head_dim + n16 + n].view(rows, splits))
+
+
 class _StreamBuffers:
     """Scratch memory of the eager decode path, one set per CUDA stream (kernels on one stream run in order, so the
     layers of a step reuse it; two streams never share it): the partial outputs, maxima and denominators of the
@@ -184,9 +198,7 @@ class _StreamBuffers:
             entry = self._buffers[(device, stream)] = [None, None, {}]
         views = entry[2].get((rows, splits, head_dim))
         if views is None or entry[1].numel() < programs:
-            n = rows * splits
-            n16 = -(-n // 4) * 4  # segments start 16-byte aligned (alignment is part of Triton's cache key)
-            size = n * head_dim + 2 * n16
+            size = _workspace_size(rows, splits, head_dim)
             if entry[0] is None or entry[0].numel() < size:
                 entry[0] = torch.empty(max(size, 2 * (0 if entry[0] is None else entry[0].numel())), device=device,
                                        dtype=torch.float32)
@@ -195,10 +207,8 @@ class _StreamBuffers:
                 entry[1] = torch.zeros(max(programs, 2 * (0 if entry[1] is None else entry[1].numel())),
                                        device=device, dtype=torch.int32)
                 entry[2].clear()
-            work = entry[0]
-            views = entry[2][(rows, splits, head_dim)] = (
-                work[: n * head_dim].view(rows, splits, head_dim), work[n * head_dim: n * head_dim + n].view(rows, splits),
-                work[n * head_dim + n16: n * head_dim + n16 + n].view(rows, splits), entry[1])
+            views = entry[2][(rows, splits, head_dim)] = (*_workspace_views(entry[0], rows, splits, head_dim),
+                                                           entry[1])
         return views
 
 
@@ -227,12 +237,8 @@ def _decode(query, key, value, index, count, scale: float, fused: bool = True) -
     elif fused:
         op, mp, lp, tickets = _BUFFERS.get(query.device, rows, splits, D, programs)
     else:  # one fresh workspace for the partial outputs, maxima and denominators (one allocation, not three)
-        n = rows * splits
-        n16 = -(-n // 4) * 4  # segments start 16-byte aligned whatever n is (alignment is part of Triton's cache key)
-        work = torch.empty(n * D + 2 * n16, device=query.device, dtype=torch.float32)
-        op = work[: n * D].view(rows, splits, D)
-        mp = work[n * D: n * D + n].view(rows, splits)
-        lp = work[n * D + n16: n * D + n16 + n].view(rows, splits)
+        work = torch.empty(_workspace_size(rows, splits, D), device=query.device, dtype=torch.float32)
+        op, mp, lp = _workspace_views(work, rows, splits, D)
         tickets = out  # not touched
     gp = max(16, 1 << (G - 1).bit_length())  # the query heads of one KV head, padded to a power of two
     combine = fused and splits > 1
