@@ -1,7 +1,9 @@
 """The Triton kernels on CPU through the Triton interpreter (TRITON_INTERPRET=1), tiny shapes, fp32, against the
 float64 reference: forward and every gradient of the block-sparse kernel (token and block granularity, sinks, a
 model sliding window, GQA, odd lengths, q_len != kv_len), the word-mask and the element-mask variants, and the
-fused decode kernel and its index-list kernel (against the torch index list), and the custom ops torch.compile sees (torch.library.opcheck). Runs in a subprocess because Triton reads TRITON_INTERPRET when the kernels are defined."""
+fused decode kernel and its index-list kernel (against the torch index list), how decoding calls are routed (float32,
+gradients), and the custom ops torch.compile sees (torch.library.opcheck). Runs in a subprocess because Triton reads
+TRITON_INTERPRET when the kernels are defined."""
 
 import os
 import subprocess
@@ -115,6 +117,20 @@ SCRIPT = textwrap.dedent("""
     err = (logits["triton"] - logits["sdpa_mask"]).abs().max().item()
     print("model decode step, triton vs sdpa_mask", err, paths[:4])
     assert paths[:4] == ["sdpa_mask", "sdpa_mask", "triton_decode", "triton_decode"] and err < 1e-5
+    # routing of decoding calls: float32 goes to the decode kernel (exact dots); where gradients are needed, 'auto'
+    # takes the torch gather (the kernel has no backward pass) and an explicit 'triton' is refused
+    from ppa_hf.hf.dispatch import choose_path
+    from ppa_hf.hf.settings import PPASettings
+    qd, kd = torch.randn(1, 4, 1, 16, requires_grad=True), torch.randn(1, 2, 1100, 16)
+    assert choose_path(PPASettings(0.75), qd.detach(), kd, kd, None, 0.0) == "triton_decode"
+    assert choose_path(PPASettings(0.75), qd, kd, kd, None, 0.0) == "gather_decode"
+    with torch.no_grad():
+        assert choose_path(PPASettings(0.75), qd, kd, kd, None, 0.0) == "triton_decode"
+    try:
+        choose_path(PPASettings(0.75, backend="triton"), qd, kd, kd, None, 0.0)
+        raise AssertionError("an explicit triton decode with gradients was not refused")
+    except ValueError as err:
+        assert "no backward pass" in str(err), err
     # the custom ops that torch.compile sees: schema, fake tensors, autograd registration, AOT dispatch
     from ppa_hf.ops.triton import prefill  # noqa: F401  (registers the ops)
     q, k, v = (torch.randn(1, h, 40, 16, requires_grad=True) for h in (2, 1, 1))

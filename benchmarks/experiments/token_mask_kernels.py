@@ -57,7 +57,7 @@ if triton is not None:
         for it in range(start, end):
             cols = tl.load(FIDX + it) * BLOCK_N + offs_n
             m_i, l_i, acc = _fwd_tile(q, k_ptr, v_ptr, cols, offs_d, skn, svn, kv_len, scale_log2, None,
-                                      m_i, l_i, acc, False, False)
+                                      m_i, l_i, acc, False, False, "tf32")
 
         # Partial tiles: TOKEN_PARTIAL ones (the token table's word bits are the whole mask), then the others
         # (the whole predicate per element).
@@ -70,7 +70,7 @@ if triton is not None:
                                            blk_len, block_size, sinks, max_distance, BLOCK_N, GRAN_BLOCK, HAS_SINKS,
                                            HAS_MD, USE_WORDS)
                 m_i, l_i, acc = _fwd_tile(q, k_ptr, v_ptr, cols, offs_d, skn, svn, kv_len, scale_log2, mask,
-                                          m_i, l_i, acc, True, True)
+                                          m_i, l_i, acc, True, True, "tf32")
 
         else:
             for it in range(start, mid):
@@ -89,13 +89,13 @@ if triton is not None:
                 else:
                     mask = None
                 m_i, l_i, acc = _fwd_tile(q, k_ptr, v_ptr, cols, offs_d, skn, svn, kv_len, scale_log2, mask,
-                                          m_i, l_i, acc, VARIANT != 2, False)
+                                          m_i, l_i, acc, VARIANT != 2, False, "tf32")
             for it in range(mid, end):
                 cols, mask = _partial_tile(it, mid, PIDX, qpos, offs_n, k_start, kv_end, TOK, tok_len, WF, n_words, BLK,
                                            blk_len, block_size, sinks, max_distance, BLOCK_N, GRAN_BLOCK, HAS_SINKS,
                                            HAS_MD, False)
                 m_i, l_i, acc = _fwd_tile(q, k_ptr, v_ptr, cols, offs_d, skn, svn, kv_len, scale_log2, mask,
-                                          m_i, l_i, acc, True, True)
+                                          m_i, l_i, acc, True, True, "tf32")
 
         empty = l_i == 0.0
         out = acc / tl.where(empty, 1.0, l_i)[:, None]

@@ -76,10 +76,10 @@ def choose_path(settings: PPASettings, query: torch.Tensor, key: torch.Tensor, v
       the block-sparse Triton kernel otherwise (every row one sequence from kv index 0: no left padding, no packing).
 
     ``auto``: attention dropout -> ``sdpa_mask``; a few queries against at least ``DECODE_MIN_KEYS`` keys and ``p <
-    1`` -> the Triton decode kernel on CUDA in half precision, else the torch gather; other few-query calls ->
-    ``sdpa_mask``; the block-sparse Triton kernel where it can run (FlexAttention instead when training where it is
-    measured faster, :data:`FLEX_TRAINS_FASTER`); FlexAttention on CUDA for inputs above ``FLEX_MIN_ENTRIES``
-    query-key pairs; else ``sdpa_mask`` (exact, trains on CPU).
+    1`` -> the Triton decode kernel on CUDA (float32 with exact dots), the torch gather where gradients are needed
+    or Triton cannot run; other few-query calls -> ``sdpa_mask``; the block-sparse Triton kernel where it can run
+    (FlexAttention instead when training where it is measured faster, :data:`FLEX_TRAINS_FASTER`); FlexAttention on
+    CUDA for inputs above ``FLEX_MIN_ENTRIES`` query-key pairs; else ``sdpa_mask`` (exact, trains on CPU).
     """
     backend = settings.backend
     if dropout > 0 and backend not in ("auto", "sdpa_mask"):
@@ -89,6 +89,7 @@ def choose_path(settings: PPASettings, query: torch.Tensor, key: torch.Tensor, v
         )
     q_len, kv_len = query.shape[2], key.shape[2]
     few_queries = q_len <= DECODE_MAX_QUERIES
+    needs_grad = torch.is_grad_enabled() and (query.requires_grad or key.requires_grad or value.requires_grad)
     if backend == "sdpa_mask":
         return "sdpa_mask"
     if backend == "flex":
@@ -102,6 +103,9 @@ def choose_path(settings: PPASettings, query: torch.Tensor, key: torch.Tensor, v
         if reason is None and not few_queries and layout.single_sequence_rows() is None:
             reason = ("the block-sparse kernel needs every row to be one sequence starting at kv index 0 (no left "
                       "padding, no packed sequences)")
+        if reason is None and few_queries and needs_grad:
+            reason = (f"{q_len} queries go to the decode kernel, which has no backward pass, and gradients are "
+                      "required")
         if reason is not None:
             raise ValueError(f"ppa_backend='triton' cannot serve this call: {reason}; use ppa_backend='auto'")
         return "triton_decode" if few_queries else "triton"
@@ -112,11 +116,11 @@ def choose_path(settings: PPASettings, query: torch.Tensor, key: torch.Tensor, v
         if kv_len < DECODE_MIN_KEYS or settings.pattern.is_full:
             # a small dense mask; FlexAttention would recompile for every new cache length
             return "sdpa_mask"
-        half = query.dtype in (torch.float16, torch.bfloat16)  # fp32 stays exact: the kernel's dots are tf32
-        return "triton_decode" if half and _triton().supports(query, key, value) else "gather_decode"
+        if needs_grad:  # the decode kernel has no backward pass; the torch gather has
+            return "gather_decode"
+        return "triton_decode" if _triton().supports(query, key, value) else "gather_decode"
     if _triton().supports(query, key, value) and layout.single_sequence_rows() is not None:
-        training = torch.is_grad_enabled() and (query.requires_grad or key.requires_grad or value.requires_grad)
-        if training and flex_available() and (query.shape[-1], settings.granularity) in FLEX_TRAINS_FASTER:
+        if needs_grad and flex_available() and (query.shape[-1], settings.granularity) in FLEX_TRAINS_FASTER:
             return "flex"
         return "triton"
     if query.device.type == "cuda" and flex_available() and q_len * kv_len > FLEX_MIN_ENTRIES:

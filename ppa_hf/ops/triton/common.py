@@ -106,6 +106,13 @@ def launch(kernel, grid: tuple, args: tuple, constexprs: dict, fast_key: tuple |
             _COMPILED[fast_key] = compiled
 
 
+def dot_precision(dtype: torch.dtype) -> str:
+    """The kernels' ``tl.dot`` input precision for inputs of ``dtype``: ``"ieee"`` for float32 (exact products, as
+    float32 SDPA computes them; Triton's default would round the inputs to tf32), Triton's default otherwise (half
+    precision inputs are exact on the tensor cores)."""
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
 def last_contiguous(x: torch.Tensor) -> torch.Tensor:
     """``x`` with a unit stride in its last dimension (the kernels index rows by stride, elements by one)."""
     return x if x.stride(-1) == 1 else x.contiguous()

@@ -9,7 +9,7 @@ import math
 
 import torch
 
-from .common import LOG2E, interpreted, last_contiguous, launch, tl, triton, unsupported_reason
+from .common import LOG2E, dot_precision, interpreted, last_contiguous, launch, tl, triton, unsupported_reason
 
 if triton is not None:
 
@@ -24,13 +24,14 @@ if triton is not None:
                        sqb, sqh, sqm, skb, skh, skn, svb, svh, svn, sib, siq, scb, sob, soh, som,
                        HKV, G, NQ, n_split,
                        HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, GP: tl.constexpr, SINGLE: tl.constexpr,
-                       COMBINE: tl.constexpr):
+                       COMBINE: tl.constexpr, PRECISION: tl.constexpr):
         """One program per (batch row, KV head, query) and split: the query heads of one KV head attend that
         split's share of the row's listed keys (the ``count`` entries shared evenly by the splits). ``SINGLE``
         (one split): the output is written normalised; else the partial results go to ``OP/MP/LP``, combined by
         :func:`_combine_kernel`, or (``COMBINE``) by the last split of each program to finish: each split takes a
         ticket from ``TICKETS[pid]`` (zero before the launch, reset to zero by that last split), so a layer costs
-        one launch instead of two."""
+        one launch instead of two. ``PRECISION``: the dots' input precision (``"ieee"`` for float32 inputs: exact,
+        where Triton's default would round them to tf32)."""
         pid = tl.program_id(0)
         split = tl.program_id(1)
         qi = pid % NQ
@@ -59,14 +60,14 @@ if triton is not None:
             valid = j >= 0  # -1: not attended (see ppa_hf.ops.gather.decode_index)
             j = tl.maximum(j, 0)
             k = tl.load(k_ptr + j[:, None] * skn + offs_d[None, :], mask=valid[:, None], other=0.0)
-            s = tl.dot(q, tl.trans(k)) * scale_log2
+            s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale_log2
             s = tl.where(valid[None, :], s, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(s, 1))
             p = tl.exp2(s - m_new[:, None])
             alpha = tl.exp2(m_i - m_new)
             l_i = l_i * alpha + tl.sum(p, 1)
             v = tl.load(v_ptr + j[:, None] * svn + offs_d[None, :], mask=valid[:, None], other=0.0)
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
             m_i = m_new
         if SINGLE:
             out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
@@ -255,7 +256,8 @@ def _decode(query, key, value, index, count, scale: float, fused: bool = True) -
             value.stride(0), value.stride(1), value.stride(2),
             index.stride(0) if index.shape[0] > 1 else 0, index.stride(1), count.stride(0) if count.shape[0] > 1 else 0,
             out.stride(0), out.stride(1), out.stride(2), Hkv, G, NQ, splits),
-           dict(HEAD_DIM=D, BLOCK_N=block_n, GP=gp, SINGLE=splits == 1, COMBINE=combine), fast_key=fast_key,
+           dict(HEAD_DIM=D, BLOCK_N=block_n, GP=gp, SINGLE=splits == 1, COMBINE=combine,
+                PRECISION=dot_precision(query.dtype)), fast_key=fast_key,
            num_warps=4, num_stages=3)
     if splits > 1 and not fused:  # SPLITS fixed at the largest split count: one compiled combine kernel for every shape
         launch(_combine_kernel, (rows,), (op, mp, lp, out, splits, H, NQ, out.stride(0), out.stride(1), out.stride(2)),

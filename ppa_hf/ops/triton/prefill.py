@@ -18,8 +18,8 @@ import torch
 
 from ...pattern import PPAPattern
 from ..tiles import device_lists
-from .common import (LOG2E, env_config, interpreted, last_contiguous, pattern_tables, tile_mask, tl, triton,
-                     unsupported_reason, word_mask, word_tables)
+from .common import (LOG2E, dot_precision, env_config, interpreted, last_contiguous, pattern_tables, tile_mask,
+                     tl, triton, unsupported_reason, word_mask, word_tables)
 
 
 def configs(head_dim: int, dtype: torch.dtype, device):
@@ -68,7 +68,7 @@ if triton is not None:
 
     @triton.jit
     def _fwd_tile(q, k_ptr, v_ptr, cols, offs_d, skn, svn, kv_len, scale_log2, mask, m_i, l_i, acc,
-                  MASKED: tl.constexpr, BOUNDED: tl.constexpr):
+                  MASKED: tl.constexpr, BOUNDED: tl.constexpr, PRECISION: tl.constexpr):
         """One key tile of the forward's online softmax for the ``[BLOCK_M]`` queries of ``q``; ``MASKED``: a
         partial tile (``mask`` applies), else a full tile; ``BOUNDED``: keys past ``kv_len`` read as zeros (a tile
         that may run past the end; unbounded loads pipeline better). Returns the new running max, denominator and
@@ -78,7 +78,7 @@ if triton is not None:
             k = tl.load(k_at, mask=(cols < kv_len)[None, :], other=0.0)
         else:
             k = tl.load(k_at)
-        s = tl.dot(q, k) * scale_log2
+        s = tl.dot(q, k, input_precision=PRECISION) * scale_log2
         if MASKED:
             s = tl.where(mask, s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -91,12 +91,12 @@ if triton is not None:
             v = tl.load(v_at, mask=(cols < kv_len)[:, None], other=0.0)
         else:
             v = tl.load(v_at)
-        acc = tl.dot(p.to(v.dtype), v, acc)
+        acc = tl.dot(p.to(v.dtype), v, acc, input_precision=PRECISION)
         return m_new, l_i, acc
 
     @triton.jit
     def _dq_tile(q, do, lse, delta, k_ptr, v_ptr, cols, offs_d, skn, svn, kv_len, scale_log2, mask, dq,
-                 MASKED: tl.constexpr, BOUNDED: tl.constexpr):
+                 MASKED: tl.constexpr, BOUNDED: tl.constexpr, PRECISION: tl.constexpr):
         """One key tile's contribution to ``dq [BLOCK_M, HEAD_DIM]`` (``MASKED``, ``BOUNDED`` as in
         :func:`_fwd_tile`)."""
         k_at = k_ptr + cols[None, :].to(tl.int64) * skn + offs_d[:, None]
@@ -107,12 +107,12 @@ if triton is not None:
         else:
             kT = tl.load(k_at)
             vT = tl.load(v_at)
-        p = tl.exp2(tl.dot(q, kT) * scale_log2 - lse[:, None])
+        p = tl.exp2(tl.dot(q, kT, input_precision=PRECISION) * scale_log2 - lse[:, None])
         if MASKED:
             p = tl.where(mask, p, 0.0)
-        dp = tl.dot(do, vT)
+        dp = tl.dot(do, vT, input_precision=PRECISION)
         ds = p * (dp - delta[:, None])
-        return tl.dot(ds.to(kT.dtype), tl.trans(kT), dq)
+        return tl.dot(ds.to(kT.dtype), tl.trans(kT), dq, input_precision=PRECISION)
 
     @triton.jit
     def _fwd_kernel(Q, K, V, O, LSE, scale_log2,
@@ -121,7 +121,7 @@ if triton is not None:
                     FPTR, FIDX, PPTR, PIDX, PMID, TOK, tok_len, BLK, blk_len, block_size, sinks, max_distance, WF, WB, n_words,
                     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                     GRAN_BLOCK: tl.constexpr, HAS_SINKS: tl.constexpr, HAS_MD: tl.constexpr,
-                    USE_WORDS: tl.constexpr):
+                    USE_WORDS: tl.constexpr, PRECISION: tl.constexpr):
         pid_m, pid_bh, b, h, hk, offs_m = _query_program(H, G, BLOCK_M)
         offs_n = tl.arange(0, BLOCK_N)
         offs_d = tl.arange(0, HEAD_DIM)
@@ -142,7 +142,7 @@ if triton is not None:
         for it in range(start, end):
             cols = tl.load(FIDX + it) * BLOCK_N + offs_n
             m_i, l_i, acc = _fwd_tile(q, k_ptr, v_ptr, cols, offs_d, skn, svn, kv_len, scale_log2, None,
-                                      m_i, l_i, acc, False, False)
+                                      m_i, l_i, acc, False, False, PRECISION)
 
         # Partial tiles: with word tables, first the TOKEN_PARTIAL ones (the word bits are the whole mask and no key
         # runs past the end: a loop of its own, with unbounded loads), then the others (the whole predicate).
@@ -155,14 +155,14 @@ if triton is not None:
                                            blk_len, block_size, sinks, max_distance, BLOCK_N, GRAN_BLOCK, HAS_SINKS,
                                            HAS_MD, True, True)
                 m_i, l_i, acc = _fwd_tile(q, k_ptr, v_ptr, cols, offs_d, skn, svn, kv_len, scale_log2, mask,
-                                          m_i, l_i, acc, True, False)
+                                          m_i, l_i, acc, True, False, PRECISION)
             start = mid
         for it in range(start, end):
             cols, mask = _partial_tile(it, PIDX, qpos, offs_n, k_start, kv_end, TOK, tok_len, WF, n_words, BLK, blk_len,
                                        block_size, sinks, max_distance, BLOCK_N, GRAN_BLOCK, HAS_SINKS, HAS_MD,
                                        USE_WORDS, False)
             m_i, l_i, acc = _fwd_tile(q, k_ptr, v_ptr, cols, offs_d, skn, svn, kv_len, scale_log2, mask,
-                                      m_i, l_i, acc, True, True)
+                                      m_i, l_i, acc, True, True, PRECISION)
 
         empty = l_i == 0.0
         out = acc / tl.where(empty, 1.0, l_i)[:, None]
@@ -174,20 +174,20 @@ if triton is not None:
 
     @triton.jit
     def _dkdv_tile(k, v, q_ptr, do_ptr, lse_ptr, delta_ptr, rows, offs_d, sqm, sdom, q_len, scale_log2,
-                   mask, dk, dv, MASKED: tl.constexpr):
+                   mask, dk, dv, MASKED: tl.constexpr, PRECISION: tl.constexpr):
         rmask = rows < q_len
         qT = tl.load(q_ptr + rows[None, :].to(tl.int64) * sqm + offs_d[:, None], mask=rmask[None, :], other=0.0)
         lse = tl.load(lse_ptr + rows)
-        sT = tl.dot(k, qT) * scale_log2
+        sT = tl.dot(k, qT, input_precision=PRECISION) * scale_log2
         pT = tl.exp2(sT - lse[None, :])
         if MASKED:
             pT = tl.where(mask, pT, 0.0)
         do = tl.load(do_ptr + rows[:, None].to(tl.int64) * sdom + offs_d[None, :], mask=rmask[:, None], other=0.0)
-        dv += tl.dot(pT.to(do.dtype), do)
+        dv += tl.dot(pT.to(do.dtype), do, input_precision=PRECISION)
         delta = tl.load(delta_ptr + rows)
-        dpT = tl.dot(v, tl.trans(do))
+        dpT = tl.dot(v, tl.trans(do), input_precision=PRECISION)
         dsT = pT * (dpT - delta[None, :])
-        dk += tl.dot(dsT.to(qT.dtype), tl.trans(qT))
+        dk += tl.dot(dsT.to(qT.dtype), tl.trans(qT), input_precision=PRECISION)
         return dk, dv
 
     @triton.jit
@@ -198,7 +198,7 @@ if triton is not None:
                          FPTR, FIDX, PPTR, PIDX, PMID, TOK, tok_len, BLK, blk_len, block_size, sinks, max_distance, WF, WB, n_words,
                          HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                          GRAN_BLOCK: tl.constexpr, HAS_SINKS: tl.constexpr, HAS_MD: tl.constexpr,
-                    USE_WORDS: tl.constexpr):
+                         USE_WORDS: tl.constexpr, PRECISION: tl.constexpr):
         pid_n = tl.program_id(0)
         pid_bh = tl.program_id(1)
         b = pid_bh // HKV
@@ -230,14 +230,14 @@ if triton is not None:
                 qb = tl.load(FIDX + it)
                 rows = qb * BLOCK_M + offs_m
                 dk, dv = _dkdv_tile(k, v, q_ptr, do_ptr, lse_ptr, delta_ptr, rows, offs_d, sqm, sdom, q_len,
-                                    scale_log2, None, dk, dv, False)
+                                    scale_log2, None, dk, dv, False, PRECISION)
             if USE_WORDS:  # TOKEN_PARTIAL tiles first: the word bits are the whole mask
                 for it in range(pstart, pmid):
                     qb = tl.load(PIDX + it)
                     rows = qb * BLOCK_M + offs_m
                     maskT = word_mask(WB, n_words, q_start + qb * BLOCK_M - kpos, BLOCK_M)
                     dk, dv = _dkdv_tile(k, v, q_ptr, do_ptr, lse_ptr, delta_ptr, rows, offs_d, sqm, sdom, q_len,
-                                        scale_log2, maskT, dk, dv, True)
+                                        scale_log2, maskT, dk, dv, True, PRECISION)
                 rest = pmid
             else:
                 rest = pstart
@@ -248,7 +248,7 @@ if triton is not None:
                                   block_size, sinks, max_distance, BLOCK_M, True, GRAN_BLOCK, HAS_SINKS, HAS_MD,
                                   USE_WORDS)
                 dk, dv = _dkdv_tile(k, v, q_ptr, do_ptr, lse_ptr, delta_ptr, rows, offs_d, sqm, sdom, q_len,
-                                    scale_log2, maskT, dk, dv, True)
+                                    scale_log2, maskT, dk, dv, True, PRECISION)
         dk = dk * sm_scale
         tl.store(DK + b.to(tl.int64) * sdkb + hk.to(tl.int64) * sdkh + offs_n[:, None].to(tl.int64) * sdkn
                  + offs_d[None, :], dk.to(DK.dtype.element_ty), mask=nmask[:, None])
@@ -262,7 +262,7 @@ if triton is not None:
                        FPTR, FIDX, PPTR, PIDX, PMID, TOK, tok_len, BLK, blk_len, block_size, sinks, max_distance, WF, WB, n_words,
                        HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                        GRAN_BLOCK: tl.constexpr, HAS_SINKS: tl.constexpr, HAS_MD: tl.constexpr,
-                    USE_WORDS: tl.constexpr):
+                    USE_WORDS: tl.constexpr, PRECISION: tl.constexpr):
         pid_m, pid_bh, b, h, hk, offs_m = _query_program(H, G, BLOCK_M)
         offs_n = tl.arange(0, BLOCK_N)
         offs_d = tl.arange(0, HEAD_DIM)
@@ -283,7 +283,7 @@ if triton is not None:
         for it in range(start, end):
             cols = tl.load(FIDX + it) * BLOCK_N + offs_n
             dq = _dq_tile(q, do, lse, delta, k_ptr, v_ptr, cols, offs_d, skn, svn, kv_len, scale_log2, None, dq,
-                          False, False)
+                          False, False, PRECISION)
         start = tl.load(PPTR + pid_m)
         end = tl.load(PPTR + pid_m + 1)
         if USE_WORDS:  # TOKEN_PARTIAL tiles first, as in the forward
@@ -293,14 +293,14 @@ if triton is not None:
                                            blk_len, block_size, sinks, max_distance, BLOCK_N, GRAN_BLOCK, HAS_SINKS,
                                            HAS_MD, True, True)
                 dq = _dq_tile(q, do, lse, delta, k_ptr, v_ptr, cols, offs_d, skn, svn, kv_len, scale_log2, mask, dq,
-                              True, False)
+                              True, False, PRECISION)
             start = mid
         for it in range(start, end):
             cols, mask = _partial_tile(it, PIDX, qpos, offs_n, k_start, kv_end, TOK, tok_len, WF, n_words, BLK, blk_len,
                                        block_size, sinks, max_distance, BLOCK_N, GRAN_BLOCK, HAS_SINKS, HAS_MD,
                                        USE_WORDS, False)
             dq = _dq_tile(q, do, lse, delta, k_ptr, v_ptr, cols, offs_d, skn, svn, kv_len, scale_log2, mask, dq,
-                          True, True)
+                          True, True, PRECISION)
         dq = dq * sm_scale
         tl.store(DQ + b.to(tl.int64) * sdqb + h.to(tl.int64) * sdqh + offs_m[:, None].to(tl.int64) * sdqm
                  + offs_d[None, :], dq.to(DQ.dtype.element_ty), mask=rmask[:, None])
@@ -321,7 +321,7 @@ class _Ctx:
         self.words = word_tables(pattern, self.tok) if os.environ.get("PPA_TRITON_WORDS", "1") == "1" else None
         self.fwd_cfg, self.dkdv_cfg, self.dq_cfg = configs(self.D, q.dtype, q.device)
         self.flags = dict(GRAN_BLOCK=pattern.granularity == "block", HAS_SINKS=pattern.sink_tokens > 0,
-                          HAS_MD=max_distance is not None)
+                          HAS_MD=max_distance is not None, PRECISION=dot_precision(q.dtype))
         self.device = q.device
 
     def lists(self, bm, bn, transpose=False):
