@@ -173,6 +173,25 @@ if triton is not None:
                  mask=offs_m[:, None] < q_len)
 
     @triton.jit
+    def _delta_kernel(O, DO, DELTA, sob, soh, som, sdob, sdoh, sdom, H, q_len, lse_stride,
+                      HEAD_DIM: tl.constexpr, BLOCK: tl.constexpr):
+        """``DELTA[b*h, r] = sum_d O[b, h, r, d] * DO[b, h, r, d]`` in float32 for ``BLOCK`` rows (zero for rows past
+        ``q_len`` up to the LSE buffer's length): the backward's row term, in one pass over ``O`` and ``dO``."""
+        pid_m = tl.program_id(0)
+        pid_bh = tl.program_id(1)
+        b = pid_bh // H
+        h = pid_bh % H
+        rows = pid_m * BLOCK + tl.arange(0, BLOCK)
+        offs_d = tl.arange(0, HEAD_DIM)
+        rmask = (rows < q_len)[:, None]
+        o = tl.load(O + b.to(tl.int64) * sob + h.to(tl.int64) * soh + rows[:, None].to(tl.int64) * som
+                    + offs_d[None, :], mask=rmask, other=0.0)
+        do = tl.load(DO + b.to(tl.int64) * sdob + h.to(tl.int64) * sdoh + rows[:, None].to(tl.int64) * sdom
+                     + offs_d[None, :], mask=rmask, other=0.0)
+        delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+        tl.store(DELTA + pid_bh.to(tl.int64) * lse_stride + rows, delta, mask=rows < lse_stride)
+
+    @triton.jit
     def _dkdv_tile(k, v, q_ptr, do_ptr, lse_ptr, delta_ptr, rows, offs_d, sqm, sdom, q_len, scale_log2,
                    mask, dk, dv, MASKED: tl.constexpr, PRECISION: tl.constexpr):
         rmask = rows < q_len
@@ -357,11 +376,14 @@ def _forward(ctx: _Ctx, q, k, v, scale):
 
 
 def _backward(ctx: _Ctx, q, k, v, o, lse, do, scale):
-    do = last_contiguous(do)
+    do, o = last_contiguous(do), last_contiguous(o)
     lse_len = lse.shape[-1]
-    delta = torch.zeros((ctx.B, ctx.H, lse_len), device=q.device, dtype=torch.float32)
-    delta[..., : ctx.Lq] = (o.float() * do.float()).sum(-1)
-    # Rows past q_len: LSE stays +inf (p = 0). Make sure padding rows of every block are covered.
+    # Rows past q_len: LSE stays +inf (p = 0) and delta 0, over the whole LSE buffer (every kernel's padding rows)
+    delta = torch.empty((ctx.B, ctx.H, lse_len), device=q.device, dtype=torch.float32)
+    rows = 64 if ctx.D <= 128 else 32
+    _delta_kernel[(triton.cdiv(lse_len, rows), ctx.B * ctx.H)](
+        o, do, delta, o.stride(0), o.stride(1), o.stride(2), do.stride(0), do.stride(1), do.stride(2), ctx.H, ctx.Lq,
+        lse_len, HEAD_DIM=ctx.D, BLOCK=rows, num_warps=4)
     dq = torch.empty_like(q)
     dk = torch.empty_like(k)
     dv = torch.empty_like(v)
