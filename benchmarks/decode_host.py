@@ -10,6 +10,7 @@ time goes, by function) and a torch.profiler table of PPA token steps. Needs a C
     python benchmarks/decode_host.py    # $OUT/decode_host.jsonl, decode_step_profile_*.txt, decode_profile_token.txt
     python benchmarks/decode_host.py --parts host-parts sdpa-kernels   # the pieces of one call; sdpa's kernels
     python benchmarks/decode_host.py --parts cpu                       # the per-layer calls on a CPU
+    python benchmarks/decode_host.py --parts static-first-step   # where generate's first static-cache step goes
 """
 import collections
 import json
@@ -307,13 +308,74 @@ def cpu_calls(contexts=(4096, 16384), steps: int = 20):
     AttentionInterface.register("ppa", ppa_attention_forward)
 
 
+class _StepProfiles:
+    """A ``generate`` stopping criterion (called once per new token) that runs cProfile over the first decoding step
+    after the prefill and, separately, over the second, each synchronised at both ends, and times them."""
+
+    def __init__(self):
+        import cProfile
+
+        self.calls, self.times = 0, []
+        self.first, self.second = cProfile.Profile(), cProfile.Profile()
+
+    def __call__(self, input_ids, scores, **kwargs):
+        torch.cuda.synchronize()
+        self.times.append(time.perf_counter())
+        if self.calls == 0:
+            self.first.enable()
+        elif self.calls == 1:
+            self.first.disable()
+            self.second.enable()
+        elif self.calls == 2:
+            self.second.disable()
+        self.calls += 1
+        return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+
+
+def static_first_step(batch=8, context=32768, new=8):
+    """``generate(cache_implementation="static")`` (Transformers compiles the step, CUDA graphs), sdpa and PPA token
+    p = 0.75: after one untimed call (compilation), a second call with cProfile over its first decoding step and over
+    its second. Writes ``$OUT/static_first_step_<impl>.txt`` (the steps' times and the top functions by cumulative
+    time) and prints the times."""
+    import io
+    import pstats
+
+    from transformers import StoppingCriteriaList
+
+    model = make_model("llama-1b", 8, context + 4096)
+    model.eval()
+    ids = torch.randint(3, VOCAB, (batch, context), device="cuda")
+    for impl, gran in (("sdpa", None), ("ppa", "token")):
+        use_impl(model, impl, gran, 0.75)
+        with torch.no_grad():
+            model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new, min_new_tokens=new,
+                           do_sample=False, pad_token_id=0, cache_implementation="static")
+            clock = _StepProfiles()
+            model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new, min_new_tokens=new,
+                           do_sample=False, pad_token_id=0, cache_implementation="static",
+                           stopping_criteria=StoppingCriteriaList([clock]))
+        gaps = [round((b - a) * 1e3, 2) for a, b in zip(clock.times, clock.times[1:])]
+        lines = [f"{impl} batch={batch} context={context}: step ms (first = after the prefill) {gaps}"]
+        for name, prof in (("first step", clock.first), ("second step", clock.second)):
+            text = io.StringIO()
+            pstats.Stats(prof, stream=text).sort_stats("cumulative").print_stats(35)
+            lines += [f"== {name}", text.getvalue()]
+        print(lines[0], flush=True)
+        with open(os.path.join(OUT, f"static_first_step_{impl}.txt"), "w") as handle:
+            handle.write("\n".join(lines))
+        torch._dynamo.reset()
+        torch.cuda.empty_cache()
+
+
 if __name__ == "__main__":
     import argparse
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--parts", nargs="+", default=["decode"],
-                    choices=["decode", "sdpa-kernels", "host-parts", "cpu"])
+                    choices=["decode", "sdpa-kernels", "host-parts", "cpu", "static-first-step"])
     chosen = ap.parse_args().parts
+    if "static-first-step" in chosen:
+        static_first_step()
     if "cpu" in chosen:
         cpu_calls()
     if "host-parts" in chosen:
