@@ -9,7 +9,8 @@ Each implementation first runs the batches once untimed (one-off costs: kernel c
 each of ``--rounds`` rounds, every implementation runs them once in turn, timed (the host's speed drifts over
 seconds: taking turns spreads the drift over all of them). Writes, after each round, ``eval_workload.csv`` (a row
 per implementation: median seconds, the spread of its rounds, new tokens, tokens per second, speedup against sdpa,
-accuracy, how many answers and texts equal sdpa's; machine stamp) and ``eval_workload_samples.jsonl`` (every
+the decoding steps its batches ran and the time per step against sdpa's (where texts differ, the batches run
+different numbers of steps, and only the per-step figure compares like with like), accuracy, how many answers and texts equal sdpa's; machine stamp) and ``eval_workload_samples.jsonl`` (every
 prompt's generation and extracted answer per implementation, from its first timed run) to OUT.
 """
 
@@ -51,10 +52,11 @@ def parse_impl(spec: str) -> tuple[str, str | None, float | None]:
 
 
 def run_batches(model, tokenizer, prompts, batch_size: int, max_new_tokens: int):
-    """``(texts, new_tokens, seconds)``: greedy generation of every prompt (batches in prompt order, left-padded,
-    stop strings as in ``ppa-hf eval``)."""
+    """``(texts, new_tokens, steps, seconds)``: greedy generation of every prompt (batches in prompt order,
+    left-padded, stop strings as in ``ppa-hf eval``); ``steps``: the decoding steps the batches ran (a batch runs until
+    its last row stops, so two implementations whose texts differ can run different numbers of steps)."""
     device = next(model.parameters()).device
-    texts, new_tokens = [], 0
+    texts, new_tokens, steps = [], 0, 0
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     sync()
     t0 = time.perf_counter()
@@ -66,24 +68,27 @@ def run_batches(model, tokenizer, prompts, batch_size: int, max_new_tokens: int)
                                  pad_token_id=tokenizer.pad_token_id, stop_strings=list(STOP), tokenizer=tokenizer)
         new = out[:, batch["input_ids"].shape[1]:]
         new_tokens += int((new != tokenizer.pad_token_id).sum())
+        steps += new.shape[1]
         texts += [truncate_at_stop(tokenizer.decode(row, skip_special_tokens=True), STOP) for row in new]
     sync()
-    return texts, new_tokens, time.perf_counter() - t0
+    return texts, new_tokens, steps, time.perf_counter() - t0
 
 
 def _row(stamp, v, first, times, base, golds, lengths, args, rounds: int) -> dict:
     """The CSV row of implementation ``v`` after ``rounds`` rounds: the median of its timed runs, their spread
     ((max - min) / median), and its first run's texts and answers against sdpa's (``base``)."""
     impl, granularity, p = v
-    texts, answers, new_tokens = first[v]
+    texts, answers, new_tokens, steps = first[v]
     seconds = statistics.median(times[v])
+    base_seconds, base_steps = statistics.median(times[base]), first[base][3]
     return {k: stamp[k] for k in ("gpu", "torch", "transformers", "python", "commit", "date")} | dict(
         impl=impl, granularity=granularity or "dense", p=p if p is not None else 1.0, dtype=args.dtype,
         prompts=len(golds), prompt_tokens_min=min(lengths), prompt_tokens_max=max(lengths),
         batch=args.batch_size, max_new_tokens=args.max_new_tokens, seconds=round(seconds, 3),
         rounds=rounds, spread=round((max(times[v]) - min(times[v])) / seconds, 3),
         new_tokens=new_tokens, tokens_per_s=round(new_tokens / seconds, 1),
-        speedup_vs_sdpa=round(statistics.median(times[base]) / seconds, 3),
+        speedup_vs_sdpa=round(base_seconds / seconds, 3), steps=steps, ms_per_step=round(seconds / steps * 1e3, 3),
+        step_speedup_vs_sdpa=round((base_seconds / base_steps) / (seconds / steps), 3),
         accuracy=sum(gsm8k_equal(a, g) for a, g in zip(answers, golds)) / len(golds),
         same_answers_as_sdpa=sum(a == b for a, b in zip(answers, first[base][1])),
         same_texts_as_sdpa=sum(a == b for a, b in zip(texts, first[base][0])))
@@ -134,11 +139,11 @@ def main(argv=None) -> list[dict]:
             impl, granularity, p = v
             use_impl(model, impl, granularity, p)
             with sdpa_backends(impl):
-                texts, new_tokens, seconds = run_batches(model, tokenizer, prompts, args.batch_size,
-                                                         args.max_new_tokens)
+                texts, new_tokens, steps, seconds = run_batches(model, tokenizer, prompts, args.batch_size,
+                                                                args.max_new_tokens)
             times[v].append(seconds)
             if v not in first:
-                first[v] = (texts, [extract_gsm8k(t) for t in texts], new_tokens)
+                first[v] = (texts, [extract_gsm8k(t) for t in texts], new_tokens, steps)
                 with open(os.path.join(args.out, "eval_workload_samples.jsonl"), "a") as handle:
                     for i, (text, answer) in enumerate(zip(texts, first[v][1])):
                         handle.write(json.dumps(dict(impl=impl, granularity=granularity, p=p, index=i,

@@ -21,6 +21,9 @@ def test_eval_workload_rows_and_p1_equality(tmp_path):
     assert rows[1]["same_texts_as_sdpa"] == 2 and rows[1]["same_answers_as_sdpa"] == 2
     assert all(r["prompts"] == 2 and r["new_tokens"] > 0 and r["seconds"] > 0 for r in rows)
     assert all(r["rounds"] == 2 and r["spread"] >= 0 for r in rows) and rows[0]["speedup_vs_sdpa"] == 1.0
+    # one batch of 2 prompts, 3 new tokens forced by max_new_tokens unless both rows stop: at most 3 steps
+    assert all(1 <= r["steps"] <= 3 and r["ms_per_step"] > 0 for r in rows) and rows[0]["step_speedup_vs_sdpa"] == 1.0
+    assert rows[1]["steps"] == rows[0]["steps"]  # p = 1: the same texts, so the same steps
     with open(tmp_path / "eval_workload.csv") as handle:
         table = list(csv.DictReader(handle))
     assert len(table) == 3 and {"commit", "gpu", "torch", "transformers", "python", "date"} <= set(table[0])
