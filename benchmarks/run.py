@@ -467,22 +467,34 @@ class StepClock:
 
 
 def generate_timing(model, batch: int, context: int, steps: int, static: bool, device: str = "cuda",
-                    warm: bool = True) -> tuple[float, float, list[float]]:
+                    warm: bool = True, reuse_cache: bool = False) -> tuple[float, float, list[float]]:
     """``(prefill_ms, first_step_ms, step_ms)`` measured inside ``model.generate`` as a user calls it (greedy,
     ``steps + 2`` new tokens forced with ``min_new_tokens``) by a stopping criterion that timestamps every step:
     ``prefill_ms`` from the call to the first token, ``first_step_ms`` the step after it, ``step_ms`` the later steps.
     Each step includes everything ``generate`` does per token; the prefill's run-to-run variation stays out of the
     per-token figures. ``static``: ``cache_implementation="static"``, which Transformers compiles itself; ``warm``: a
-    first untimed call pays first-call set-up (static: the compilation)."""
-    from transformers import StoppingCriteriaList
+    first untimed call pays first-call set-up (static: the compilation). ``reuse_cache`` (with ``static``): one
+    ``StaticCache`` made here and passed to every call as ``past_key_values`` (reset before each), instead of the
+    new cache ``generate`` allocates per call; its tensors keep their addresses, which CUDA-graph trees check
+    before replaying a recorded step."""
+    from transformers import StaticCache, StoppingCriteriaList
 
     ids = torch.randint(3, VOCAB, (batch, context), device=device)
     mask = torch.ones_like(ids)
     extra = dict(cache_implementation="static") if static else {}
+    cache = None
+    if static and reuse_cache:
+        from transformers.modeling_outputs import CausalLMOutputWithPast
+
+        cache = StaticCache(config=model.config, max_cache_len=context + steps + 2)
+        # the argument's name: `cache` in newer Transformers (`past_key_values` deprecated there), 5.17 knows only that
+        extra = {"cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values": cache}
     sync = torch.cuda.synchronize if torch.device(device).type == "cuda" else (lambda: None)
 
     def run(new: int) -> tuple[float, list[float]]:
         clock = StepClock(sync)
+        if cache is not None:
+            cache.reset()  # in place: the same tensors, zeroed
         sync()
         t0 = time.perf_counter()
         model.generate(ids, attention_mask=mask, max_new_tokens=new, min_new_tokens=new, do_sample=False,
@@ -496,7 +508,8 @@ def generate_timing(model, batch: int, context: int, steps: int, static: bool, d
     return prefill, gaps[0], gaps[1:]
 
 
-def interleaved_generate(model, impls, batch: int, context: int, steps: int, static: bool, repeats: int) -> dict:
+def interleaved_generate(model, impls, batch: int, context: int, steps: int, static: bool, repeats: int,
+                         reuse_cache: bool = False) -> dict:
     """:func:`generate_timing` for each of ``impls`` (``(impl, granularity, p)``) ``repeats`` times, in rounds in which
     every implementation runs once in turn: the host's and the GPU's speed drift over seconds, and taking turns
     spreads the drift over all of them instead of favouring whichever ran in a fast period. (Static caches run
@@ -511,7 +524,8 @@ def interleaved_generate(model, impls, batch: int, context: int, steps: int, sta
         use_impl(model, impl, gran, p)
         try:
             with sdpa_backends(impl):
-                prefill, first, later = generate_timing(model, batch, context, steps, static, warm=v not in firsts)
+                prefill, first, later = generate_timing(model, batch, context, steps, static, warm=v not in firsts,
+                                                        reuse_cache=reuse_cache)
         finally:
             if static and r == repeats - 1:
                 torch._dynamo.reset()
@@ -543,7 +557,8 @@ def part_generate(args, info):
                     if args.timing == "generate":
                         try:
                             timed = interleaved_generate(model, impls, batch, context, args.steps,
-                                                         cache_kind == "static", args.repeats)
+                                                         cache_kind == "static", args.repeats,
+                                                         reuse_cache=args.reuse_static_cache)
                         except torch.cuda.OutOfMemoryError:
                             print(f"OOM layers={layers} B={batch} T={context}", flush=True)
                             torch.cuda.empty_cache()
@@ -568,7 +583,8 @@ def part_generate(args, info):
                         mask = "growing" if cache_kind == "dynamic" or args.growing_mask else "whole-cache"
                         # generate() compiles a static-cache step itself (Transformers' automatic compilation)
                         compiled_step = compiled or (args.timing == "generate" and cache_kind == "static")
-                        out.add(dict(timing=args.timing, layers=layers, batch=batch, context=context, cache=cache_kind,
+                        kind = "static-reused" if cache_kind == "static" and args.reuse_static_cache else cache_kind
+                        out.add(dict(timing=args.timing, layers=layers, batch=batch, context=context, cache=kind,
                                      compiled=int(compiled_step), mask=mask, impl=impl, granularity=gran, p=p,
                                      ms_per_token=per,
                                      speedup_vs_sdpa=base / per if base else float("nan"),
@@ -613,6 +629,9 @@ def main(argv=None):
                          "synchronised")
     ap.add_argument("--repeats", type=int, default=1,
                     help="--timing generate: timed generate calls whose step times are pooled (median)")
+    ap.add_argument("--reuse-static-cache", action="store_true",
+                    help="--timing generate, static caches: one StaticCache passed to every generate call (reset "
+                         "before each) instead of the new one generate allocates per call (CSV cache=static-reused)")
     ap.add_argument("--growing-mask", action="store_true",
                     help="static caches: a padding mask one column longer each step, as generate() passes it")
     args = ap.parse_args(argv)

@@ -7,6 +7,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 import ppa_hf
 from benchmarks import run as bench
+from transformers_compat import CACHE
 
 
 def tiny_model():
@@ -51,7 +52,8 @@ def test_interleaved_generate_takes_turns_and_pools(monkeypatch, static):
     calls = []
     fake = {"a": [[1.0, 2.0, 3.0], [5.0, 5.0, 5.0]], "b": [[10.0, 10.0, 10.0], [10.0, 11.0, 12.0]]}
 
-    def fake_timing(model, batch, context, steps, static_, device="cuda", warm=True):
+    def fake_timing(model, batch, context, steps, static_, device="cuda", warm=True, reuse_cache=False):
+        assert reuse_cache is (static and True)  # passed through for static caches
         impl = current[0]
         calls.append((impl, warm))
         return 100.0, 7.0, fake[impl][sum(c[0] == impl for c in calls) - 1]
@@ -61,9 +63,39 @@ def test_interleaved_generate_takes_turns_and_pools(monkeypatch, static):
     monkeypatch.setattr(bench, "use_impl", lambda model, impl, gran, p: current.__setitem__(0, impl))
     monkeypatch.setattr(bench.torch._dynamo, "reset", lambda: None)
     impls = [("a", "dense", 1.0), ("b", "token", 0.75)]
-    out = bench.interleaved_generate(None, impls, 1, 64, 3, static, repeats=2)
+    out = bench.interleaved_generate(None, impls, 1, 64, 3, static, repeats=2, reuse_cache=static)
     expected = [("a", True), ("a", False), ("b", True), ("b", False)] if static else \
         [("a", True), ("b", True), ("a", False), ("b", False)]
     assert calls == expected
     assert out[impls[0]] == (100.0, 7.0, 4.0, (5.0 - 2.0) / 3.5)  # median of 1, 2, 3, 5, 5, 5; medians 2 and 5
     assert out[impls[1]] == (100.0, 7.0, 10.0, (11.0 - 10.0) / 10.5)
+
+
+def test_reused_static_cache_keeps_its_tensors_and_the_tokens():
+    """The reused-cache mode of the generate timing: one StaticCache passed to successive generate calls, reset in
+    place before each, keeps its tensors' addresses (what a recorded CUDA graph needs to replay) and gives the
+    tokens of generate's own static cache and of the dynamic cache, with PPA, left padding included."""
+    from transformers import StaticCache
+
+    model = tiny_model()
+    ids = torch.randint(3, bench.VOCAB, (2, 40))
+    mask = torch.ones_like(ids)
+    mask[1, :7] = 0
+    kwargs = dict(attention_mask=mask, max_new_tokens=6, min_new_tokens=6, do_sample=False, pad_token_id=0)
+    with torch.no_grad():
+        dynamic = model.generate(ids, **kwargs)
+        own = model.generate(ids, cache_implementation="static", **kwargs)
+        cache = StaticCache(config=model.config, max_cache_len=48)
+        outs, addresses = [], []
+        for _ in range(2):
+            cache.reset()
+            outs.append(model.generate(ids, **{CACHE: cache}, **kwargs))
+            addresses.append([(layer.keys.data_ptr(), layer.values.data_ptr()) for layer in cache.layers])
+    assert torch.equal(own, dynamic) and all(torch.equal(o, dynamic) for o in outs)
+    assert addresses[0] == addresses[1]
+
+
+def test_generate_timing_with_a_reused_static_cache_on_cpu():
+    model = tiny_model()
+    prefill, first, later = bench.generate_timing(model, 2, 40, 4, static=True, device="cpu", reuse_cache=True)
+    assert prefill > 0 and first > 0 and len(later) == 4
