@@ -177,11 +177,7 @@ if triton is not None:
                       HEAD_DIM: tl.constexpr, BLOCK: tl.constexpr):
         """``DELTA[b*h, r] = sum_d O[b, h, r, d] * DO[b, h, r, d]`` in float32 for ``BLOCK`` rows (zero for rows past
         ``q_len`` up to the LSE buffer's length): the backward's row term, in one pass over ``O`` and ``dO``."""
-        pid_m = tl.program_id(0)
-        pid_bh = tl.program_id(1)
-        b = pid_bh // H
-        h = pid_bh % H
-        rows = pid_m * BLOCK + tl.arange(0, BLOCK)
+        _, pid_bh, b, h, _, rows = _query_program(H, 1, BLOCK)
         offs_d = tl.arange(0, HEAD_DIM)
         rmask = (rows < q_len)[:, None]
         o = tl.load(O + b.to(tl.int64) * sob + h.to(tl.int64) * soh + rows[:, None].to(tl.int64) * som
