@@ -194,3 +194,19 @@ def test_decode_index_left_padded_rows_and_padding_queries():
             assert sorted(got[got >= 0].tolist()) == torch.nonzero(keep[b, i]).flatten().tolist()
     assert count[2, 0] == 0 and count[2, 1] == 0  # padding queries attend nothing
     assert int((index[2, 2] >= 0).sum()) == 1  # a row's first real token attends itself only
+
+
+def test_triton_dot_precision_is_exact_for_float32_unless_tf32_is_allowed():
+    """The Triton kernels' dots: exact IEEE products for float32 inputs, tf32 only where the user allowed it for
+    float32 matmuls; half precision keeps Triton's default."""
+    from ppa_hf.ops.triton.common import dot_precision
+
+    before = torch.backends.cuda.matmul.allow_tf32
+    try:
+        torch.backends.cuda.matmul.allow_tf32 = False
+        assert dot_precision(torch.float32) == "ieee"
+        assert dot_precision(torch.bfloat16) == dot_precision(torch.float16) == "tf32"
+        torch.backends.cuda.matmul.allow_tf32 = True
+        assert dot_precision(torch.float32) == "tf32"
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = before

@@ -107,10 +107,13 @@ def launch(kernel, grid: tuple, args: tuple, constexprs: dict, fast_key: tuple |
 
 
 def dot_precision(dtype: torch.dtype) -> str:
-    """The kernels' ``tl.dot`` input precision for inputs of ``dtype``: ``"ieee"`` for float32 (exact products, as
-    float32 SDPA computes them; Triton's default would round the inputs to tf32), Triton's default otherwise (half
-    precision inputs are exact on the tensor cores)."""
-    return "ieee" if dtype == torch.float32 else "tf32"
+    """The kernels' ``tl.dot`` input precision for inputs of ``dtype``. float32: ``"ieee"`` (exact products, as
+    float32 SDPA computes them), or ``"tf32"`` where the user allowed tf32 for float32 matmuls
+    (``torch.backends.cuda.matmul.allow_tf32``, off by default); half precision: Triton's default (its inputs are
+    exact on the tensor cores either way)."""
+    if dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32:
+        return "ieee"
+    return "tf32"
 
 
 def last_contiguous(x: torch.Tensor) -> torch.Tensor:

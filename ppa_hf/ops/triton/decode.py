@@ -248,8 +248,9 @@ def _decode(query, key, value, index, count, scale: float, fused: bool = True) -
     aligned = (query.data_ptr() | key.data_ptr() | value.data_ptr() | index.data_ptr() | count.data_ptr()
                | out.data_ptr() | op.data_ptr() | mp.data_ptr() | lp.data_ptr() | tickets.data_ptr()) % 16 == 0
     small = max(key.numel(), value.numel(), query.numel(), index.numel()) < 2**31
-    fast_key = (("decode", query.device.index, query.dtype, key.dtype, value.dtype, D, block_n, gp, splits == 1, combine)
-                if aligned and small else None)
+    precision = dot_precision(query.dtype)
+    fast_key = (("decode", query.device.index, query.dtype, key.dtype, value.dtype, D, block_n, gp, splits == 1, combine,
+                 precision) if aligned and small else None)
     launch(_decode_kernel, (programs, splits),
            (query, key, value, index, count, op, mp, lp, tickets, out, scale * LOG2E,
             query.stride(0), query.stride(1), query.stride(2), key.stride(0), key.stride(1), key.stride(2),
@@ -257,7 +258,7 @@ def _decode(query, key, value, index, count, scale: float, fused: bool = True) -
             index.stride(0) if index.shape[0] > 1 else 0, index.stride(1), count.stride(0) if count.shape[0] > 1 else 0,
             out.stride(0), out.stride(1), out.stride(2), Hkv, G, NQ, splits),
            dict(HEAD_DIM=D, BLOCK_N=block_n, GP=gp, SINGLE=splits == 1, COMBINE=combine,
-                PRECISION=dot_precision(query.dtype)), fast_key=fast_key,
+                PRECISION=precision), fast_key=fast_key,
            num_warps=4, num_stages=3)
     if splits > 1 and not fused:  # SPLITS fixed at the largest split count: one compiled combine kernel for every shape
         launch(_combine_kernel, (rows,), (op, mp, lp, out, splits, H, NQ, out.stride(0), out.stride(1), out.stride(2)),
