@@ -48,14 +48,17 @@ class PPALayout:
     @property
     def seg(self) -> torch.Tensor:
         if self._seg is None:
-            self._seg, self._pos = one_sequence_per_row(self._valid)
+            self._build_seg_pos()
         return self._seg
 
     @property
     def pos(self) -> torch.Tensor:
         if self._pos is None:
-            self._seg, self._pos = one_sequence_per_row(self._valid)
+            self._build_seg_pos()
         return self._pos
+
+    def _build_seg_pos(self) -> None:
+        self._seg, self._pos = one_sequence_per_row(self._valid)
 
     @property
     def valid(self) -> torch.Tensor:

@@ -178,9 +178,15 @@ def word_tables(pattern: PPAPattern, tok: torch.Tensor):
     return _TABLES.get(("words", pattern, tok.numel(), str(tok.device)), build)
 
 
-word_mask = tile_mask = None  # the jit functions below, where Triton is installed
+word_mask = tile_mask = table_hit = None  # the jit functions below, where Triton is installed
 
 if triton is not None:
+
+    @triton.jit
+    def table_hit(TABLE, x, n):
+        """``TABLE[x] != 0`` for an int8 pattern table of ``n`` entries, elementwise over ``x`` (any shape), ``x``
+        clamped into ``[0, n)``."""
+        return tl.load(TABLE + tl.minimum(tl.maximum(x, 0), n - 1)) != 0
 
     @triton.jit
     def word_mask(WORDS, n_words, x, ncols: tl.constexpr):
@@ -213,10 +219,9 @@ if triton is not None:
             else:
                 hit = word_mask(WORDS, n_words, qpos - tl.min(kpos, 0), NCOLS)
         else:
-            hit = tl.load(TOK + tl.minimum(tl.maximum(d, 0), tok_len - 1)) != 0
+            hit = table_hit(TOK, d, tok_len)
         if GRAN_BLOCK:
-            db = qq // block_size - kk // block_size
-            hit = hit | (tl.load(BLK + tl.minimum(tl.maximum(db, 0), blk_len - 1)) != 0)
+            hit = hit | table_hit(BLK, qq // block_size - kk // block_size, blk_len)
         if HAS_SINKS:
             hit = hit | (kk < sinks)
         if HAS_MD:

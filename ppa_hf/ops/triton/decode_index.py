@@ -15,7 +15,7 @@ import torch
 
 from ...layout import PPALayout
 from ...pattern import PPAPattern
-from .common import launch, pattern_tables, tl, triton
+from .common import last_contiguous, launch, pattern_tables, table_hit, tl, triton
 
 if triton is not None:
 
@@ -65,10 +65,9 @@ if triton is not None:
             if HAS_SINKS:  # sinks not attended through the rest of the pattern
                 for start in range(0, sinks, BLOCK):
                     j = start + offs
-                    hit = tl.load(TOK + tl.minimum(tl.maximum(q - j, 0), tok_len - 1)) != 0
+                    hit = table_hit(TOK, q - j, tok_len)
                     if GRAN_BLOCK:
-                        db = q // block_size - j // block_size
-                        hit = hit | (tl.load(BLK + tl.minimum(tl.maximum(db, 0), blk_len - 1)) != 0)
+                        hit = hit | table_hit(BLK, q // block_size - j // block_size, blk_len)
                     ok = (j < sinks) & (j <= q) & (hit == 0)
                     _list_entries(slots, idx_row, j, j, ok, q, N, kv_offset, max_distance, HAS_MD)
                 base = sinks
@@ -78,8 +77,7 @@ if triton is not None:
                 for start in range(0, window, BLOCK):
                     d = start + offs
                     key = q - d
-                    db = q // block_size - tl.maximum(key, 0) // block_size
-                    in_block = tl.load(BLK + tl.minimum(tl.maximum(db, 0), blk_len - 1)) != 0
+                    in_block = table_hit(BLK, q // block_size - tl.maximum(key, 0) // block_size, blk_len)
                     ok = (d < window) & (d <= q) & (in_block == 0)
                     _list_entries(slots, idx_row, base + d, key, ok, q, N, kv_offset, max_distance, HAS_MD)
                 base += window
@@ -117,8 +115,7 @@ def triton_decode_index(layout: PPALayout, pattern: PPAPattern, max_distance: in
     if not layout.one_sequence_per_row:
         raise ValueError("triton_decode_index needs a layout with one sequence per row (see PPALayout); use "
                          "ppa_hf.ops.gather.decode_index for packed sequences")
-    valid = layout.valid
-    valid = valid if valid.stride(-1) == 1 else valid.contiguous()
+    valid = last_contiguous(layout.valid)
     B, T = valid.shape
     NQ = int(layout.q_index.numel())
     device = valid.device
