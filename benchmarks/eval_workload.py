@@ -10,8 +10,9 @@ each of ``--rounds`` rounds, every implementation runs them once in turn, timed 
 seconds: taking turns spreads the drift over all of them). Writes, after each round, ``eval_workload.csv`` (a row
 per implementation: median seconds, the spread of its rounds, new tokens, tokens per second, speedup against sdpa,
 the decoding steps its batches ran and the time per step against sdpa's (where texts differ, the batches run
-different numbers of steps, and only the per-step figure compares like with like), accuracy, how many answers and texts equal sdpa's; machine stamp) and ``eval_workload_samples.jsonl`` (every
-prompt's generation and extracted answer per implementation, from its first timed run) to OUT.
+different numbers of steps, and only the per-step figure compares like with like), accuracy, how many answers and
+texts equal sdpa's; machine stamp) and ``eval_workload_samples.jsonl`` (every prompt's generation and extracted
+answer per implementation, from its first timed run) to OUT.
 """
 
 from __future__ import annotations

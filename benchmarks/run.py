@@ -630,8 +630,9 @@ def main(argv=None):
     ap.add_argument("--repeats", type=int, default=1,
                     help="--timing generate: timed generate calls whose step times are pooled (median)")
     ap.add_argument("--reuse-static-cache", action="store_true",
-                    help="--timing generate, static caches: one StaticCache passed to every generate call (reset "
-                         "before each) instead of the new one generate allocates per call (CSV cache=static-reused)")
+                    help="--timing generate, static caches: one StaticCache per implementation and timing, passed to its "
+                         "untimed and timed generate calls (reset before each) instead of the new one generate "
+                         "allocates per call (CSV cache=static-reused)")
     ap.add_argument("--growing-mask", action="store_true",
                     help="static caches: a padding mask one column longer each step, as generate() passes it")
     args = ap.parse_args(argv)

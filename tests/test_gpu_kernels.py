@@ -301,10 +301,10 @@ def _tiny_cuda_llama(dtype=torch.bfloat16, **ppa):
 @needs_triton
 @pytest.mark.parametrize("granularity", ["token", "block"])
 def test_static_cache_compiled_generation_matches_eager_dynamic(granularity):
-    """generate(cache_implementation="static") compiles the decoding step (CUDA graphs) through the Triton kernels'
-    custom ops, and through the torch gather for a left-padded batch; its tokens equal those of eager generation
-    with a dynamic cache (fp32, so that the compiled graph's other fusions cannot flip a greedy choice). fullgraph:
-    a graph break raises instead of quietly running part of the step eagerly."""
+    """generate(cache_implementation="static") compiles the decoding step (CUDA graphs) through the Triton decode
+    kernel's custom op, with an explicit 'triton' backend and with 'auto' on a left-padded batch; its tokens equal
+    those of eager generation with a dynamic cache (fp32, so that the compiled graph's other fusions cannot flip a
+    greedy choice). fullgraph: a graph break raises instead of quietly running part of the step eagerly."""
     from transformers.generation.configuration_utils import CompileConfig
 
     for backend, left_pad in (("triton", 0), ("auto", 37)):
@@ -312,7 +312,7 @@ def test_static_cache_compiled_generation_matches_eager_dynamic(granularity):
                                  block_size=64, backend=backend)
         ids = torch.randint(3, 512, (2, 1100), device="cuda")
         mask = torch.ones_like(ids)
-        mask[1, :left_pad] = 0  # the block-sparse kernel takes no left padding; auto then decodes by torch gather
+        mask[1, :left_pad] = 0  # the block-sparse kernel takes no left padding: auto prefills by another path
         kw = dict(attention_mask=mask, max_new_tokens=24, min_new_tokens=24, do_sample=False)
         with torch.no_grad():
             eager = model.generate(ids, **kw)

@@ -1,5 +1,6 @@
 """Triton kernels: block-sparse prefill / training (:mod:`.prefill`), fused gathered decoding (:mod:`.decode`) and
-its index lists (:mod:`.decode_index`), and the code they share (:mod:`.common`: tables on the device, the in-kernel predicate, supported shapes)."""
+its index lists (:mod:`.decode_index`), and the code they share (:mod:`.common`: tables on the device, the in-kernel
+predicate, supported shapes)."""
 
 from .common import SUPPORTED_HEAD_DIMS, supports, triton_available, unsupported_reason
 from .decode import triton_decode_attention
