@@ -11,6 +11,7 @@ time goes, by function) and a torch.profiler table of PPA token steps. Needs a C
     python benchmarks/decode_host.py --parts host-parts sdpa-kernels   # the pieces of one call; sdpa's kernels
     python benchmarks/decode_host.py --parts cpu                       # the per-layer calls on a CPU
     python benchmarks/decode_host.py --parts static-first-step   # where generate's first static-cache step goes
+    python benchmarks/decode_host.py --parts eager-step-kernels  # an eager dynamic-cache step's GPU time, by kind
 """
 import collections
 import json
@@ -367,13 +368,95 @@ def static_first_step(batch=8, context=32768, new=8):
         torch.cuda.empty_cache()
 
 
+def kernel_kind(name: str) -> str:
+    """The kind of a CUDA kernel of a decoding step: ``cache_append`` (``torch.cat``, which the dynamic cache runs
+    for every layer to append the step's keys and values to all earlier ones), ``attention``, ``matmul`` or
+    ``other``."""
+    low = name.lower()
+    if "catarray" in low or low.startswith("cat") or "cat_" in low:
+        return "cache_append"
+    if any(s in low for s in ("flash", "fmha", "cudnn", "attention", "_decode", "_combine", "decode_index", "sdpa")):
+        return "attention"
+    if any(s in low for s in ("gemm", "gemv", "nvjet", "cutlass", "xmma", "cublas", "splitk")):
+        return "matmul"
+    return "other"
+
+
+def eager_step_kernels(batch=8, context=131072, layers=8, steps=5):
+    """GPU time of an eager decoding step with Transformers' dynamic cache, by kind of kernel (torch.profiler over
+    ``steps`` direct steps after a prefill and three warm steps), and the step's wall time (median of 10 synchronised
+    steps), for sdpa, sdpa without cuDNN and PPA token and block p = 0.75. The dynamic cache appends each step's keys
+    and values with ``torch.cat``, which reads and writes the whole cache of every layer: with ``bandwidth`` the
+    measured copy bandwidth, ``2 * cache bytes / bandwidth`` is a cost every implementation pays per step, and
+    ``step / (step - attention)`` of the fastest baseline bounds what any attention can win against it. One JSON
+    line per implementation (``part=eager_step_kernels``)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from benchmarks.run import copy_bandwidth_gbs
+
+    bandwidth = copy_bandwidth_gbs()
+    cache_bytes = 2 * layers * batch * 8 * context * 64 * 2  # keys and values, bf16
+    model = make_model("llama-1b", layers, context + 64).eval()
+    ids = torch.randint(3, VOCAB, (batch, context), device="cuda")
+    mask = torch.ones(batch, context + 64, dtype=torch.long, device="cuda")
+    for impl, gran in (("sdpa", None), ("sdpa_flash", None), ("ppa", "token"), ("ppa", "block")):
+        use_impl(model, impl, gran, 0.75)
+        with torch.no_grad(), sdpa_backends(impl):
+            cache = DynamicCache(config=model.config)
+            tok = model(ids, attention_mask=mask[:, :context], past_key_values=cache,
+                        logits_to_keep=1).logits.argmax(-1)
+            n = context
+
+            def step():
+                nonlocal tok, n
+                n += 1
+                tok = model(tok, attention_mask=mask[:, :n], past_key_values=cache).logits[:, -1:].argmax(-1)
+
+            for _ in range(3):
+                step()
+            times = []
+            for _ in range(10):
+                torch.cuda.synchronize()
+                t0 = time.perf_counter()
+                step()
+                torch.cuda.synchronize()
+                times.append((time.perf_counter() - t0) * 1e3)
+            with profile(activities=[ProfilerActivity.CUDA]) as prof:
+                for _ in range(steps):
+                    step()
+                torch.cuda.synchronize()
+            kinds = collections.Counter()
+            for e in prof.key_averages():
+                if e.self_device_time_total > 0:
+                    kinds[kernel_kind(e.key)] += e.self_device_time_total / 1e3 / steps
+            emit(part="eager_step_kernels", batch=batch, context=context, layers=layers, impl=impl, gran=gran,
+                 step_ms=round(sorted(times)[len(times) // 2], 3),
+                 gpu_ms=round(sum(kinds.values()), 3), **{k + "_ms": round(v, 3) for k, v in sorted(kinds.items())},
+                 copy_gbs=round(bandwidth), cache_gb=round(cache_bytes / 1e9, 2),
+                 cache_append_floor_ms=round(2 * cache_bytes / (bandwidth * 1e9) * 1e3, 3))
+            table = prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=15)
+            name = impl if gran is None else f"{impl}_{gran}"
+            with open(os.path.join(OUT, f"eager_step_kernels_{batch}_{context}_{name}.txt"), "w") as handle:
+                handle.write(table)
+        del cache
+        torch.cuda.empty_cache()
+    del model
+    torch.cuda.empty_cache()
+
+
 if __name__ == "__main__":
     import argparse
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--parts", nargs="+", default=["decode"],
-                    choices=["decode", "sdpa-kernels", "host-parts", "cpu", "static-first-step"])
-    chosen = ap.parse_args().parts
+                    choices=["decode", "sdpa-kernels", "host-parts", "cpu", "static-first-step",
+                             "eager-step-kernels"])
+    ap.add_argument("--batch", type=int, default=8, help="eager-step-kernels: batch")
+    ap.add_argument("--context", type=int, default=131072, help="eager-step-kernels: cached tokens")
+    args = ap.parse_args()
+    chosen = args.parts
+    if "eager-step-kernels" in chosen:
+        eager_step_kernels(args.batch, args.context)
     if "static-first-step" in chosen:
         static_first_step()
     if "cpu" in chosen:
