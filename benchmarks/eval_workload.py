@@ -7,7 +7,8 @@ embedded SmolLM2-135M-Instruct, sdpa against PPA in one process; and whether PPA
 
 Each implementation first runs the batches once untimed (one-off costs: kernel compilation, cuDNN plans); then, in
 each of ``--rounds`` rounds, every implementation runs them once in turn, timed (the host's speed drifts over
-seconds: taking turns spreads the drift over all of them). Writes, after each round, ``eval_workload.csv`` (a row
+seconds: taking turns spreads the drift over all of them; each round starts with the next implementation, so that
+none always runs first, and garbage is collected before each run). Writes, after each round, ``eval_workload.csv`` (a row
 per implementation: median seconds, the spread of its rounds, new tokens, tokens per second, speedup against sdpa,
 the decoding steps its batches ran and the time per step against sdpa's (where texts differ, the batches run
 different numbers of steps, and only the per-step figure compares like with like), accuracy, how many answers and
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import gc
 import json
 import os
 import statistics
@@ -136,9 +138,12 @@ def main(argv=None) -> list[dict]:
     times = {v: [] for v in impls}
     first: dict = {}
     for rnd in range(args.rounds):  # the implementations take turns: the host's speed drifts over seconds
-        for v in impls:
+        for v in impls[rnd % len(impls):] + impls[:rnd % len(impls)]:  # each round starts one further along
             impl, granularity, p = v
             use_impl(model, impl, granularity, p)
+            gc.collect()  # the previous run's garbage is not collected inside this one's timing
+            if args.device == "cuda":
+                torch.cuda.synchronize()
             with sdpa_backends(impl):
                 texts, new_tokens, steps, seconds = run_batches(model, tokenizer, prompts, args.batch_size,
                                                                 args.max_new_tokens)

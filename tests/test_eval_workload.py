@@ -12,12 +12,18 @@ from benchmarks import eval_workload
 DATA = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "gsm8k", "test.jsonl")
 
 
-def test_eval_workload_rows_and_p1_equality(tmp_path):
+def test_eval_workload_rows_and_p1_equality(tmp_path, monkeypatch):
+    order = []
+    use_impl = eval_workload.use_impl
+    monkeypatch.setattr(eval_workload, "use_impl", lambda model, impl, gran, p: (order.append((impl, gran, p)),
+                                                                                use_impl(model, impl, gran, p)))
     rows = eval_workload.main(["--data", DATA, "--out", str(tmp_path), "--limit", "2", "--batch-size", "2",
                                "--max-new-tokens", "3", "--device", "cpu", "--rounds", "2",
                                "--impls", "sdpa", "ppa:token:1", "ppa:token:0.5"])
     assert [(r["impl"], r["granularity"], r["p"]) for r in rows] == [("sdpa", "dense", 1.0), ("ppa", "token", 1.0),
                                                                      ("ppa", "token", 0.5)]
+    # untimed runs, then round 1 from sdpa, round 2 one implementation further along (none always runs first)
+    assert [o[2] for o in order] == [None, 1.0, 0.5, None, 1.0, 0.5, 1.0, 0.5, None]
     assert rows[1]["same_texts_as_sdpa"] == 2 and rows[1]["same_answers_as_sdpa"] == 2
     assert all(r["prompts"] == 2 and r["new_tokens"] > 0 and r["seconds"] > 0 for r in rows)
     assert all(r["rounds"] == 2 and r["spread"] >= 0 for r in rows) and rows[0]["speedup_vs_sdpa"] == 1.0
