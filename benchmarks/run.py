@@ -315,13 +315,18 @@ def attention_share(step) -> float:
     return attn / total if total else float("nan")
 
 
+def train_layers(args, shape: str, L: int) -> int:
+    """Decoder layers of a training benchmark: ``--layers`` up to 32k, ``--layers-long`` above; half of it for the
+    8B-layer shape (its layers are about four times the 1B shape's)."""
+    layers = args.layers_long if L > 32768 else args.layers
+    return max(1, layers // 2) if shape == "llama-8b-layers" else layers
+
+
 def part_train(args, info):
     out = Out(args.out, "model_train", info)
     for shape in args.shapes if not args.compiled_only else []:
         for L in args.lengths:
-            layers = args.layers_long if L > 32768 else args.layers
-            if shape == "llama-8b-layers":
-                layers = max(1, layers // 2)
+            layers = train_layers(args, shape, L)
             model = make_model(shape, layers, L)
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             model.config.use_cache = False
@@ -376,9 +381,10 @@ def part_train_compiled(args, out):
     """The training step under torch.compile (what accelerate's --dynamo_backend inductor does), against compiled
     sdpa; one shape and length (compilation takes a while per variant)."""
     shape, L = args.shapes[0], args.lengths[0]
+    layers = train_layers(args, shape, L)
     base = None
     for impl, gran, p in [("sdpa", "dense", 1.0)] + [("ppa", g, p) for g, p in PPA_VARIANTS[:2]]:
-        model = make_model(shape, args.layers, L)
+        model = make_model(shape, layers, L)
         use_impl(model, impl, gran, p)
         model.train()
         compiled = torch.compile(model)
@@ -397,7 +403,7 @@ def part_train_compiled(args, out):
         med, lo, hi = event_ms(step, args.reps)
         peak = torch.cuda.max_memory_allocated() / 2**30
         base = base if base is not None else med
-        out.add(dict(shape=shape, head_dim=SHAPES[shape]["head_dim"], layers=args.layers, L=L, mode="train",
+        out.add(dict(shape=shape, head_dim=SHAPES[shape]["head_dim"], layers=layers, L=L, mode="train",
                      compiled=1, impl=impl, granularity=gran, p=p, step_ms=med, step_ms_min=lo, step_ms_max=hi,
                      speedup_vs_sdpa=base / med, peak_gib=peak, attention_share=float("nan"),
                      compile_s=round(compile_s, 1)))
