@@ -82,3 +82,26 @@ def test_generate_with_static_cache_compiles_without_graph_breaks(settings):
         eager = model.generate(ids, **kwargs)
         compiled = model.generate(ids, cache_implementation="static", compile_config=compile_config, **kwargs)
     assert torch.equal(compiled, eager)
+
+
+def test_single_sequence_flex_block_mask_under_compile():
+    """The tables-built BlockMask of one unpadded sequence inside a compiled function: its numpy host work runs
+    eagerly (Dynamo traced it into CPU tensor ops before, one of which does not exist: a boolean cumsum) and the
+    compiled call gives the eager output."""
+    from ppa_hf.ops.flex import _FLEX, flex_attention_ppa, flex_available, single_sequence_block_mask
+    from ppa_hf.pattern import PPAPattern
+
+    if not flex_available():
+        pytest.skip("FlexAttention needs torch >= 2.5")
+    pattern = PPAPattern(0.75, 16, 0, "block", 64)
+    torch.manual_seed(0)
+    q, k, v = torch.randn(1, 4, 300, 64), torch.randn(1, 2, 300, 64), torch.randn(1, 2, 300, 64)
+
+    def attend(q, k, v):
+        return flex_attention_ppa(q, k, v, single_sequence_block_mask(pattern, 300, 300, q.device))
+
+    _FLEX.clear()  # a miss while tracing: the mask is built inside the compiled call
+    dynamo.reset()
+    compiled = torch.compile(attend)(q, k, v)
+    _FLEX.clear()
+    assert (compiled - attend(q, k, v)).abs().max().item() < 1e-5

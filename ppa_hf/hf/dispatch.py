@@ -78,8 +78,10 @@ def choose_path(settings: PPASettings, query: torch.Tensor, key: torch.Tensor, v
     ``auto``: attention dropout -> ``sdpa_mask``; a few queries against at least ``DECODE_MIN_KEYS`` keys and ``p <
     1`` -> the Triton decode kernel on CUDA (float32 with exact dots), the torch gather where gradients are needed
     or Triton cannot run; other few-query calls -> ``sdpa_mask``; the block-sparse Triton kernel where it can run
-    (FlexAttention instead when training where it is measured faster, :data:`FLEX_TRAINS_FASTER`); FlexAttention on
-    CUDA for inputs above ``FLEX_MIN_ENTRIES`` query-key pairs; else ``sdpa_mask`` (exact, trains on CPU).
+    (FlexAttention instead when training eagerly where it is measured faster, :data:`FLEX_TRAINS_FASTER`; under
+    torch.compile its BlockMask would be built behind a graph break, the Triton custom ops trace through);
+    FlexAttention on CUDA for inputs above ``FLEX_MIN_ENTRIES`` query-key pairs; else ``sdpa_mask`` (exact, trains
+    on CPU).
     """
     backend = settings.backend
     if dropout > 0 and backend not in ("auto", "sdpa_mask"):
@@ -120,7 +122,8 @@ def choose_path(settings: PPASettings, query: torch.Tensor, key: torch.Tensor, v
             return "gather_decode"
         return "triton_decode" if _triton().supports(query, key, value) else "gather_decode"
     if _triton().supports(query, key, value) and layout.single_sequence_rows() is not None:
-        if needs_grad and flex_available() and (query.shape[-1], settings.granularity) in FLEX_TRAINS_FASTER:
+        if (needs_grad and flex_available() and (query.shape[-1], settings.granularity) in FLEX_TRAINS_FASTER
+                and not torch.compiler.is_compiling()):  # compiled: the Triton custom ops trace without a break
             return "flex"
         return "triton"
     if query.device.type == "cuda" and flex_available() and q_len * kv_len > FLEX_MIN_ENTRIES:

@@ -71,11 +71,16 @@ def _kv_blocks(classes: np.ndarray, kinds, device):
     return to(num), to(order)
 
 
+@torch.compiler.disable
 def single_sequence_block_mask(pattern: PPAPattern, q_len: int, kv_len: int, device, q_start: int | None = None,
                                k_start: int = 0, max_distance: int | None = None, block_size: int = 128):
     """The BlockMask of one unpadded sequence (shared by batch and heads), cached: built with
     ``BlockMask.from_kv_blocks`` from :func:`~ppa_hf.ops.tiles.tile_classes` (FULL tiles run without the mask_mod,
-    PARTIAL ones with it, EMPTY ones are skipped), ``O(tiles)`` work."""
+    PARTIAL ones with it, EMPTY ones are skipped), ``O(tiles)`` work.
+
+    Host work in numpy, so torch.compile does not trace it (Dynamo would turn the numpy calls into CPU tensor ops,
+    some of which do not exist, e.g. a boolean cumsum): a compiled caller runs it eagerly, at the cost of a graph
+    break."""
     if q_start is None:
         q_start = kv_len - q_len + k_start
 
