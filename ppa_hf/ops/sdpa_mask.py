@@ -34,23 +34,47 @@ def sdpa_mask_attention(query, key, value, layout: PPALayout, pattern: PPAPatter
     elsewhere SDPA's ``enable_gqa`` is used."""
     attn_mask, row_any = sdpa_mask(layout, pattern, max_distance)
     groups = query.shape[1] // key.shape[1]
-    if groups > 1 and fold_gqa:
-        out = _sdpa_groups_folded(query, key, value, attn_mask, groups, dropout, scale)
+    fold = groups > 1 and fold_gqa
+    dtype = query.dtype
+    # SDPA turns a boolean mask into an additive one in every call; made once per forward pass instead
+    bias = _per_forward(layout, ("bias", pattern.key, max_distance, groups if fold else 1, dtype),
+                        lambda: _additive(_fold_mask(attn_mask, groups) if fold else attn_mask, dtype))
+    if fold:
+        out = _sdpa_groups_folded(query, key, value, bias, groups, dropout, scale)
     else:
         if groups > 1 and query.device.type == "cuda":
             key, value = expand_kv(key, groups), expand_kv(value, groups)
-        out = F.scaled_dot_product_attention(query, key, value, attn_mask=attn_mask, dropout_p=dropout,
+        out = F.scaled_dot_product_attention(query, key, value, attn_mask=bias, dropout_p=dropout,
                                              scale=scale, enable_gqa=query.shape[1] != key.shape[1])
-    return out * row_any.to(out.dtype)
+    return out * _per_forward(layout, ("row_any", pattern.key, max_distance, dtype), lambda: row_any.to(dtype))
 
 
-def _sdpa_groups_folded(query, key, value, attn_mask, groups: int, dropout: float, scale) -> torch.Tensor:
+def _per_forward(layout: PPALayout, key, build):
+    """``build()``, kept on the layout: made once per forward pass and shared by its layers (each layer would
+    otherwise launch the same kernels again, which costs host time in a decoding step)."""
+    if key not in layout.cache:
+        layout.cache[key] = build()
+    return layout.cache[key]
+
+
+def _additive(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A boolean mask (True: attend) as SDPA's additive form in ``dtype``: 0 where True, -inf where False (what
+    SDPA computes from a boolean mask itself)."""
+    return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, float("-inf"))
+
+
+def _fold_mask(attn_mask: torch.Tensor, groups: int) -> torch.Tensor:
+    """``attn_mask [B, 1, Q, K]`` repeated for the ``groups`` query heads folded into the query axis:
+    ``[B, 1, G*Q, K]``."""
+    B, _, Q, K = attn_mask.shape
+    return attn_mask[:, :, None].expand(B, 1, groups, Q, K).reshape(B, 1, groups * Q, K)
+
+
+def _sdpa_groups_folded(query, key, value, mask, groups: int, dropout: float, scale) -> torch.Tensor:
     """GQA attention as plain multi-head SDPA over ``Hkv`` heads: ``query [B, Hkv*G, Q, D]`` becomes
-    ``[B, Hkv, G*Q, D]`` (query head ``h`` reads KV head ``h // G``), ``attn_mask [B, 1, Q, K]`` is repeated
-    for the ``G`` folded rows; returns ``[B, Hkv*G, Q, D]``."""
+    ``[B, Hkv, G*Q, D]`` (query head ``h`` reads KV head ``h // G``), with ``mask [B, 1, G*Q, K]`` from
+    :func:`_fold_mask`; returns ``[B, Hkv*G, Q, D]``."""
     B, H, Q, D = query.shape
-    Hkv, K = key.shape[1], key.shape[2]
-    folded = query.reshape(B, Hkv, groups * Q, D)
-    mask = attn_mask[:, :, None].expand(attn_mask.shape[0], 1, groups, Q, K).reshape(-1, 1, groups * Q, K)
+    folded = query.reshape(B, key.shape[1], groups * Q, D)
     out = F.scaled_dot_product_attention(folded, key, value, attn_mask=mask, dropout_p=dropout, scale=scale)
     return out.reshape(B, H, Q, out.shape[-1])
