@@ -8,9 +8,9 @@ embedded SmolLM2-135M-Instruct, sdpa against PPA in one process; and whether PPA
 Each implementation first runs the batches once untimed (one-off costs: kernel compilation, cuDNN plans); then, in
 each of ``--rounds`` rounds, every implementation runs them once in turn, timed (the host's speed drifts over
 seconds: taking turns spreads the drift over all of them; each round starts with the next implementation, so that
-none always runs first, and garbage is collected before each run). Writes, after each round, ``eval_workload.csv`` (a row
-per implementation: median seconds, the spread of its rounds, new tokens, tokens per second, speedup against sdpa,
-the decoding steps its batches ran and the time per step against sdpa's (where texts differ, the batches run
+none always runs first, and garbage is collected before each run). Writes, after each round, ``eval_workload.csv``
+(a row per implementation: median seconds, the spread of its rounds, new tokens, tokens per second, speedup against
+sdpa, the decoding steps its batches ran and the time per step against sdpa's (where texts differ, the batches run
 different numbers of steps, and only the per-step figure compares like with like), accuracy, how many answers and
 texts equal sdpa's; machine stamp) and ``eval_workload_samples.jsonl`` (every prompt's generation and extracted
 answer per implementation, from its first timed run) to OUT.
