@@ -10,6 +10,7 @@ time goes, by function) and a torch.profiler table of PPA token steps. Needs a C
     python benchmarks/decode_host.py    # $OUT/decode_host.jsonl, decode_step_profile_*.txt, decode_profile_token.txt
     python benchmarks/decode_host.py --parts host-parts sdpa-kernels   # the pieces of one call; sdpa's kernels
     python benchmarks/decode_host.py --parts cpu                       # the per-layer calls on a CPU
+    python benchmarks/decode_host.py --parts cpu-short   # host time of a short-cache call on a CPU (dense-mask path)
     python benchmarks/decode_host.py --parts static-first-step   # where generate's first static-cache step goes
     python benchmarks/decode_host.py --parts eager-step-kernels  # an eager dynamic-cache step's GPU time, by kind
 """
@@ -309,6 +310,64 @@ def cpu_calls(contexts=(4096, 16384), steps: int = 20):
     AttentionInterface.register("ppa", ppa_attention_forward)
 
 
+def cpu_short_calls(context: int = 256, batch: int = 4, steps: int = 40, rounds: int = 3):
+    """Host time of one decoding attention call on the CPU where its compute is negligible: the evaluation
+    workload's attention (SmolLM2-135M: 9 query / 3 KV heads, head size 64), 8 layers with a small MLP, float32,
+    ``batch`` left-padded rows, a dynamic cache of ``context`` keys (below 1024, so PPA runs its dense-mask SDPA
+    path, as in the evaluation workload). sdpa, PPA at p = 1 and PPA token p = 0.75 take turns for ``rounds``
+    rounds; per implementation the median over rounds and steps of the first layer's call (where PPA's per-forward
+    work happens), of the other layers' calls, of the mask interface (once per forward pass: where sdpa builds its
+    mask) and of a step's mask and attention host time together."""
+    import statistics
+
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from transformers import AttentionMaskInterface
+
+    AttentionInterface.register("sdpa", timed("sdpa", sdpa_attention_forward))
+    AttentionInterface.register("ppa", timed("ppa", ppa_attention_forward))
+    masks = {name: AttentionMaskInterface._global_mapping[name] for name in ("sdpa", "ppa")}
+    for name, fn in masks.items():  # the mask interface: once per forward pass
+        AttentionMaskInterface.register(name, timed("mask_" + name, fn))
+    config = LlamaConfig(hidden_size=576, num_attention_heads=9, num_key_value_heads=3, head_dim=64,
+                         intermediate_size=64, num_hidden_layers=8, vocab_size=256)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config).eval()
+    ids = torch.randint(3, 200, (batch, context))
+    mask = torch.ones(batch, context + steps + 1, dtype=torch.long)
+    mask[1:, : context // 4] = 0  # left padding in all rows but the first
+    impls = (("sdpa", None, None), ("ppa", "token", 1.0), ("ppa", "token", 0.75))
+    first, other, mask_fn, step = ({v: [] for v in impls} for _ in range(4))
+    for _ in range(rounds):
+        for v in impls:
+            impl, gran, p = v
+            use_impl(model, impl, gran, p)
+            with torch.no_grad():
+                cache = DynamicCache(config=model.config)
+                tok = model(ids, attention_mask=mask[:, :context], past_key_values=cache,
+                            logits_to_keep=1).logits.argmax(-1)
+                for i in range(steps):
+                    HOST.clear()
+                    tok = model(tok, attention_mask=mask[:, :context + 1 + i],
+                                past_key_values=cache).logits[:, -1:].argmax(-1)
+                    if i >= 2:
+                        first[v].append(HOST[impl][0])
+                        other[v].extend(HOST[impl][1:])
+                        mask_fn[v].append(sum(HOST["mask_" + impl]))
+                        step[v].append(sum(HOST[impl]) + sum(HOST["mask_" + impl]))
+    for v in impls:
+        emit(part="cpu_short", context=context, batch=batch, impl=v[0], gran=v[1], p=v[2],
+             threads=torch.get_num_threads(), rounds=rounds,
+             attn_us_layer0=round(statistics.median(first[v]) * 1e6, 1),
+             attn_us_other_layers=round(statistics.median(other[v]) * 1e6, 1),
+             mask_us=round(statistics.median(mask_fn[v]) * 1e6, 1),
+             mask_and_attn_us_per_step=round(statistics.median(step[v]) * 1e6, 1))
+    AttentionInterface.register("sdpa", sdpa_attention_forward)
+    AttentionInterface.register("ppa", ppa_attention_forward)
+    for name, fn in masks.items():
+        AttentionMaskInterface.register(name, fn)
+
+
 class _StepProfiles:
     """A ``generate`` stopping criterion (called once per new token) that runs cProfile over the first decoding step
     after the prefill and, separately, over the second, each synchronised at both ends, and times them."""
@@ -450,11 +509,13 @@ if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--parts", nargs="+", default=["decode"],
                     choices=["decode", "sdpa-kernels", "host-parts", "cpu", "static-first-step",
-                             "eager-step-kernels"])
+                             "eager-step-kernels", "cpu-short"])
     ap.add_argument("--batch", type=int, default=8, help="eager-step-kernels: batch")
     ap.add_argument("--context", type=int, default=131072, help="eager-step-kernels: cached tokens")
     args = ap.parse_args()
     chosen = args.parts
+    if "cpu-short" in chosen:
+        cpu_short_calls()
     if "eager-step-kernels" in chosen:
         eager_step_kernels(args.batch, args.context)
     if "static-first-step" in chosen:
