@@ -6,6 +6,8 @@
     python -m benchmarks.run generate [--out benchmarks/results]   # whole model, ms per new token vs "sdpa":
                                                                    # model_generate.csv
     python -m benchmarks.run tune     [--out benchmarks/results]   # Triton launch configurations: tune.csv
+    python -m benchmarks.run tune-decode [--batches 1 8 32] [--contexts 32768 131072]   # the decode kernel's
+                                                                   # launch configuration: tune_decode.csv
 
 Each part appends its rows to its CSV as they are measured (a run cut short keeps what it measured) and rewrites
 ``results.md`` (markdown tables headed by GPU, versions, commit, date and command). Inputs are built outside the
@@ -269,6 +271,64 @@ def part_tune(args, info):
                                  ms=f if what == "fwd" else fb, measured=what))
         del q, k, v, do
         torch.cuda.empty_cache()
+
+
+def part_tune_decode(args, info, device: str = "cuda"):
+    """The decode kernel's launch configuration (``ppa_hf.ops.triton.decode.decode_config``: programs per
+    multiprocessor, BLOCK_N, num_warps, num_stages), one knob at a time around the default: one decoding query per
+    row (32 query / 8 KV heads, head size 64, bf16) against a cache of ``context`` keys, token and block p = 0.75,
+    for each batch and context; beside it SDPA's flash kernel over the whole cache and the dense floor (reading the
+    whole cache once at the measured copy bandwidth). ``read_gbs``: the bytes of the listed key and value rows over
+    the kernel's time."""
+    from ppa_hf.ops.triton import decode
+
+    out = Out(args.out, "tune_decode", info)
+    bandwidth = copy_bandwidth_gbs()
+    base = decode.DECODE_DEFAULT
+    configs = ([base] + [(n, *base[1:]) for n in (1, 4, 8, 16)] + [(base[0], n, *base[2:]) for n in (32, 128)]
+               + [(*base[:2], n, base[3]) for n in (2, 8)] + [(*base[:3], n) for n in (2, 4)])
+    for batch in args.batches:
+        for context in args.contexts:
+            torch.manual_seed(0)
+            q = torch.randn(batch, 32, 1, 64, device=device, dtype=DTYPE)
+            k, v = (torch.randn(batch, 8, context, 64, device=device, dtype=DTYPE) for _ in range(2))
+            cache_bytes = 2 * k.numel() * k.element_size()
+            common = dict(batch=batch, context=context, dense_floor_ms=cache_bytes / (bandwidth * 1e9) * 1e3,
+                          copy_gbs=round(bandwidth))
+            try:
+                flash = kernel_ms(lambda: sdpa_flash_decode(q, k, v))[0]
+                out.add(dict(**common, impl="sdpa_flash", granularity="dense", p=1.0, config="", splits=0, ms=flash,
+                             read_gbs=cache_bytes / (flash / 1e3) / 1e9, max_diff=0.0))
+            except RuntimeError as err:  # no flash kernel for these inputs: the PPA rows still run
+                print(f"sdpa_flash B={batch} T={context}: {str(err)[:200]}", flush=True)
+            for gran, p in PPA_VARIANTS[:2]:
+                pattern = PPAPattern(p, 64, 0, gran, 128)
+                index, count = pattern.key_lists(torch.tensor([context - 1], device=device), context)
+                index, count = index[None].to(torch.int32), count[None].to(torch.int32)  # [1, 1, N], [1, 1]
+                read = int(count.sum()) * batch * 8 * 2 * 64 * k.element_size()
+                first = None
+                for cfg in configs:
+                    decode.set_decode_config(cfg)
+                    try:
+                        fn = lambda: decode.triton_decode_attention(q, k, v, index, count, check=False)  # noqa: E731
+                        o = fn()
+                        first = o if first is None else first
+                        ms = kernel_ms(fn)[0]
+                    finally:
+                        decode.set_decode_config(None)
+                    out.add(dict(**common, impl="ppa", granularity=gran, p=p, config=",".join(map(str, cfg)),
+                                 splits=decode.decode_splits(batch * 8, index.shape[-1], q.device, cfg[0], cfg[1]),
+                                 ms=ms, read_gbs=read / (ms / 1e3) / 1e9,
+                                 max_diff=(o.float() - first.float()).abs().max().item()))
+            del q, k, v
+            if device == "cuda":
+                torch.cuda.empty_cache()
+
+
+def sdpa_flash_decode(q, k, v):
+    """One decoding query per row over the whole cache, SDPA's flash kernel (GQA by ``enable_gqa``)."""
+    with torch.nn.attention.sdpa_kernel([torch.nn.attention.SDPBackend.FLASH_ATTENTION]):
+        return F.scaled_dot_product_attention(q, k, v, enable_gqa=True)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -610,7 +670,7 @@ def part_generate(args, info):
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("part", choices=["kernels", "train", "generate", "tune"])
+    ap.add_argument("part", choices=["kernels", "train", "generate", "tune", "tune-decode"])
     ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
     ap.add_argument("--head-dims", type=int, nargs="+", default=[64, 128])
     ap.add_argument("--lengths", type=int, nargs="+", default=None, help="sequence lengths (kernels, train, tune)")
@@ -649,7 +709,8 @@ def main(argv=None):
     torch._dynamo.config.cache_size_limit = 64
     info = machine()
     print(info, flush=True)
-    {"kernels": part_kernels, "train": part_train, "generate": part_generate, "tune": part_tune}[args.part](args, info)
+    {"kernels": part_kernels, "train": part_train, "generate": part_generate, "tune": part_tune,
+     "tune-decode": part_tune_decode}[args.part](args, info)
 
 
 if __name__ == "__main__":

@@ -99,3 +99,38 @@ def test_generate_timing_with_a_reused_static_cache_on_cpu():
     model = tiny_model()
     prefill, first, later = bench.generate_timing(model, 2, 40, 4, static=True, device="cpu", reuse_cache=True)
     assert prefill > 0 and first > 0 and len(later) == 4
+
+
+TUNE_DECODE = """
+import sys, time, types
+from benchmarks import run as bench
+bench.copy_bandwidth_gbs = lambda: 1000.0
+def kernel_ms(fn):
+    t0 = time.perf_counter(); fn(); return ((time.perf_counter() - t0) * 1e3,) * 3
+bench.kernel_ms = kernel_ms
+args = types.SimpleNamespace(out=sys.argv[1], batches=[2], contexts=[300])
+bench.part_tune_decode(args, bench.machine(), device="cpu")
+"""
+
+
+def test_tune_decode_on_cpu_under_the_interpreter(tmp_path):
+    """benchmarks.run tune-decode end to end under the Triton interpreter (tiny cache, a wall-clock stand-in for
+    do_bench): every launch configuration gives the default's output, and the rows name their configuration and
+    split count."""
+    pytest.importorskip("triton")
+    import csv
+    import os
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": root}
+    done = subprocess.run([sys.executable, "-c", TUNE_DECODE, str(tmp_path)], env=env, cwd=root,
+                          capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    with open(tmp_path / "tune_decode.csv") as handle:
+        rows = [r for r in csv.DictReader(handle) if r["impl"] == "ppa"]
+    assert len(rows) == 2 * 11 and {r["granularity"] for r in rows} == {"token", "block"}
+    assert all(float(r["max_diff"]) < 1e-2 and float(r["ms"]) > 0 for r in rows)
+    splits = {r["config"]: int(r["splits"]) for r in rows if r["granularity"] == "token"}
+    assert splits["1,64,4,3"] < splits["16,64,4,3"]  # more programs per multiprocessor: more splits

@@ -57,6 +57,17 @@ SCRIPT = textwrap.dedent("""
             print("decode", pat.name, "fused" if fused else "combine kernel", err)
             assert err < 1e-4
         assert torch.equal(triton_decode_attention(q, k, v, index, count), decode._decode(q, k, v, index, count, 0.25))
+        for config in ((1, 64, 4, 3), (64, 32, 2, 2)):  # launch configurations: one split, as many as the list allows
+            decode.set_decode_config(config)
+            err = (decode._decode(q, k, v, index, count, 0.25).double() - r).abs().max().item()
+            print("decode", pat.name, "launch", config, err)
+            assert err < 1e-4
+        decode.set_decode_config(None)
+    try:
+        decode.set_decode_config((2, 48, 4, 3))
+        raise AssertionError("a BLOCK_N that is not a power of two was accepted")
+    except ValueError as err:
+        assert "BLOCK_N a power of two" in str(err), err
     # the decode index list in one kernel against the torch version: left padding, holes, a row of two real tokens,
     # sinks, block granularity, a model window, several queries, keys before those handed to attention
     import itertools

@@ -9,7 +9,8 @@ import math
 
 import torch
 
-from .common import LOG2E, dot_precision, interpreted, last_contiguous, launch, tl, triton, unsupported_reason
+from .common import (LOG2E, dot_precision, env_config, interpreted, last_contiguous, launch, tl, triton,
+                     unsupported_reason)
 
 if triton is not None:
 
@@ -133,6 +134,43 @@ if triton is not None:
 
 
 MAX_SPLITS = 64  # split-K parts of one (row, KV head, query) at most
+# The decode kernel's launch: (programs per multiprocessor the splits aim at, BLOCK_N, num_warps, num_stages).
+DECODE_DEFAULT = (2, 64, 4, 3)
+_decode_cfg: tuple | None = None
+
+
+def decode_config() -> tuple[int, int, int, int]:
+    """The decode kernel's launch configuration ``(programs per multiprocessor, BLOCK_N, num_warps, num_stages)``:
+    :data:`DECODE_DEFAULT`, or ``PPA_TRITON_DECODE="PPSM,BN,warps,stages"`` (read once; tuning changes it with
+    :func:`set_decode_config`). The split count gives about ``PPSM`` programs per multiprocessor (at most
+    :data:`MAX_SPLITS` splits, at least ``BLOCK_N`` listed keys per split)."""
+    global _decode_cfg
+    if _decode_cfg is None:
+        _decode_cfg = _checked_decode_config(env_config("PPA_TRITON_DECODE", DECODE_DEFAULT), "PPA_TRITON_DECODE")
+    return _decode_cfg
+
+
+def decode_splits(programs: int, listed: int, device, per_sm: int, block_n: int) -> int:
+    """Splits per program: about ``per_sm`` programs per multiprocessor, at least ``block_n`` of the ``listed`` keys
+    each, at most :data:`MAX_SPLITS`."""
+    return max(1, min(-(-per_sm * _num_sms(str(device)) // programs), -(-listed // block_n), MAX_SPLITS))
+
+
+def set_decode_config(config: tuple | None) -> None:
+    """Set the decode kernel's launch configuration (see :func:`decode_config`); ``None``: back to the environment or
+    the default."""
+    global _decode_cfg
+    _decode_cfg = None if config is None else _checked_decode_config(config, "config")
+
+
+def _checked_decode_config(config, name: str) -> tuple[int, int, int, int]:
+    config = tuple(int(x) for x in config)
+    power = lambda x: x > 0 and x & (x - 1) == 0  # noqa: E731
+    if (len(config) != 4 or config[0] < 1 or not (power(config[1]) and config[1] >= 16) or not power(config[2])
+            or config[3] < 1):
+        raise ValueError(f"{name}={config}: the decode kernel's launch takes (programs per multiprocessor >= 1, "
+                         "BLOCK_N a power of two >= 16, num_warps a power of two, num_stages >= 1)")
+    return config
 
 
 @functools.lru_cache(maxsize=None)
@@ -227,10 +265,12 @@ def _decode(query, key, value, index, count, scale: float, fused: bool = True) -
     index = index if index.dtype == torch.int32 else index.to(torch.int32)
     count = count if count.dtype == torch.int32 else count.to(torch.int32)
     N = index.shape[-1]
-    block_n = 16 if interpreted(query.device) else 64
-    # about two programs per multiprocessor; each split takes an even share of its row's listed keys
+    per_sm, block_n, warps, stages = decode_config()
+    if interpreted(query.device):
+        block_n = 16
+    # about per_sm programs per multiprocessor; each split takes an even share of its row's listed keys
     programs = B * Hkv * NQ
-    splits = max(1, min(-(-2 * _num_sms(str(query.device)) // programs), -(-N // block_n), MAX_SPLITS))
+    splits = decode_splits(programs, N, query.device, per_sm, block_n)
     out = _decode_output(query)
     rows = B * H * NQ
     if splits == 1:
@@ -249,8 +289,8 @@ def _decode(query, key, value, index, count, scale: float, fused: bool = True) -
                | out.data_ptr() | op.data_ptr() | mp.data_ptr() | lp.data_ptr() | tickets.data_ptr()) % 16 == 0
     small = max(key.numel(), value.numel(), query.numel(), index.numel()) < 2**31
     precision = dot_precision(query.dtype)
-    fast_key = (("decode", query.device.index, query.dtype, key.dtype, value.dtype, D, block_n, gp, splits == 1, combine,
-                 precision) if aligned and small else None)
+    fast_key = (("decode", query.device.index, query.dtype, key.dtype, value.dtype, D, block_n, gp, splits == 1,
+                 combine, precision, warps, stages) if aligned and small else None)
     launch(_decode_kernel, (programs, splits),
            (query, key, value, index, count, op, mp, lp, tickets, out, scale * LOG2E,
             query.stride(0), query.stride(1), query.stride(2), key.stride(0), key.stride(1), key.stride(2),
@@ -259,7 +299,7 @@ def _decode(query, key, value, index, count, scale: float, fused: bool = True) -
             out.stride(0), out.stride(1), out.stride(2), Hkv, G, NQ, splits),
            dict(HEAD_DIM=D, BLOCK_N=block_n, GP=gp, SINGLE=splits == 1, COMBINE=combine,
                 PRECISION=precision), fast_key=fast_key,
-           num_warps=4, num_stages=3)
+           num_warps=warps, num_stages=stages)
     if splits > 1 and not fused:  # SPLITS fixed at the largest split count: one compiled combine kernel for every shape
         launch(_combine_kernel, (rows,), (op, mp, lp, out, splits, H, NQ, out.stride(0), out.stride(1), out.stride(2)),
                dict(HEAD_DIM=D, SPLITS=MAX_SPLITS), num_warps=4)
