@@ -1,6 +1,6 @@
 """The PPA pattern: the one place that decides which keys a query attends.
 
-Every attention path (reference, naive, FlexAttention, decode, Triton) is built from the functions here.
+Every attention path (reference, dense-mask SDPA, FlexAttention, decode, Triton) is built from the functions here.
 
 Token granularity (the paper's pattern, ``../shared/PPA_SPEC.md`` section 1): query position ``i`` attends
 key position ``j`` (``0 <= j <= i``) iff the backward offset ``d = i - j`` satisfies
