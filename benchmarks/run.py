@@ -245,9 +245,11 @@ def part_tune(args, info):
     from ppa_hf.ops.triton import triton_ppa_attention
 
     out = Out(args.out, "tune", info)
+    # (BLOCK_M, BLOCK_N, warps, stages); the word masks need BLOCK_N <= 64 (forward, dQ) and BLOCK_M <= 64 (dK/dV)
     fwd_cfgs = ["128,64,8,3", "128,64,4,3", "128,64,8,4", "128,128,8,3", "64,64,4,3"]
-    dq_cfgs = ["128,64,8,2", "128,64,8,3", "64,64,4,3"]
-    dkdv_cfgs = ["64,128,8,2", "64,128,8,3", "64,64,4,3", "64,128,4,2"]
+    dq_cfgs = ["128,64,8,2", "128,64,8,3", "64,64,4,3", "128,64,4,3", "64,64,4,2", "64,32,4,3", "128,32,8,3"]
+    dkdv_cfgs = ["64,128,8,2", "64,128,8,3", "64,64,4,3", "64,128,4,2", "64,64,4,2", "64,64,8,3", "32,128,4,3",
+                 "32,64,4,3"]
     for D in args.head_dims:
         L = args.lengths[0]
         torch.manual_seed(0)
