@@ -10,10 +10,11 @@ each of ``--rounds`` rounds, every implementation runs them once in turn, timed 
 seconds: taking turns spreads the drift over all of them; each round starts with the next implementation, so that
 none always runs first, and garbage is collected before each run). Writes, after each round, ``eval_workload.csv``
 (a row per implementation: median seconds, the spread of its rounds, new tokens, tokens per second, speedup against
-sdpa, the decoding steps its batches ran and the time per step against sdpa's (where texts differ, the batches run
-different numbers of steps, and only the per-step figure compares like with like), accuracy, how many answers and
-texts equal sdpa's; machine stamp) and ``eval_workload_samples.jsonl`` (every prompt's generation and extracted
-answer per implementation, from its first timed run) to OUT.
+sdpa of the medians and paired round by round (median, min, max), the decoding steps its batches ran and the time
+per step against sdpa's (where texts differ, the batches run different numbers of steps, and only the per-step
+figure compares like with like), accuracy, how many answers and texts equal sdpa's; machine stamp) and
+``eval_workload_samples.jsonl`` (every prompt's generation and extracted answer per implementation, from its first
+timed run) to OUT.
 """
 
 from __future__ import annotations
@@ -79,18 +80,23 @@ def run_batches(model, tokenizer, prompts, batch_size: int, max_new_tokens: int)
 
 def _row(stamp, v, first, times, base, golds, lengths, args, rounds: int) -> dict:
     """The CSV row of implementation ``v`` after ``rounds`` rounds: the median of its timed runs, their spread
-    ((max - min) / median), and its first run's texts and answers against sdpa's (``base``)."""
+    ((max - min) / median), the speedup against sdpa (``base``) of the medians and, paired, round by round (each
+    round's sdpa time over this implementation's in the same round: drift slower than a round cancels), and its
+    first run's texts and answers against sdpa's."""
     impl, granularity, p = v
     texts, answers, new_tokens, steps = first[v]
     seconds = statistics.median(times[v])
     base_seconds, base_steps = statistics.median(times[base]), first[base][3]
+    paired = [b / t for b, t in zip(times[base], times[v])]
     return {k: stamp[k] for k in ("gpu", "torch", "transformers", "python", "commit", "date")} | dict(
         impl=impl, granularity=granularity or "dense", p=p if p is not None else 1.0, dtype=args.dtype,
         prompts=len(golds), prompt_tokens_min=min(lengths), prompt_tokens_max=max(lengths),
         batch=args.batch_size, max_new_tokens=args.max_new_tokens, seconds=round(seconds, 3),
         rounds=rounds, spread=round((max(times[v]) - min(times[v])) / seconds, 3),
         new_tokens=new_tokens, tokens_per_s=round(new_tokens / seconds, 1),
-        speedup_vs_sdpa=round(base_seconds / seconds, 3), steps=steps, ms_per_step=round(seconds / steps * 1e3, 3),
+        speedup_vs_sdpa=round(base_seconds / seconds, 3), paired_speedup=round(statistics.median(paired), 3),
+        paired_min=round(min(paired), 3), paired_max=round(max(paired), 3),
+        steps=steps, ms_per_step=round(seconds / steps * 1e3, 3),
         step_speedup_vs_sdpa=round((base_seconds / base_steps) / (seconds / steps), 3),
         accuracy=sum(gsm8k_equal(a, g) for a, g in zip(answers, golds)) / len(golds),
         same_answers_as_sdpa=sum(a == b for a, b in zip(answers, first[base][1])),

@@ -27,6 +27,9 @@ def test_eval_workload_rows_and_p1_equality(tmp_path, monkeypatch):
     assert rows[1]["same_texts_as_sdpa"] == 2 and rows[1]["same_answers_as_sdpa"] == 2
     assert all(r["prompts"] == 2 and r["new_tokens"] > 0 and r["seconds"] > 0 for r in rows)
     assert all(r["rounds"] == 2 and r["spread"] >= 0 for r in rows) and rows[0]["speedup_vs_sdpa"] == 1.0
+    # paired round by round: sdpa against itself is 1 in every round; the others lie between their extremes
+    assert rows[0]["paired_speedup"] == rows[0]["paired_min"] == rows[0]["paired_max"] == 1.0
+    assert all(0 < r["paired_min"] <= r["paired_speedup"] <= r["paired_max"] for r in rows)
     # one batch of 2 prompts, 3 new tokens forced by max_new_tokens unless both rows stop: at most 3 steps
     assert all(1 <= r["steps"] <= 3 and r["ms_per_step"] > 0 for r in rows) and rows[0]["step_speedup_vs_sdpa"] == 1.0
     assert rows[1]["steps"] == rows[0]["steps"]  # p = 1: the same texts, so the same steps
