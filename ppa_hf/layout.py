@@ -109,14 +109,24 @@ class PPALayout:
             pid = position_ids.to(self.device).expand(self._grid_shape()[0], -1)
             self.cache[key] = self
             if bool((pid[:, 1:] <= pid[:, :-1]).any()):
-                valid = self.valid
-                prev = previous_valid(valid)
-                restart = torch.gather(pid, 1, prev.clamp(min=0)) >= pid
-                link = (prev >= 0) & ~restart & (self.seg == torch.gather(self.seg, 1, prev.clamp(min=0)))
-                seg, pos = layout_from_links(valid, link)
-                self.cache[key] = PPALayout(seg, pos, self.q_index, self.kv_offset, self.kv_length)
+                self.cache[key] = self._relinked(pid)
         return self.cache[key]
 
+    def linked_by_position_ids(self, position_ids: torch.Tensor | None) -> "PPALayout":
+        """:meth:`with_position_ids` without a data-dependent branch (for torch.compile): the layout re-linked by the
+        position ids whether or not they restart (then the same sequences and positions as this layout)."""
+        if position_ids is None or position_ids.dim() != 2 or position_ids.shape[-1] != self._grid_shape()[-1]:
+            return self
+        return self._relinked(position_ids.to(self.device).expand(self._grid_shape()[0], -1))
+
+    def _relinked(self, pid: torch.Tensor) -> "PPALayout":
+        """This layout with a new sequence wherever the position id ``pid [B, T]`` does not grow."""
+        valid = self.valid
+        prev = previous_valid(valid)
+        restart = torch.gather(pid, 1, prev.clamp(min=0)) >= pid
+        link = (prev >= 0) & ~restart & (self.seg == torch.gather(self.seg, 1, prev.clamp(min=0)))
+        seg, pos = layout_from_links(valid, link)
+        return PPALayout(seg, pos, self.q_index, self.kv_offset, self.kv_length)
 
     def single_sequence_rows(self) -> tuple[int, int, torch.Tensor | None] | None:
         """``(q_start, k_start, q_valid)`` when every row is one sequence starting at kv index 0 (no padding, or

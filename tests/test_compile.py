@@ -105,3 +105,51 @@ def test_single_sequence_flex_block_mask_under_compile():
     compiled = torch.compile(attend)(q, k, v)
     _FLEX.clear()
     assert (compiled - attend(q, k, v)).abs().max().item() < 1e-5
+
+
+TRAIN_CASES = ["plain", "packed", "right-padded", "left-padded"]
+
+
+def training_inputs(case: str):
+    """``(ids, kwargs)`` of a tiny training batch: no padding, two packed sequences per row (restarting position
+    ids), right padding, or left padding."""
+    ids = torch.randint(1, 128, (2, 40))
+    mask = torch.ones(2, 40, dtype=torch.long)
+    if case == "packed":
+        return ids, dict(position_ids=torch.cat([torch.arange(25), torch.arange(15)])[None].expand(2, -1))
+    if case == "right-padded":
+        mask[1, 33:] = 0
+        return ids, dict(attention_mask=mask)
+    if case == "left-padded":
+        mask[1, :7] = 0
+        return ids, dict(attention_mask=mask)
+    return ids, {}
+
+
+@pytest.mark.parametrize("case", TRAIN_CASES)
+@pytest.mark.parametrize("use_cache", [False, True])
+def test_compiled_training_step_has_no_graph_break_and_matches_eager(case, use_cache):
+    """A training step (loss and backward) under torch.compile traces with no graph break, as stock sdpa's does, and
+    gives the eager step's loss and gradients: padding and packed sequences included (on a CPU ``auto`` runs the
+    dense-mask path, on the layout re-linked by the position ids without a branch). Where the Triton kernel can run
+    (CUDA), the path is still chosen on the host, with a graph break per layer."""
+    torch.manual_seed(0)
+    config = tiny_config("llama", ppa_p=0.75, ppa_window=4)
+    model = AutoModelForCausalLM.from_config(config, attn_implementation="ppa").train()
+    ids, kwargs = training_inputs(case)
+
+    def step():
+        model.zero_grad(set_to_none=True)
+        loss = model(ids, labels=ids, use_cache=use_cache, **kwargs).loss
+        loss.backward()
+        return loss, [p.grad.clone() for p in model.parameters()]
+
+    eager_loss, eager_grads = step()  # also builds the pattern's tables, as a first eager step would
+    dynamo.reset()
+    breaks = dynamo.explain(lambda: model(ids, labels=ids, use_cache=use_cache, **kwargs).loss)().graph_break_count
+    loss, grads = torch.compile(step)()
+    err = max((a - b).abs().max().item() for a, b in zip(grads, eager_grads))
+    print(f"{case} use_cache={use_cache}: graph breaks {breaks}, loss {loss.item():.6f} / {eager_loss.item():.6f}, "
+          f"gradient error {err:.2e}")
+    assert breaks == 0
+    assert abs(loss.item() - eager_loss.item()) < 1e-5 and err < 1e-5
