@@ -196,20 +196,19 @@ def _layer_settings(layout: PPALayout, module: torch.nn.Module) -> PPASettings:
     return settings
 
 
-def compiled_prefill(settings: PPASettings, query, key, value, layout: PPALayout, position_ids, scale, dropout: float,
-                     max_distance) -> torch.Tensor | None:
-    """A prefill or training call (more than ``DECODE_MAX_QUERIES`` queries) under torch.compile that needs no choice
-    on the host: ``sdpa_mask``, attention dropout, and ``auto`` off CUDA take the dense-mask path (what the eager
-    choice gives there) on the layout re-linked by the position ids without a branch, so they trace without a graph
-    break. ``None`` elsewhere: where the Triton kernel or FlexAttention may run, whether every row is one sequence
-    (their precondition) is read on the host, and the eager path choice applies (a graph break). ``[B, H, Q, D]``."""
-    backend = settings.backend
-    if isinstance(layout, ContextParallelLayout) or backend not in ("auto", "sdpa_mask"):
-        return None
-    if backend == "auto" and dropout == 0 and (query.device.type == "cuda" or _triton().supports(query, key, value)):
-        return None
-    general = layout.linked_by_position_ids(position_ids)
-    return sdpa_mask_attention(query, key, value, general, settings.pattern, scale, dropout, max_distance)
+def dense_without_host_choice(settings: PPASettings, query, key, value, dropout: float) -> bool:
+    """Whether this call, under torch.compile, is a prefill or training call (more than ``DECODE_MAX_QUERIES``
+    queries) whose path needs no look at the layout on the host: ``sdpa_mask``, attention dropout, and ``auto`` off
+    CUDA where Triton cannot run all take the dense-mask path (what :func:`choose_path` gives there). The layout is
+    then re-linked by the position ids without a branch, so the call traces without a graph break. Elsewhere (the
+    Triton kernel or FlexAttention may run) whether every row is one sequence, their precondition, is read on the
+    host (a graph break)."""
+    if not torch.compiler.is_compiling() or query.shape[2] <= DECODE_MAX_QUERIES:
+        return False
+    if settings.backend == "sdpa_mask":
+        return True
+    return settings.backend == "auto" and (
+        dropout > 0 or (query.device.type != "cuda" and not _triton().supports(query, key, value)))
 
 
 def ppa_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
@@ -224,20 +223,19 @@ def ppa_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: tor
             f"{type(attention_mask).__name__}; pass a 2D padding mask (or none), not a prepared 4D mask"
         )
     settings = _layer_settings(attention_mask, module)
-    max_distance = kwargs.get("sliding_window")  # the model's own sliding window, intersected with PPA
-    if torch.compiler.is_compiling() and query.shape[2] > DECODE_MAX_QUERIES:
-        if key.shape[2] != attention_mask.kv_length and not isinstance(attention_mask, ContextParallelLayout):
-            raise ValueError(f"PPA layout covers {attention_mask.kv_length} keys but attention got {key.shape[2]}")
-        out = compiled_prefill(settings, *common_dtype(query, key, value), attention_mask,
-                               kwargs.get("position_ids"), scaling, dropout, max_distance)
-        if out is not None:
-            return out.transpose(1, 2).contiguous(), None
-    layout = attention_mask.with_position_ids(kwargs.get("position_ids"))
+    query, key, value = common_dtype(query, key, value)  # (elementwise: the same before or after a gather)
+    position_ids = kwargs.get("position_ids")
+    dense = (not isinstance(attention_mask, ContextParallelLayout)
+             and dense_without_host_choice(settings, query, key, value, dropout))
+    if dense:
+        layout = attention_mask.linked_by_position_ids(position_ids)
+    else:
+        layout = attention_mask.with_position_ids(position_ids)
     if isinstance(layout, ContextParallelLayout):  # this rank holds one chunk of the sequence: gather all its keys
         key, value = layout.gather_kv(key, value)
     if key.shape[2] != layout.kv_length:
         raise ValueError(f"PPA layout covers {layout.kv_length} keys but attention got {key.shape[2]}")
-    query, key, value = common_dtype(query, key, value)
-    path = choose_path(settings, query, key, value, layout, dropout)
+    max_distance = kwargs.get("sliding_window")  # the model's own sliding window, intersected with PPA
+    path = "sdpa_mask" if dense else choose_path(settings, query, key, value, layout, dropout)
     out = run_path(path, query, key, value, layout, settings, scaling, dropout, max_distance)
     return out.transpose(1, 2).contiguous(), None
