@@ -15,12 +15,12 @@ def sdpa_mask(layout: PPALayout, pattern: PPAPattern, max_distance: int | None =
     """``(attn_mask [B, 1, Q, K] bool, row_any [B, 1, Q, 1] bool)`` for SDPA, cached on the layout (shared by the
     layers of one forward pass). A query with no key would give NaN in SDPA: its row lets it see everything and
     ``row_any`` zeroes its output afterwards (always applied: checking first would synchronise)."""
-    cache_key = ("sdpa_mask", pattern.key, max_distance)
-    if cache_key not in layout.cache:
+    def build():
         keep = layout_keep(layout, pattern, max_distance)
         row_any = keep.any(-1, keepdim=True)
-        layout.cache[cache_key] = (keep | ~row_any, row_any)
-    return layout.cache[cache_key]
+        return keep | ~row_any, row_any
+
+    return _per_forward(layout, ("sdpa_mask", pattern.key, max_distance), build)
 
 
 def sdpa_mask_attention(query, key, value, layout: PPALayout, pattern: PPAPattern, scale: float | None = None,
