@@ -42,6 +42,27 @@ def timed(name, fn):
     return wrapper
 
 
+def install_timers(masks: bool = False):
+    """Register timed versions of the ``sdpa`` and ``ppa`` attention functions (and, with ``masks``, of their mask
+    interfaces, under ``mask_sdpa`` / ``mask_ppa``: once per forward pass); returns the function that puts the
+    originals back."""
+    from transformers import AttentionMaskInterface
+
+    AttentionInterface.register("sdpa", timed("sdpa", sdpa_attention_forward))
+    AttentionInterface.register("ppa", timed("ppa", ppa_attention_forward))
+    originals = {name: AttentionMaskInterface._global_mapping[name] for name in ("sdpa", "ppa")} if masks else {}
+    for name, fn in originals.items():
+        AttentionMaskInterface.register(name, timed("mask_" + name, fn))
+
+    def restore():
+        AttentionInterface.register("sdpa", sdpa_attention_forward)
+        AttentionInterface.register("ppa", ppa_attention_forward)
+        for name, fn in originals.items():
+            AttentionMaskInterface.register(name, fn)
+
+    return restore
+
+
 _STAMP = {}
 
 
@@ -57,14 +78,8 @@ def emit(**row):
 
 
 def main():
-    from transformers import AttentionMaskInterface
-
     model = make_model("llama-1b", 8, 40000).eval()
-    AttentionInterface.register("sdpa", timed("sdpa", sdpa_attention_forward))
-    AttentionInterface.register("ppa", timed("ppa", ppa_attention_forward))
-    masks = {name: AttentionMaskInterface._global_mapping[name] for name in ("sdpa", "ppa")}
-    for name, fn in masks.items():  # the mask interface: once per forward pass
-        AttentionMaskInterface.register(name, timed("mask_" + name, fn))
+    restore = install_timers(masks=True)
     for batch in (1, 8):
         ids = torch.randint(3, VOCAB, (batch, 32768), device="cuda")
         for impl, gran in (("sdpa", None), ("sdpa_flash", None), ("ppa", "token"), ("ppa", "block")):
@@ -128,12 +143,13 @@ def main():
                     open(os.path.join(OUT, f"decode_profile_{gran}.txt"), "w").write(table)
             del cache
             torch.cuda.empty_cache()
-    AttentionInterface.register("sdpa", sdpa_attention_forward)
-    AttentionInterface.register("ppa", ppa_attention_forward)
-    for name, fn in masks.items():
-        AttentionMaskInterface.register(name, fn)
+    restore()
     del model
     torch.cuda.empty_cache()
+
+
+# substrings of the attention kernels of a decoding step: SDPA's (flash, efficient, cuDNN) and PPA's decode kernels
+DECODE_ATTENTION_KERNELS = ("attn", "fmha", "flash", "cudnn", "sdpa", "attention", "_decode", "_combine")
 
 
 def attention_kernels(prof) -> dict:
@@ -141,8 +157,7 @@ def attention_kernels(prof) -> dict:
     names = collections.Counter()
     for e in prof.events():
         name = e.name
-        if e.device_type.name == "CUDA" and any(k in name.lower() for k in ("attn", "fmha", "flash", "cudnn", "sdpa",
-                                                                             "attention", "_decode", "_combine")):
+        if e.device_type.name == "CUDA" and any(k in name.lower() for k in DECODE_ATTENTION_KERNELS):
             names[name[:90]] += 1
     return dict(names)
 
@@ -154,7 +169,7 @@ def sdpa_kernels():
     from torch.profiler import ProfilerActivity, profile
 
     model = make_model("llama-1b", 8, 40000).eval()
-    AttentionInterface.register("sdpa", timed("sdpa", sdpa_attention_forward))
+    restore = install_timers()
     use_impl(model, "sdpa", None, None)
     for batch in (1, 8):
         ids = torch.randint(3, VOCAB, (batch, 32768), device="cuda")
@@ -182,7 +197,7 @@ def sdpa_kernels():
                 torch.cuda.synchronize()
             emit(part="sdpa_kernels", how="generate", batch=batch, kernels=attention_kernels(prof),
                  first_layer_host_us=[round(HOST["sdpa"][j] * 1e6) for j in range(0, len(HOST["sdpa"]), 8)])
-    AttentionInterface.register("sdpa", sdpa_attention_forward)
+    restore()
     del model
     torch.cuda.empty_cache()
 
@@ -280,8 +295,7 @@ def cpu_calls(contexts=(4096, 16384), steps: int = 20):
 
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    AttentionInterface.register("sdpa", timed("sdpa", sdpa_attention_forward))
-    AttentionInterface.register("ppa", timed("ppa", ppa_attention_forward))
+    restore = install_timers()
     for context in contexts:
         for impl in ("sdpa", "ppa"):
             config = LlamaConfig(**{**SHAPES["llama-1b"], "intermediate_size": 256}, num_hidden_layers=4,
@@ -306,8 +320,7 @@ def cpu_calls(contexts=(4096, 16384), steps: int = 20):
             emit(part="cpu", context=context, impl=impl, threads=torch.get_num_threads(),
                  step_ms=round(statistics.median(times[2:]) * 1e3, 2),
                  attn_us_per_layer=round(statistics.median(calls) * 1e6))
-    AttentionInterface.register("sdpa", sdpa_attention_forward)
-    AttentionInterface.register("ppa", ppa_attention_forward)
+    restore()
 
 
 def cpu_short_calls(context: int = 256, batch: int = 4, steps: int = 40, rounds: int = 3):
@@ -322,13 +335,7 @@ def cpu_short_calls(context: int = 256, batch: int = 4, steps: int = 40, rounds:
 
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from transformers import AttentionMaskInterface
-
-    AttentionInterface.register("sdpa", timed("sdpa", sdpa_attention_forward))
-    AttentionInterface.register("ppa", timed("ppa", ppa_attention_forward))
-    masks = {name: AttentionMaskInterface._global_mapping[name] for name in ("sdpa", "ppa")}
-    for name, fn in masks.items():  # the mask interface: once per forward pass
-        AttentionMaskInterface.register(name, timed("mask_" + name, fn))
+    restore = install_timers(masks=True)
     config = LlamaConfig(hidden_size=576, num_attention_heads=9, num_key_value_heads=3, head_dim=64,
                          intermediate_size=64, num_hidden_layers=8, vocab_size=256)
     torch.manual_seed(0)
@@ -362,10 +369,7 @@ def cpu_short_calls(context: int = 256, batch: int = 4, steps: int = 40, rounds:
              attn_us_other_layers=round(statistics.median(other[v]) * 1e6, 1),
              mask_us=round(statistics.median(mask_fn[v]) * 1e6, 1),
              mask_and_attn_us_per_step=round(statistics.median(step[v]) * 1e6, 1))
-    AttentionInterface.register("sdpa", sdpa_attention_forward)
-    AttentionInterface.register("ppa", ppa_attention_forward)
-    for name, fn in masks.items():
-        AttentionMaskInterface.register(name, fn)
+    restore()
 
 
 class _StepProfiles:
@@ -434,7 +438,7 @@ def kernel_kind(name: str) -> str:
     low = name.lower()
     if "catarray" in low or low.startswith("cat") or "cat_" in low:
         return "cache_append"
-    if any(s in low for s in ("flash", "fmha", "cudnn", "attention", "_decode", "_combine", "decode_index", "sdpa")):
+    if any(s in low for s in DECODE_ATTENTION_KERNELS):
         return "attention"
     if any(s in low for s in ("gemm", "gemv", "nvjet", "cutlass", "xmma", "cublas", "splitk")):
         return "matmul"
