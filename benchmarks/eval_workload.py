@@ -148,8 +148,6 @@ def main(argv=None) -> list[dict]:
             impl, granularity, p = v
             use_impl(model, impl, granularity, p)
             gc.collect()  # the previous run's garbage is not collected inside this one's timing
-            if args.device == "cuda":
-                torch.cuda.synchronize()
             with sdpa_backends(impl):
                 texts, new_tokens, steps, seconds = run_batches(model, tokenizer, prompts, args.batch_size,
                                                                 args.max_new_tokens)
