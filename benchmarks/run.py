@@ -277,7 +277,7 @@ def part_tune(args, info):
 
 def part_tune_decode(args, info, device: str = "cuda"):
     """The decode kernel's launch configuration (``ppa_hf.ops.triton.decode.decode_config``: programs per
-    multiprocessor, BLOCK_N, num_warps, num_stages), one knob at a time around the default: one decoding query per
+    multiprocessor, BLOCK_N, num_warps, num_stages), one knob at a time around the one in effect: one decoding query per
     row (32 query / 8 KV heads, head size 64, bf16) against a cache of ``context`` keys, token and block p = 0.75,
     for each batch and context; beside it SDPA's flash kernel over the whole cache and the dense floor (reading the
     whole cache once at the measured copy bandwidth). ``read_gbs``: the bytes of the listed key and value rows over
@@ -286,10 +286,12 @@ def part_tune_decode(args, info, device: str = "cuda"):
 
     out = Out(args.out, "tune_decode", info)
     bandwidth = copy_bandwidth_gbs()
-    base = decode.DECODE_DEFAULT
-    configs = ([base] + [(n, *base[1:]) for n in (1, 4, 8, 16)] + [(base[0], n, *base[2:]) for n in (32, 128)]
-               + [(*base[:2], n, base[3]) for n in (2, 8)] + [(*base[:3], n) for n in (2, 4)])
     for batch in args.batches:
+        base = decode.decode_config(batch * 8)  # the configuration in effect for this batch, varied around
+        configs = ([base] + [(n, *base[1:]) for n in (1, 2, 4, 8, 16) if n != base[0]]
+                   + [(base[0], n, *base[2:]) for n in (32, 64, 128) if n != base[1]]
+                   + [(*base[:2], n, base[3]) for n in (2, 4, 8) if n != base[2]]
+                   + [(*base[:3], n) for n in (2, 3, 4) if n != base[3]])
         for context in args.contexts:
             torch.manual_seed(0)
             q = torch.randn(batch, 32, 1, 64, device=device, dtype=DTYPE)

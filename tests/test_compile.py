@@ -110,18 +110,19 @@ def test_single_sequence_flex_block_mask_under_compile():
 TRAIN_CASES = ["plain", "packed", "right-padded", "left-padded"]
 
 
-def training_inputs(case: str):
-    """``(ids, kwargs)`` of a tiny training batch: no padding, two packed sequences per row (restarting position
-    ids), right padding, or left padding."""
-    ids = torch.randint(1, 128, (2, 40))
-    mask = torch.ones(2, 40, dtype=torch.long)
+def training_inputs(case: str, length: int = 40):
+    """``(ids, kwargs)`` of a tiny training batch of 2 rows: no padding, two packed sequences per row (restarting
+    position ids), right padding, or left padding."""
+    ids = torch.randint(1, 128, (2, length))
+    mask = torch.ones(2, length, dtype=torch.long)
     if case == "packed":
-        return ids, dict(position_ids=torch.cat([torch.arange(25), torch.arange(15)])[None].expand(2, -1))
+        first = length * 5 // 8
+        return ids, dict(position_ids=torch.cat([torch.arange(first), torch.arange(length - first)])[None].expand(2, -1))
     if case == "right-padded":
-        mask[1, 33:] = 0
+        mask[1, length * 33 // 40:] = 0
         return ids, dict(attention_mask=mask)
     if case == "left-padded":
-        mask[1, :7] = 0
+        mask[1, :length * 7 // 40] = 0
         return ids, dict(attention_mask=mask)
     return ids, {}
 
@@ -131,8 +132,8 @@ def training_inputs(case: str):
 def test_compiled_training_step_has_no_graph_break_and_matches_eager(case, use_cache):
     """A training step (loss and backward) under torch.compile traces with no graph break, as stock sdpa's does, and
     gives the eager step's loss and gradients: padding and packed sequences included (on a CPU ``auto`` runs the
-    dense-mask path, on the layout re-linked by the position ids without a branch). Where the Triton kernel can run
-    (CUDA), the path is still chosen on the host, with a graph break per layer."""
+    dense-mask path, on the layout re-linked by the position ids without a branch). Where the Triton kernels run,
+    see tests/test_triton_interpret.py (CPU) and tests/test_gpu_kernels.py."""
     torch.manual_seed(0)
     config = tiny_config("llama", ppa_p=0.75, ppa_window=4)
     model = AutoModelForCausalLM.from_config(config, attn_implementation="ppa").train()

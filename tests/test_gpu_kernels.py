@@ -30,13 +30,14 @@ def _keep(pattern, lq, lk, md=None, device="cuda"):
     return pattern.keep(q, k, length=lk + 1, max_distance=md)
 
 
-def _check(name, fast_fn, pattern, B, H, Hkv, lq, lk, D, dtype, md=None, grads=True):
+def _check(name, fast_fn, pattern, B, H, Hkv, lq, lk, D, dtype, md=None, grads=True, keep=None):
+    """``keep``: the reference's mask (default: one sequence per row, the queries the last ``lq`` of the keys)."""
     dev = "cuda"
     q = torch.randn(B, H, lq, D, device=dev, dtype=dtype)
     k = torch.randn(B, Hkv, lk, D, device=dev, dtype=dtype)
     v = torch.randn(B, Hkv, lk, D, device=dev, dtype=dtype)
     do = torch.randn(B, H, lq, D, device=dev, dtype=dtype)
-    keep = _keep(pattern, lq, lk, md)
+    keep = _keep(pattern, lq, lk, md) if keep is None else keep
 
     def run(fn, dt):
         xs = [x.detach().to(dt).requires_grad_(grads) for x in (q, k, v)]
@@ -86,6 +87,44 @@ def test_triton_prefill_matches_reference(case):
            lq, lk, D, dtype, md)
 
 
+def packed_layouts(B: int, T: int, device="cuda"):
+    """``{name: PPALayout}`` of ``B`` rows of ``T`` tokens that the block-sparse kernels cannot take as they are:
+    packed sequences (restarting position ids), left padding, a padding hole, packed with the queries the last
+    third (a cached prefix)."""
+    from ppa_hf.layout import PPALayout
+
+    def rows(valid, q_index=None):
+        q_index = torch.arange(T, device=device) if q_index is None else q_index
+        return PPALayout(None, None, q_index, 0, T, one_sequence_per_row=True, valid=valid)
+
+    full = torch.ones(B, T, dtype=torch.bool, device=device)
+    pid = torch.cat([torch.arange(n, device=device) for n in (T // 2 + 7, T // 3, T - T // 2 - 7 - T // 3)])
+    packed = rows(full).linked_by_position_ids(pid[None].expand(B, -1))
+    left, hole = full.clone(), full.clone()
+    left[-1, :T // 5 + 3] = False
+    hole[0, T // 3:T // 3 + 50] = False
+    tail = PPALayout(packed.seg, packed.pos, torch.arange(T - T // 3, T, device=device), 0, T)
+    return {"packed": packed, "left-padded": rows(left), "hole": rows(hole), "packed-tail": tail}
+
+
+@cuda
+@needs_triton
+@pytest.mark.parametrize("case", [CASES[0], CASES[4], CASES[7]], ids=lambda c: f"{c[0].name}-D{c[6]}")
+@pytest.mark.parametrize("layout_name", ["packed", "left-padded", "hole", "packed-tail"])
+def test_triton_layout_attention_matches_reference(case, layout_name):
+    """The block-sparse kernels on layouts they cannot take as they are (each sequence unpacked into a row of its
+    own): forward and every gradient against the reference on the layout's mask."""
+    from ppa_hf.ops.reference import layout_keep
+    from ppa_hf.ops.triton import triton_layout_attention
+
+    pattern, B, H, Hkv, _, lk, D, dtype, md = case
+    layout = packed_layouts(B, lk)[layout_name]
+    lq = layout.q_index.numel()
+    _check(f"triton_layout {layout_name}",
+           lambda a, b, c: triton_layout_attention(a, b, c, layout, pattern, max_distance=md), pattern, B, H, Hkv,
+           lq, lk, D, dtype, md, keep=layout_keep(layout, pattern, md))
+
+
 @cuda
 @pytest.mark.parametrize("case", [CASES[0], CASES[2], CASES[3], CASES[4]], ids=lambda c: f"{c[0].name}-q{c[4]}")
 def test_flex_analytic_blockmask_matches_reference(case):
@@ -106,10 +145,12 @@ def test_flex_analytic_blockmask_matches_reference(case):
                          ids=lambda p: p.name)
 @pytest.mark.parametrize("nq", [1, 4])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
-def test_triton_decode_matches_reference(pattern, nq, dtype):
-    from ppa_hf.ops.triton import triton_decode_attention
+@pytest.mark.parametrize("B", [3, 32])  # 32 rows x 2 KV heads: the launch configuration for many programs
+def test_triton_decode_matches_reference(pattern, nq, dtype, B):
+    from ppa_hf.ops.triton import decode, triton_decode_attention
 
-    B, H, Hkv, T, D = 3, 8, 2, 5001, 128
+    H, Hkv, T, D = 8, 2, 5001, 128
+    print(f"[decode] B={B} nq={nq}: launch configuration {decode.decode_config(B * Hkv * nq)}")
     keep = _keep(pattern, nq, T)
     count = keep.sum(-1)
     n = int(count.max())
@@ -312,7 +353,7 @@ def test_static_cache_compiled_generation_matches_eager_dynamic(granularity):
                                  block_size=64, backend=backend)
         ids = torch.randint(3, 512, (2, 1100), device="cuda")
         mask = torch.ones_like(ids)
-        mask[1, :left_pad] = 0  # the block-sparse kernel takes no left padding: auto prefills by another path
+        mask[1, :left_pad] = 0  # auto prefills a left-padded batch of this size with the dense mask
         kw = dict(attention_mask=mask, max_new_tokens=24, min_new_tokens=24, do_sample=False)
         with torch.no_grad():
             eager = model.generate(ids, **kw)
@@ -355,3 +396,46 @@ def test_decode_steps_do_not_synchronise(granularity):
                           position_ids=position_ids)
             finally:
                 torch.cuda.set_sync_debug_mode("default")
+
+
+@cuda
+@needs_triton
+@pytest.mark.parametrize("granularity", ["token", "block"])
+def test_compiled_training_step_has_no_graph_break_on_gpu(granularity):
+    """torch.compile of a training step (loss and backward) where the Triton kernels run: no graph break (the layout is
+    read inside one custom op), and the eager step's loss and gradients (float32, exact dots), for unpadded, packed
+    (with a cache), right- and left-padded rows."""
+    import torch._dynamo as dynamo
+    from test_compile import TRAIN_CASES, training_inputs
+
+    model = _tiny_cuda_llama(torch.float32, p=0.75, window=16, sink_tokens=1, granularity=granularity,
+                             block_size=64).train()
+    cases = [(case, case == "packed") for case in TRAIN_CASES] if granularity == "token" else [
+        ("packed", True), ("left-padded", False)]
+    for case, use_cache in cases:
+        torch.manual_seed(0)
+        ids, kwargs = training_inputs(case, length=700)
+        ids, kwargs = ids.cuda() % 512, {k: v.cuda() for k, v in kwargs.items()}
+
+        def loss_fn():
+            return model(ids, labels=ids, use_cache=use_cache, **kwargs).loss
+
+        def step():
+            model.zero_grad(set_to_none=True)
+            loss = loss_fn()
+            loss.backward()
+            return loss, [p.grad.clone() for p in model.parameters()]
+
+        eager_loss, eager_grads = step()
+        dynamo.reset()
+        explained = dynamo.explain(loss_fn)()
+        code = "\n".join(str(m.code) for g in explained.graphs for m in g.modules() if hasattr(m, "code"))
+        loss, grads = torch.compile(step)()
+        err = max(((a - b).abs().max() / b.abs().max().clamp(min=1e-12)).item()
+                  for a, b in zip(grads, eager_grads))
+        print(f"[compiled training {granularity}] {case} use_cache={use_cache}: graph breaks "
+              f"{explained.graph_break_count}, loss {loss.item():.6f} / {eager_loss.item():.6f}, "
+              f"largest relative gradient error {err:.2e}")
+        assert explained.graph_break_count == 0, case
+        assert "packed_prefill_forward" in code, case  # the Triton kernels ran, not another path
+        assert abs(loss.item() - eager_loss.item()) < 1e-4 and err < 1e-3, case

@@ -24,7 +24,7 @@ FLEX_MIN_ENTRIES = 4096 * 4096
 # cache (at 50 sequences x 1k cached tokens the repeat copied about 230 MB per layer and step).
 GQA_FOLD_MAX_QUERIES = 16
 
-PATHS = ("sdpa_mask", "flex", "gather_decode", "triton", "triton_decode")
+PATHS = ("sdpa_mask", "flex", "gather_decode", "triton", "triton_layout", "triton_decode")
 # (head size, granularity) where FlexAttention's forward + backward beats the Triton kernels' (auto trains with Flex
 # there and runs forward-only calls with Triton, the faster forward): H200, bf16, 32 query / 8 KV heads, 32k tokens,
 # block p = 0.75: Flex 8.9 ms vs Triton 10.5 ms fwd+bwd at head size 128 (benchmarks/results/kernels.csv).
@@ -73,7 +73,8 @@ def choose_path(settings: PPASettings, query: torch.Tensor, key: torch.Tensor, v
     * ``sdpa_mask``: the dense-mask SDPA path; ``flex``: FlexAttention; ``decode``: gathered decoding in torch
       (any number of queries);
     * ``triton``: the fused Triton decode kernel for up to ``DECODE_MAX_QUERIES`` queries (the full pattern included),
-      the block-sparse Triton kernel otherwise (every row one sequence from kv index 0: no left padding, no packing).
+      the block-sparse Triton kernel otherwise: directly where every row is one sequence from kv index 0 (no left
+      padding, no packing), on the sequences unpacked one per row elsewhere (``triton_layout``; keys from kv index 0).
 
     ``auto``: attention dropout -> ``sdpa_mask``; a few queries against at least ``DECODE_MIN_KEYS`` keys and ``p <
     1`` -> the Triton decode kernel on CUDA (float32 with exact dots), the torch gather where gradients are needed
@@ -102,15 +103,16 @@ def choose_path(settings: PPASettings, query: torch.Tensor, key: torch.Tensor, v
         return "gather_decode"
     if backend == "triton":
         reason = _triton().unsupported_reason(query, key, value)
-        if reason is None and not few_queries and layout.single_sequence_rows() is None:
-            reason = ("the block-sparse kernel needs every row to be one sequence starting at kv index 0 (no left "
-                      "padding, no packed sequences)")
+        rows = None if reason is not None or few_queries else layout.single_sequence_rows()
+        if reason is None and not few_queries and rows is None and layout.kv_offset != 0:
+            reason = (f"the block-sparse kernel needs the keys from kv index 0 when rows are padded on the left or "
+                      f"packed (kv_offset={layout.kv_offset})")
         if reason is None and few_queries and needs_grad:
             reason = (f"{q_len} queries go to the decode kernel, which has no backward pass, and gradients are "
                       "required")
         if reason is not None:
             raise ValueError(f"ppa_backend='triton' cannot serve this call: {reason}; use ppa_backend='auto'")
-        return "triton_decode" if few_queries else "triton"
+        return "triton_decode" if few_queries else "triton" if rows is not None else "triton_layout"
     # auto
     if dropout > 0:
         return "sdpa_mask"
@@ -158,6 +160,8 @@ def run_path(path: str, query, key, value, layout: PPALayout, settings: PPASetti
         if path == "triton_decode":  # (choose_path has checked that the kernel takes these inputs)
             return _triton().triton_decode_attention(query, key, value, index, count, scale, check=False)
         return gather_decode_attention(query, key, value, index, count, scale)
+    if path == "triton_layout":  # the layout is read on the host inside the op (one op for torch.compile)
+        return _triton().triton_layout_attention(query, key, value, layout, pattern, max_distance, scale)
     if path == "sdpa_mask":
         fold = query.shape[2] <= GQA_FOLD_MAX_QUERIES
         return sdpa_mask_attention(query, key, value, layout, pattern, scale, dropout, max_distance, fold_gqa=fold)
@@ -196,19 +200,30 @@ def _layer_settings(layout: PPALayout, module: torch.nn.Module) -> PPASettings:
     return settings
 
 
-def dense_without_host_choice(settings: PPASettings, query, key, value, dropout: float) -> bool:
-    """Whether this call, under torch.compile, is a prefill or training call (more than ``DECODE_MAX_QUERIES``
-    queries) whose path needs no look at the layout on the host: ``sdpa_mask``, attention dropout, and ``auto`` off
-    CUDA where Triton cannot run all take the dense-mask path (what :func:`choose_path` gives there). The layout is
-    then re-linked by the position ids without a branch, so the call traces without a graph break. Elsewhere (the
-    Triton kernel or FlexAttention may run) whether every row is one sequence, their precondition, is read on the
-    host (a graph break)."""
-    if not torch.compiler.is_compiling() or query.shape[2] <= DECODE_MAX_QUERIES:
-        return False
-    if settings.backend == "sdpa_mask":
-        return True
-    return settings.backend == "auto" and (
-        dropout > 0 or (query.device.type != "cuda" and not _triton().supports(query, key, value)))
+def compiled_path(settings: PPASettings, query, key, value, layout: PPALayout, dropout: float) -> str | None:
+    """Under torch.compile, the path of a prefill or training call (more than ``DECODE_MAX_QUERIES`` queries) that
+    needs no look at the layout on the host, so the call traces without a graph break; ``None`` elsewhere (decoding
+    calls, which trace as they are, and calls that keep their host-side choice: FlexAttention, context parallelism,
+    keys not from kv index 0).
+
+    * ``sdpa_mask``: ``ppa_backend="sdpa_mask"``, attention dropout, and ``auto`` where Triton cannot run (what
+      :func:`choose_path` gives there);
+    * ``triton_layout``: ``auto`` and ``triton`` where Triton runs: one custom op that reads the layout inside
+      (every row one sequence: the kernels as they are; packed or left-padded rows: unpacked one per row).
+
+    The layout is then re-linked by the position ids without a branch (packed sequences that Transformers does not
+    detect when a cache exists)."""
+    if (not torch.compiler.is_compiling() or query.shape[2] <= DECODE_MAX_QUERIES
+            or isinstance(layout, ContextParallelLayout)):
+        return None
+    backend = settings.backend
+    if backend == "sdpa_mask" or (backend == "auto" and dropout > 0):
+        return "sdpa_mask"
+    if backend not in ("auto", "triton") or dropout > 0:
+        return None  # flex; triton with dropout (choose_path refuses it)
+    if _triton().supports(query, key, value):
+        return "triton_layout" if layout.kv_offset == 0 else None
+    return "sdpa_mask" if backend == "auto" and query.device.type != "cuda" else None
 
 
 def ppa_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
@@ -225,9 +240,8 @@ def ppa_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: tor
     settings = _layer_settings(attention_mask, module)
     query, key, value = common_dtype(query, key, value)  # (elementwise: the same before or after a gather)
     position_ids = kwargs.get("position_ids")
-    dense = (not isinstance(attention_mask, ContextParallelLayout)
-             and dense_without_host_choice(settings, query, key, value, dropout))
-    if dense:
+    traced = compiled_path(settings, query, key, value, attention_mask, dropout)
+    if traced is not None:
         layout = attention_mask.linked_by_position_ids(position_ids)
     else:
         layout = attention_mask.with_position_ids(position_ids)
@@ -236,6 +250,6 @@ def ppa_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: tor
     if key.shape[2] != layout.kv_length:
         raise ValueError(f"PPA layout covers {layout.kv_length} keys but attention got {key.shape[2]}")
     max_distance = kwargs.get("sliding_window")  # the model's own sliding window, intersected with PPA
-    path = "sdpa_mask" if dense else choose_path(settings, query, key, value, layout, dropout)
+    path = traced or choose_path(settings, query, key, value, layout, dropout)
     out = run_path(path, query, key, value, layout, settings, scaling, dropout, max_distance)
     return out.transpose(1, 2).contiguous(), None

@@ -134,20 +134,33 @@ if triton is not None:
 
 
 MAX_SPLITS = 64  # split-K parts of one (row, KV head, query) at most
-# The decode kernel's launch: (programs per multiprocessor the splits aim at, BLOCK_N, num_warps, num_stages).
+# The decode kernel's launch: (programs per multiprocessor the splits aim at, BLOCK_N, num_warps, num_stages), by the
+# number of programs before splitting (batch x KV heads x queries). Measured one knob at a time on an H200, 32 query
+# / 8 KV heads, head size 64, bf16, p = 0.75 (benchmarks/results/tune_decode.csv): 2 warps instead of 4 take
+# 0.058 / 0.134 ms instead of 0.071 / 0.178 at batch 8 (64 programs) and 32k / 128k keys, 0.125 instead of 0.166 at
+# batch 32 / 32k, but 0.032 / 0.044 instead of 0.029 / 0.038 at batch 1 (8 programs).
 DECODE_DEFAULT = (2, 64, 4, 3)
-_decode_cfg: tuple | None = None
+DECODE_MANY_PROGRAMS = 64
+DECODE_DEFAULT_MANY = (2, 64, 2, 3)  # from DECODE_MANY_PROGRAMS programs on
+_decode_cfg: tuple | None = None  # set_decode_config's, or PPA_TRITON_DECODE's, for every launch
+_decode_env_read = False
 
 
-def decode_config() -> tuple[int, int, int, int]:
-    """The decode kernel's launch configuration ``(programs per multiprocessor, BLOCK_N, num_warps, num_stages)``:
-    :data:`DECODE_DEFAULT`, or ``PPA_TRITON_DECODE="PPSM,BN,warps,stages"`` (read once; tuning changes it with
-    :func:`set_decode_config`). The split count gives about ``PPSM`` programs per multiprocessor (at most
-    :data:`MAX_SPLITS` splits, at least ``BLOCK_N`` listed keys per split)."""
-    global _decode_cfg
-    if _decode_cfg is None:
-        _decode_cfg = _checked_decode_config(env_config("PPA_TRITON_DECODE", DECODE_DEFAULT), "PPA_TRITON_DECODE")
-    return _decode_cfg
+def decode_config(programs: int = 1) -> tuple[int, int, int, int]:
+    """The decode kernel's launch configuration ``(programs per multiprocessor, BLOCK_N, num_warps, num_stages)`` for
+    ``programs`` (batch x KV heads x queries): :data:`DECODE_DEFAULT` below :data:`DECODE_MANY_PROGRAMS`,
+    :data:`DECODE_DEFAULT_MANY` from there on, unless ``PPA_TRITON_DECODE="PPSM,BN,warps,stages"`` (read once) or
+    :func:`set_decode_config` fixes one for every launch. The split count gives about ``PPSM`` programs per
+    multiprocessor (at most :data:`MAX_SPLITS` splits, at least ``BLOCK_N`` listed keys per split)."""
+    global _decode_cfg, _decode_env_read
+    if not _decode_env_read:
+        _decode_env_read = True
+        env = env_config("PPA_TRITON_DECODE", None)
+        if env is not None and _decode_cfg is None:
+            _decode_cfg = _checked_decode_config(env, "PPA_TRITON_DECODE")
+    if _decode_cfg is not None:
+        return _decode_cfg
+    return DECODE_DEFAULT_MANY if programs >= DECODE_MANY_PROGRAMS else DECODE_DEFAULT
 
 
 def decode_splits(programs: int, listed: int, device, per_sm: int, block_n: int) -> int:
@@ -157,10 +170,11 @@ def decode_splits(programs: int, listed: int, device, per_sm: int, block_n: int)
 
 
 def set_decode_config(config: tuple | None) -> None:
-    """Set the decode kernel's launch configuration (see :func:`decode_config`); ``None``: back to the environment or
-    the default."""
-    global _decode_cfg
+    """Fix the decode kernel's launch configuration for every launch (see :func:`decode_config`); ``None``: back to
+    the environment or the measured defaults."""
+    global _decode_cfg, _decode_env_read
     _decode_cfg = None if config is None else _checked_decode_config(config, "config")
+    _decode_env_read = config is not None  # None: PPA_TRITON_DECODE is read again
 
 
 def _checked_decode_config(config, name: str) -> tuple[int, int, int, int]:
@@ -265,11 +279,11 @@ def _decode(query, key, value, index, count, scale: float, fused: bool = True) -
     index = index if index.dtype == torch.int32 else index.to(torch.int32)
     count = count if count.dtype == torch.int32 else count.to(torch.int32)
     N = index.shape[-1]
-    per_sm, block_n, warps, stages = decode_config()
+    programs = B * Hkv * NQ
+    per_sm, block_n, warps, stages = decode_config(programs)
     if interpreted(query.device):
         block_n = 16
     # about per_sm programs per multiprocessor; each split takes an even share of its row's listed keys
-    programs = B * Hkv * NQ
     splits = decode_splits(programs, N, query.device, per_sm, block_n)
     out = _decode_output(query)
     rows = B * H * NQ

@@ -33,9 +33,9 @@ def configs(head_dim: int, dtype: torch.dtype, device):
     if head_dim > 128 or dtype == torch.float32:
         default = (64, 64, 4, 2), (32, 64, 4, 2), (64, 32, 4, 2)
     elif head_dim <= 64:  # 4 warps: 8-13% faster than 8 at head size 64 (token and block patterns)
-        default = (128, 64, 4, 3), (64, 64, 4, 3), (64, 64, 4, 3)
+        default = (128, 64, 4, 3), (64, 64, 4, 2), (128, 64, 4, 3)
     else:
-        default = (128, 64, 8, 3), (64, 128, 8, 2), (128, 64, 8, 2)
+        default = (128, 64, 8, 3), (64, 128, 8, 2), (64, 64, 4, 2)
     return tuple(env_config(name, cfg) for name, cfg in zip(("PPA_TRITON_FWD", "PPA_TRITON_DKDV", "PPA_TRITON_DQ"),
                                                              default))
 
