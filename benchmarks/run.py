@@ -458,11 +458,14 @@ def part_train_compiled(args, out):
             compiled(ids, labels=ids, use_cache=False).loss.backward()
             model.zero_grad(set_to_none=True)
 
+        counters = torch._dynamo.utils.counters
+        counters.clear()
         t0 = time.time()
         step()
         step()
         torch.cuda.synchronize()
         compile_s = time.time() - t0
+        graphs = counters["stats"]["unique_graphs"]  # graphs Dynamo compiled for the step: 1 without a graph break
         torch.cuda.reset_peak_memory_stats()
         med, lo, hi = event_ms(step, args.reps)
         peak = torch.cuda.max_memory_allocated() / 2**30
@@ -470,7 +473,7 @@ def part_train_compiled(args, out):
         out.add(dict(shape=shape, head_dim=SHAPES[shape]["head_dim"], layers=layers, L=L, mode="train",
                      compiled=1, impl=impl, granularity=gran, p=p, step_ms=med, step_ms_min=lo, step_ms_max=hi,
                      speedup_vs_sdpa=base / med, peak_gib=peak, attention_share=float("nan"),
-                     compile_s=round(compile_s, 1)))
+                     compile_s=round(compile_s, 1), dynamo_graphs=graphs))
         del model, compiled
         torch._dynamo.reset()
         torch.cuda.empty_cache()
