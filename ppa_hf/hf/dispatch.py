@@ -1,5 +1,6 @@
 """The ``"ppa"`` entry of Transformers' ``AttentionInterface``: one layer's attention call, and the one place that
-chooses an attention path (:func:`choose_path`). Ops never choose: an op that cannot serve its inputs raises."""
+chooses an attention path (:func:`choose_path`; under torch.compile :func:`compiled_path` first). Ops never
+choose: an op that cannot serve its inputs raises."""
 
 from __future__ import annotations
 
