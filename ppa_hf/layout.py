@@ -160,14 +160,14 @@ def one_sequence_per_row(valid: torch.Tensor):
     """``seg, pos`` (as :func:`layout_from_links`) when every real token continues the sequence of the previous real
     token of its row: one sequence per row, padding anywhere. Five elementwise ops instead of about fifteen (this
     runs once per decoding step)."""
-    rank = valid.long().cumsum(-1) - 1
+    rank = running_count(valid) - 1
     return torch.where(valid, 0, -1), torch.where(valid, rank, 0)
 
 
 def previous_valid(valid: torch.Tensor) -> torch.Tensor:
     """``[B, T]``: index of the last valid token strictly before each index (``-1`` if none)."""
     idx = torch.arange(valid.shape[-1], device=valid.device).expand_as(valid)
-    last = torch.where(valid, idx, -1).cummax(dim=-1).values
+    last = running_max(torch.where(valid, idx, -1))
     return torch.cat([torch.full_like(last[:, :1], -1), last[:, :-1]], dim=-1)
 
 
@@ -175,9 +175,43 @@ def layout_from_links(valid: torch.Tensor, link: torch.Tensor):
     """Sequences and positions from ``valid [B, T]`` and ``link [B, T]`` (token continues the sequence of the
     previous valid token). Returns ``seg, pos``, both ``[B, T]`` long, ``-1``/``0`` on padding."""
     start = valid & ~link
-    seg = torch.where(valid, start.long().cumsum(-1) - 1, -1)
-    rank = valid.long().cumsum(-1) - 1  # index among valid tokens
-    start_rank = torch.where(start, rank, -1).cummax(dim=-1).values
+    seg = torch.where(valid, running_count(start) - 1, -1)
+    rank = running_count(valid) - 1  # index among valid tokens
+    start_rank = running_max(torch.where(start, rank, -1))
     pos = torch.where(valid, rank - start_rank, 0)
     return seg, pos
+
+
+# The layout's scans along the kv axis. Under torch.compile they run as opaque custom ops (the aten kernels), not as
+# scans Inductor generates: on CUDA (torch 2.11) Inductor's split-scan code generation fails for some of these
+# inputs, e.g. a [2, 700] cumsum of a broadcast expression ("list indices must be integers or slices, not NoneType",
+# https://github.com/pytorch/pytorch/issues/180221). Eager calls use torch directly (no dispatcher overhead).
+@torch.library.custom_op("ppa_hf::running_count", mutates_args=())
+def _running_count(flags: torch.Tensor) -> torch.Tensor:
+    return flags.long().cumsum(-1)
+
+
+@_running_count.register_fake
+def _(flags):
+    return torch.empty(flags.shape, dtype=torch.long, device=flags.device)
+
+
+@torch.library.custom_op("ppa_hf::running_max", mutates_args=())
+def _running_max(values: torch.Tensor) -> torch.Tensor:
+    return values.cummax(dim=-1).values
+
+
+@_running_max.register_fake
+def _(values):
+    return torch.empty_like(values)
+
+
+def running_count(flags: torch.Tensor) -> torch.Tensor:
+    """``[..., T]`` long: how many of ``flags`` are true up to and including each index (a cumsum)."""
+    return _running_count(flags) if torch.compiler.is_compiling() else flags.long().cumsum(-1)
+
+
+def running_max(values: torch.Tensor) -> torch.Tensor:
+    """``[..., T]``: the largest of ``values`` up to and including each index (a cummax)."""
+    return _running_max(values) if torch.compiler.is_compiling() else values.cummax(dim=-1).values
 

@@ -12,7 +12,7 @@ import math
 
 import torch
 
-from ..layout import PPALayout
+from ..layout import PPALayout, running_count
 from ..pattern import PPAPattern
 
 
@@ -36,7 +36,7 @@ def decode_index(layout: PPALayout, pattern: PPAPattern, max_distance: int | Non
             rank = layout.pos
             key_rank = torch.where(keys >= 0, keys, T + 1)
         else:
-            rank = real.long().cumsum(-1) - 1  # [B, T]: index among the row's real tokens
+            rank = running_count(real) - 1  # [B, T]: index among the row's real tokens
             first = rank[:, layout.q_index] - q_pos  # rank of each query's sequence's first token
             key_rank = torch.where(keys >= 0, (first[..., None] + keys).clamp(min=0), T + 1)  # (padding queries)
         # real token number r of row b sits at kv index kv_of_rank[b, r]; padding is written to a spare slot T and
