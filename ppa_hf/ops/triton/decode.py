@@ -135,21 +135,22 @@ if triton is not None:
 
 MAX_SPLITS = 64  # split-K parts of one (row, KV head, query) at most
 # The decode kernel's launch: (programs per multiprocessor the splits aim at, BLOCK_N, num_warps, num_stages), by the
-# number of programs before splitting (batch x KV heads x queries). Measured one knob at a time on an H200, 32 query
-# / 8 KV heads, head size 64, bf16, p = 0.75 (benchmarks/results/tune_decode.csv): 2 warps instead of 4 take
-# 0.058 / 0.134 ms instead of 0.071 / 0.178 at batch 8 (64 programs) and 32k / 128k keys, 0.125 instead of 0.166 at
-# batch 32 / 32k, but 0.032 / 0.044 instead of 0.029 / 0.038 at batch 1 (8 programs).
+# number of programs before splitting (batch x KV heads x queries), measured on an H200 with 32 query / 8 KV heads,
+# head size 64, bf16, p = 0.75, 32k and 128k keys (benchmarks/results/tune_decode.csv, one knob at a time around each
+# entry; ms per call at 32k / 128k, token pattern): 8 programs (batch 1): (2, 64, 4, 3), 2 warps were slower (0.032 /
+# 0.044 against 0.029 / 0.038); 64 programs (batch 8): (4, 64, 2, 3), 0.046 / 0.113 against 0.071 / 0.175 with the
+# batch-1 entry; 256 programs (batch 32): (2, 64, 2, 3), 0.125 / 0.317 against 0.165 / 0.425. Counts in between were
+# not measured.
 DECODE_DEFAULT = (2, 64, 4, 3)
-DECODE_MANY_PROGRAMS = 64
-DECODE_DEFAULT_MANY = (2, 64, 2, 3)  # from DECODE_MANY_PROGRAMS programs on
+DECODE_TABLE = ((256, (2, 64, 2, 3)), (64, (4, 64, 2, 3)))  # (from this many programs on, configuration)
 _decode_cfg: tuple | None = None  # set_decode_config's, or PPA_TRITON_DECODE's, for every launch
 _decode_env_read = False
 
 
 def decode_config(programs: int = 1) -> tuple[int, int, int, int]:
     """The decode kernel's launch configuration ``(programs per multiprocessor, BLOCK_N, num_warps, num_stages)`` for
-    ``programs`` (batch x KV heads x queries): :data:`DECODE_DEFAULT` below :data:`DECODE_MANY_PROGRAMS`,
-    :data:`DECODE_DEFAULT_MANY` from there on, unless ``PPA_TRITON_DECODE="PPSM,BN,warps,stages"`` (read once) or
+    ``programs`` (batch x KV heads x queries): the first entry of :data:`DECODE_TABLE` whose count ``programs``
+    reaches, else :data:`DECODE_DEFAULT`, unless ``PPA_TRITON_DECODE="PPSM,BN,warps,stages"`` (read once) or
     :func:`set_decode_config` fixes one for every launch. The split count gives about ``PPSM`` programs per
     multiprocessor (at most :data:`MAX_SPLITS` splits, at least ``BLOCK_N`` listed keys per split)."""
     global _decode_cfg, _decode_env_read
@@ -160,7 +161,7 @@ def decode_config(programs: int = 1) -> tuple[int, int, int, int]:
             _decode_cfg = _checked_decode_config(env, "PPA_TRITON_DECODE")
     if _decode_cfg is not None:
         return _decode_cfg
-    return DECODE_DEFAULT_MANY if programs >= DECODE_MANY_PROGRAMS else DECODE_DEFAULT
+    return next((config for least, config in DECODE_TABLE if programs >= least), DECODE_DEFAULT)
 
 
 def decode_splits(programs: int, listed: int, device, per_sm: int, block_n: int) -> int:
