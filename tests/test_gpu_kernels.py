@@ -405,8 +405,7 @@ def test_compiled_training_step_has_no_graph_break_on_gpu(granularity):
     """torch.compile of a training step (loss and backward) where the Triton kernels run: no graph break (the layout is
     read inside one custom op), and the eager step's loss and gradients (float32, exact dots), for unpadded, packed
     (with a cache), right- and left-padded rows."""
-    import torch._dynamo as dynamo
-    from test_compile import TRAIN_CASES, training_inputs
+    from test_compile import TRAIN_CASES, compiled_training_step, training_inputs
 
     model = _tiny_cuda_llama(torch.float32, p=0.75, window=16, sink_tokens=1, granularity=granularity,
                              block_size=64).train()
@@ -416,26 +415,9 @@ def test_compiled_training_step_has_no_graph_break_on_gpu(granularity):
         torch.manual_seed(0)
         ids, kwargs = training_inputs(case, length=700)
         ids, kwargs = ids.cuda() % 512, {k: v.cuda() for k, v in kwargs.items()}
-
-        def loss_fn():
-            return model(ids, labels=ids, use_cache=use_cache, **kwargs).loss
-
-        def step():
-            model.zero_grad(set_to_none=True)
-            loss = loss_fn()
-            loss.backward()
-            return loss, [p.grad.clone() for p in model.parameters()]
-
-        eager_loss, eager_grads = step()
-        dynamo.reset()
-        explained = dynamo.explain(loss_fn)()
-        code = "\n".join(str(m.code) for g in explained.graphs for m in g.modules() if hasattr(m, "code"))
-        loss, grads = torch.compile(step)()
-        err = max(((a - b).abs().max() / b.abs().max().clamp(min=1e-12)).item()
-                  for a, b in zip(grads, eager_grads))
-        print(f"[compiled training {granularity}] {case} use_cache={use_cache}: graph breaks "
-              f"{explained.graph_break_count}, loss {loss.item():.6f} / {eager_loss.item():.6f}, "
-              f"largest relative gradient error {err:.2e}")
-        assert explained.graph_break_count == 0, case
+        breaks, code, loss, eager_loss, err = compiled_training_step(model, ids, kwargs, use_cache)
+        print(f"[compiled training {granularity}] {case} use_cache={use_cache}: graph breaks {breaks}, loss "
+              f"{loss:.6f} / {eager_loss:.6f}, largest relative gradient error {err:.2e}")
+        assert breaks == 0, case
         assert "packed_prefill_forward" in code, case  # the Triton kernels ran, not another path
-        assert abs(loss.item() - eager_loss.item()) < 1e-4 and err < 1e-3, case
+        assert abs(loss - eager_loss) < 1e-4 and err < 1e-3, case

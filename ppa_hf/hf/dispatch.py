@@ -205,7 +205,7 @@ def compiled_path(settings: PPASettings, query, key, value, layout: PPALayout, d
     """Under torch.compile, the path of a prefill or training call (more than ``DECODE_MAX_QUERIES`` queries) that
     needs no look at the layout on the host, so the call traces without a graph break; ``None`` elsewhere (decoding
     calls, which trace as they are, and calls that keep their host-side choice: FlexAttention, context parallelism,
-    keys not from kv index 0).
+    keys not from kv index 0, ``auto`` on CUDA where the Triton kernels cannot run).
 
     * ``sdpa_mask``: ``ppa_backend="sdpa_mask"``, attention dropout, and ``auto`` where Triton cannot run (what
       :func:`choose_path` gives there);
