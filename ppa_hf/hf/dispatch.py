@@ -28,7 +28,7 @@ GQA_FOLD_MAX_QUERIES = 16
 PATHS = ("sdpa_mask", "flex", "gather_decode", "triton", "triton_layout", "triton_decode")
 # (head size, granularity) where FlexAttention's forward + backward beats the Triton kernels' (auto trains with Flex
 # there and runs forward-only calls with Triton, the faster forward): H200, bf16, 32 query / 8 KV heads, 32k tokens,
-# block p = 0.75: Flex 8.9 ms vs Triton 10.5 ms fwd+bwd at head size 128 (benchmarks/results/kernels.csv).
+# block p = 0.75: Flex 8.78 ms vs Triton 8.99 ms fwd+bwd at head size 128 (benchmarks/results/kernels.csv, eb3a0c9).
 FLEX_TRAINS_FASTER = {(128, "block")}
 
 _UNSUPPORTED_KWARGS = {
