@@ -49,11 +49,13 @@ workflows-gpu:
 # 45 minutes, estimated from its parts: never run as a whole); CSVs and results.md in $(OUT)/bench (benchmarks/results holds the published ones)
 bench-gpu:
 	$(PYTHON) -m benchmarks.run tune --out $(OUT)/bench
+	$(PYTHON) -m benchmarks.run tune-decode --batches 1 8 32 --contexts 32768 131072 --out $(OUT)/bench
 	$(PYTHON) -m benchmarks.run kernels --lengths 32768 131072 --out $(OUT)/bench
 	$(PYTHON) -m benchmarks.run train --shapes llama-1b --lengths 16384 32768 --out $(OUT)/bench
 	$(PYTHON) -m benchmarks.run train --shapes llama-1b --lengths 131072 --reps 3 --out $(OUT)/bench
 	$(PYTHON) -m benchmarks.run train --shapes llama-8b-layers --lengths 16384 32768 131072 --reps 3 --out $(OUT)/bench
 	$(PYTHON) -m benchmarks.run train --shapes llama-1b --lengths 16384 --compiled-only --reps 3 --out $(OUT)/bench
+	$(PYTHON) -m benchmarks.run train --shapes llama-8b-layers --lengths 16384 --compiled-only --reps 3 --out $(OUT)/bench
 	$(PYTHON) -m benchmarks.run generate --gen-modes dynamic --batches 1 8 --contexts 1024 8192 32768 131072 --steps 24 --out $(OUT)/bench
 	$(PYTHON) -m benchmarks.run generate --gen-modes dynamic --batches 32 --contexts 1024 8192 32768 --steps 24 --out $(OUT)/bench
 	$(PYTHON) -m benchmarks.run generate --gen-modes static-compiled --batches 8 --contexts 32768 131072 --steps 24 --out $(OUT)/bench
@@ -62,6 +64,7 @@ bench-gpu:
 	$(PYTHON) -m benchmarks.run generate --timing generate --gen-modes dynamic --gen-layers 16 --batches 1 8 --contexts 32768 --steps 16 --repeats 5 --out $(OUT)/bench
 	$(PYTHON) -m benchmarks.run generate --timing generate --gen-modes dynamic --baselines sdpa_flash --batches 1 --contexts 131072 --steps 16 --repeats 3 --out $(OUT)/bench
 	$(PYTHON) -m benchmarks.run generate --timing generate --gen-modes static --baselines sdpa --batches 8 --contexts 32768 --steps 16 --repeats 2 --out $(OUT)/bench
+	$(PYTHON) -m benchmarks.run generate --timing generate --gen-modes static --baselines sdpa --batches 8 --contexts 32768 --steps 16 --repeats 2 --reuse-static-cache --out $(OUT)/bench
 	$(PYTHON) -m benchmarks.run generate --timing generate --gen-modes dynamic --batches 32 --contexts 1024 8192 --steps 16 --repeats 3 --out $(OUT)/bench
 	OUT=$(OUT)/bench $(PYTHON) benchmarks/decode_host.py --parts decode host-parts sdpa-kernels
 	OUT=$(OUT)/bench $(PYTHON) benchmarks/profile_train.py
