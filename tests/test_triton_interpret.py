@@ -197,6 +197,23 @@ LAYOUTS = textwrap.dedent("""
                 err = (a.double() - b).abs().max().item()
                 print(pattern.name, name, label, err)
                 assert err < 1e-4, (pattern.name, name, label, err)
+    # an explicit triton backend takes packed and left-padded prefill calls, and refuses keys not from kv index 0
+    from ppa_hf.hf.dispatch import choose_path
+    from ppa_hf.hf.settings import PPASettings
+    from ppa_hf.layout import PPALayout
+    settings = PPASettings(0.75, window=4, backend="triton")
+    q, k = torch.randn(2, 4, 97, 16), torch.randn(2, 2, 97, 16)
+    assert choose_path(settings, q, k, k, packed_layouts(2, 97, device="cpu")["left-padded"], 0.0) == "triton_layout"
+    valid = torch.ones(2, 120, dtype=torch.bool)
+    valid[1, :30] = False
+    shifted = PPALayout(None, None, torch.arange(23, 120), 23, 97, one_sequence_per_row=True, valid=valid)
+    for call in (lambda: choose_path(settings, q, k, k, shifted, 0.0),
+                 lambda: triton_layout_attention(q, k, k, shifted, PPAPattern(0.75, 4))):
+        try:
+            call()
+            raise AssertionError("keys not from kv index 0 were not refused")
+        except ValueError as err:
+            assert "kv_offset=23" in str(err), err
     # the custom ops torch.compile sees: schema, fake tensors, autograd registration, AOT dispatch
     layout = packed_layouts(2, 40, device="cpu")["packed"]
     q, k, v = (torch.randn(2, h, 40, 16, requires_grad=True) for h in (2, 1, 1))
@@ -242,7 +259,8 @@ def _interpreted(script: str, timeout: int) -> None:
 def test_triton_kernels_on_packed_and_padded_layouts():
     """The block-sparse kernels on layouts they cannot take as they are (packed sequences, left padding, a padding
     hole, a packed row whose queries are its last third), each sequence unpacked into a row of its own: forward and
-    every gradient against the float64 reference on the layout's mask; the custom op passes opcheck."""
+    every gradient against the float64 reference on the layout's mask; an explicit ``triton`` backend routes such
+    calls there and refuses keys that do not start at kv index 0; the custom op passes opcheck."""
     _interpreted(LAYOUTS, 600)
 
 
