@@ -22,7 +22,7 @@ __version__ = "0.2.0"
 
 # public name -> the module that defines it (imported on first access)
 _LAZY = {
-    "ATTN_IMPLEMENTATION": "ppa_hf.hf.register",
+    "ATTN_IMPLEMENTATION": "ppa_hf.hf",
     "apply": "ppa_hf.hf.register",
     "check_model": "ppa_hf.hf.register",
     "register": "ppa_hf.hf.register",

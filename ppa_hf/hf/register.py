@@ -9,7 +9,7 @@ from __future__ import annotations
 import importlib.abc
 import sys
 
-ATTN_IMPLEMENTATION = "ppa"
+from . import ATTN_IMPLEMENTATION
 
 
 def register() -> None:

@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..pattern import PPAPattern, check_int, check_p
-from .register import ATTN_IMPLEMENTATION
+from . import ATTN_IMPLEMENTATION
 
 BACKENDS = ("auto", "sdpa_mask", "flex", "decode", "triton")
 # Earlier releases called the dense-mask SDPA path "naive"; saved configs that say so keep working.
