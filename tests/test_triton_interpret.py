@@ -269,3 +269,31 @@ def test_compiled_training_step_through_the_triton_kernels():
     one custom op, so the step traces with no graph break, and it gives the eager step's loss and gradients
     (unpadded, packed, right- and left-padded rows; with a cache too)."""
     _interpreted(COMPILED_TRAINING, 900)
+
+
+def test_decode_launch_configuration_table_and_overrides(monkeypatch):
+    """The decode kernel's launch comes from the measured table by program count; ``PPA_TRITON_DECODE`` and
+    ``set_decode_config`` fix one for every launch (and ``None`` goes back); a bad value names itself."""
+    from ppa_hf.ops.triton import decode
+
+    monkeypatch.delenv("PPA_TRITON_DECODE", raising=False)
+    decode.set_decode_config(None)
+    try:
+        assert [decode.decode_config(n) for n in (8, 63, 64, 255, 256, 4096)] == [
+            decode.DECODE_DEFAULT, decode.DECODE_DEFAULT, (4, 64, 2, 3), (4, 64, 2, 3), (2, 64, 2, 3), (2, 64, 2, 3)]
+        decode.set_decode_config((1, 32, 2, 2))
+        assert decode.decode_config(8) == decode.decode_config(256) == (1, 32, 2, 2)
+        monkeypatch.setenv("PPA_TRITON_DECODE", "8,128,4,2")
+        decode.set_decode_config(None)  # back to the environment, read again
+        assert decode.decode_config(64) == (8, 128, 4, 2)
+        monkeypatch.setenv("PPA_TRITON_DECODE", "2,64,3,3")
+        decode.set_decode_config(None)
+        for _ in range(2):  # every call: a bad value never falls back to the table
+            with pytest.raises(ValueError, match=r"PPA_TRITON_DECODE=\(2, 64, 3, 3\).*num_warps a power of two"):
+                decode.decode_config(8)
+        monkeypatch.setenv("PPA_TRITON_DECODE", "2,64,four,3")
+        with pytest.raises(ValueError, match="PPA_TRITON_DECODE='2,64,four,3': a launch configuration is four"):
+            decode.decode_config(8)
+    finally:
+        monkeypatch.delenv("PPA_TRITON_DECODE", raising=False)
+        decode.set_decode_config(None)

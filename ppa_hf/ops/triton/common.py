@@ -130,7 +130,13 @@ def interpreted(device) -> bool:
 def env_config(name, default):
     """A ``"BM,BN,warps,stages"`` override from the environment (tuning), else ``default``."""
     raw = os.environ.get(name)
-    return tuple(int(x) for x in raw.split(",")) if raw else default
+    if not raw:
+        return default
+    try:
+        return tuple(int(x) for x in raw.split(","))
+    except ValueError:
+        raise ValueError(f"{name}={raw!r}: a launch configuration is four comma-separated integers, e.g. "
+                         "'128,64,4,3'") from None
 
 
 # ----------------------------------------------------------------------------------------------------------------------

@@ -155,10 +155,10 @@ def decode_config(programs: int = 1) -> tuple[int, int, int, int]:
     multiprocessor (at most :data:`MAX_SPLITS` splits, at least ``BLOCK_N`` listed keys per split)."""
     global _decode_cfg, _decode_env_read
     if not _decode_env_read:
-        _decode_env_read = True
         env = env_config("PPA_TRITON_DECODE", None)
         if env is not None and _decode_cfg is None:
             _decode_cfg = _checked_decode_config(env, "PPA_TRITON_DECODE")
+        _decode_env_read = True  # (a bad value raises at every call, never falls back to the table)
     if _decode_cfg is not None:
         return _decode_cfg
     return next((config for least, config in DECODE_TABLE if programs >= least), DECODE_DEFAULT)
