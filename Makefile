@@ -51,6 +51,7 @@ bench-gpu:
 	$(PYTHON) -m benchmarks.run tune --out $(OUT)/bench
 	$(PYTHON) -m benchmarks.run tune-decode --batches 1 8 32 --contexts 32768 131072 --out $(OUT)/bench
 	$(PYTHON) -m benchmarks.run kernels --lengths 32768 131072 --out $(OUT)/bench
+	$(PYTHON) -m benchmarks.run packed --lengths 32768 --docs 4 32 --out $(OUT)/bench
 	$(PYTHON) -m benchmarks.run train --shapes llama-1b --lengths 16384 32768 --out $(OUT)/bench
 	$(PYTHON) -m benchmarks.run train --shapes llama-1b --lengths 131072 --reps 3 --out $(OUT)/bench
 	$(PYTHON) -m benchmarks.run train --shapes llama-8b-layers --lengths 16384 32768 131072 --reps 3 --out $(OUT)/bench

@@ -1,6 +1,8 @@
 """One runner for the speed figures of docs/benchmarks.md: every row in one process against stock attention.
 
     python -m benchmarks.run kernels  [--out benchmarks/results]   # attention alone vs SDPA flash: kernels.csv
+    python -m benchmarks.run packed [--docs 4 32]                  # attention over packed rows: unpacked Triton
+                                                                   # kernels vs FlexAttention: packed.csv
     python -m benchmarks.run train    [--out benchmarks/results]   # whole model, training step and prefill vs
                                                                    # attn_implementation="sdpa": model_train.csv
     python -m benchmarks.run generate [--out benchmarks/results]   # whole model, ms per new token vs "sdpa":
@@ -238,6 +240,77 @@ def part_kernels(args, info):
     markdown(os.path.join(args.out, "results.md"), "Attention alone (ms; speedup vs SDPA flash and vs cuDNN, causal)",
              out.rows, ["head_dim", "L", "impl", "granularity", "p", "fwd_ms", "fwdbwd_ms", "speedup_fwd",
                         "speedup_fwdbwd", "speedup_fwd_vs_cudnn", "speedup_fwdbwd_vs_cudnn"], info)
+
+
+def packed_layout(L: int, docs: int, device):
+    """The layout of one row of ``L`` tokens packed with ``docs`` sequences (equal lengths, the last takes the
+    rest), marked by restarting position ids as a data collator writes them; and the sequences' ``(start, end)``."""
+    from ppa_hf.layout import PPALayout
+
+    lengths = [L // docs] * (docs - 1) + [L - L // docs * (docs - 1)]
+    pid = torch.cat([torch.arange(n, device=device) for n in lengths])[None]
+    row = PPALayout(None, None, torch.arange(L, device=device), 0, L, one_sequence_per_row=True,
+                    valid=torch.ones(1, L, dtype=torch.bool, device=device))
+    ends = torch.tensor(lengths).cumsum(0).tolist()
+    return row.linked_by_position_ids(pid), list(zip([0] + ends[:-1], ends))
+
+
+def part_packed(args, info, device: str = "cuda"):
+    """Attention over one packed row (``--docs`` sequences in ``L`` tokens), 32 query / 8 KV heads, bf16, forward
+    and forward + backward, token and block p = 0.75: the Triton kernels on the sequences unpacked one per row
+    (``triton_layout``: what a compiled step runs; its host-side plan is made in every call, as in a layer), and
+    FlexAttention with the layout's BlockMask (what eager ``auto`` runs above 4096 x 4096 pairs; the mask is built
+    once outside the timing, as the layers of one forward pass share it). Beside them, SDPA's flash kernel over each
+    sequence on its own: the same sequences with full causal attention. ``max_diff``: the largest difference of
+    the output from ``triton_layout``'s."""
+    from ppa_hf.ops.flex import flex_attention_ppa, flex_available, layout_block_mask
+    from ppa_hf.ops.triton import triton_layout_attention
+
+    out = Out(args.out, "packed", info)
+    for D in args.head_dims:
+        for L in args.lengths:
+            for docs in args.docs:
+                layout, spans = packed_layout(L, docs, device)
+                torch.manual_seed(0)
+                q, k, v = (torch.randn(1, h, L, D, device=device, dtype=DTYPE, requires_grad=True) for h in (32, 8, 8))
+                do = torch.randn_like(q)
+                common = dict(head_dim=D, L=L, docs=docs)
+
+                def per_sequence(q, k, v):
+                    return torch.cat([sdpa_flash(q[:, :, a:b], k[:, :, a:b], v[:, :, a:b]) for a, b in spans], dim=2)
+
+                base = float("nan")
+                try:
+                    (f, _, _), (base, _, _) = time_attention(per_sequence, q, k, v, do)
+                    out.add(dict(**common, impl="sdpa_flash_per_sequence", granularity="dense", p=1.0, fwd_ms=f,
+                                 fwdbwd_ms=base, speedup_fwdbwd=1.0, max_diff=float("nan")))
+                except RuntimeError as err:  # no flash kernel for these inputs (e.g. on a CPU)
+                    print(f"sdpa_flash per sequence L={L} D={D}: {str(err)[:200]}", flush=True)
+                for gran in ("token", "block"):
+                    pattern = PPAPattern(0.75, 64, 0, gran, 128)
+                    with torch.no_grad():
+                        ref = triton_layout_attention(q, k, v, layout, pattern).float()
+                    impls = {"triton_layout": lambda q, k, v: triton_layout_attention(q, k, v, layout, pattern)}
+                    if flex_available():
+                        block_mask = layout_block_mask(layout, pattern)
+                        impls["flex"] = lambda q, k, v: flex_attention_ppa(q, k, v, block_mask)
+                    for impl, fn in impls.items():
+                        try:
+                            with torch.no_grad():
+                                diff = (fn(q, k, v).float() - ref).abs().max().item()
+                            (f2, _, _), (fb2, _, _) = time_attention(fn, q, k, v, do)
+                        except Exception as err:  # record and go on (Flex has no backward on a CPU)
+                            print(f"{impl} {pattern.name} L={L} docs={docs} D={D}: {type(err).__name__}: {err}",
+                                  flush=True)
+                            continue
+                        out.add(dict(**common, impl=impl, granularity=gran, p=0.75, fwd_ms=f2, fwdbwd_ms=fb2,
+                                     speedup_fwdbwd=base / fb2, max_diff=diff))
+                del q, k, v, do
+                if device == "cuda":
+                    torch.cuda.empty_cache()
+    markdown(os.path.join(args.out, "results.md"), "Attention over packed rows (ms; speedup vs SDPA flash per sequence)",
+             out.rows, ["head_dim", "L", "docs", "impl", "granularity", "p", "fwd_ms", "fwdbwd_ms", "speedup_fwdbwd",
+                        "max_diff"], info)
 
 
 def part_tune(args, info):
@@ -677,9 +750,10 @@ def part_generate(args, info):
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("part", choices=["kernels", "train", "generate", "tune", "tune-decode"])
+    ap.add_argument("part", choices=["kernels", "packed", "train", "generate", "tune", "tune-decode"])
     ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
     ap.add_argument("--head-dims", type=int, nargs="+", default=[64, 128])
+    ap.add_argument("--docs", type=int, nargs="+", default=[4, 32], help="packed: sequences per row")
     ap.add_argument("--lengths", type=int, nargs="+", default=None, help="sequence lengths (kernels, train, tune)")
     ap.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
     ap.add_argument("--modes", nargs="+", default=["train", "prefill"], choices=["train", "prefill"])
@@ -709,15 +783,16 @@ def main(argv=None):
     ap.add_argument("--growing-mask", action="store_true",
                     help="static caches: a padding mask one column longer each step, as generate() passes it")
     args = ap.parse_args(argv)
-    args.lengths = args.lengths or ({"kernels": [32768, 131072], "tune": [32768]}.get(args.part, [16384, 32768, 131072]))
+    args.lengths = args.lengths or ({"kernels": [32768, 131072], "tune": [32768], "packed": [32768]}
+                                    .get(args.part, [16384, 32768, 131072]))
     args.gen_modes = [(m.split("-")[0], m.endswith("compiled")) for m in args.gen_modes]
     args.baselines = [b for b in SDPA_BASELINES if b[0] in args.baselines]
     os.makedirs(args.out, exist_ok=True)
     torch._dynamo.config.cache_size_limit = 64
     info = machine()
     print(info, flush=True)
-    {"kernels": part_kernels, "train": part_train, "generate": part_generate, "tune": part_tune,
-     "tune-decode": part_tune_decode}[args.part](args, info)
+    {"kernels": part_kernels, "packed": part_packed, "train": part_train, "generate": part_generate,
+     "tune": part_tune, "tune-decode": part_tune_decode}[args.part](args, info)
 
 
 if __name__ == "__main__":
