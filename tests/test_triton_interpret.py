@@ -221,6 +221,9 @@ LAYOUTS = textwrap.dedent("""
                                 (q, k, v, layout.seg, layout.pos, layout.q_index, [0.75, 8, 1, 128], "token", None,
                                  0.25))
     assert set(res.values()) == {"SUCCESS"}, res
+    if hasattr(torch.Tag, "cudagraph_unsafe"):  # the host reads: CUDA graphs must leave these ops out
+        for op in (torch.ops.ppa_hf.packed_prefill_forward, torch.ops.ppa_hf.packed_prefill_backward):
+            assert torch.Tag.cudagraph_unsafe in op.default.tags, op
     print("ALL OK")
 """)
 

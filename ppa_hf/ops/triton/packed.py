@@ -87,7 +87,12 @@ def _plan(seg: torch.Tensor, pos: torch.Tensor, q_index: torch.Tensor):
     return ("rows", rows) if rows is not None else ("unpack", _Unpacked(seg, pos, q_index))
 
 
-@torch.library.custom_op("ppa_hf::packed_prefill_forward", mutates_args=())
+# The ops read the layout on the host (a synchronisation), which a CUDA graph cannot capture: tagged so that
+# torch.compile's CUDA graphs ("reduce-overhead") leave them out instead of failing while recording.
+_HOST_READS = (torch.Tag.cudagraph_unsafe,) if hasattr(torch.Tag, "cudagraph_unsafe") else ()
+
+
+@torch.library.custom_op("ppa_hf::packed_prefill_forward", mutates_args=(), tags=_HOST_READS)
 def _packed_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seg: torch.Tensor, pos: torch.Tensor,
                     q_index: torch.Tensor, pattern_key: list[float], granularity: str, max_distance: int | None,
                     scale: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -111,7 +116,7 @@ def _(q, k, v, seg, pos, q_index, pattern_key, granularity, max_distance, scale)
     return torch.empty_like(q), q.new_empty((q.shape[0], q.shape[1], _lse_len(q)), dtype=torch.float32)
 
 
-@torch.library.custom_op("ppa_hf::packed_prefill_backward", mutates_args=())
+@torch.library.custom_op("ppa_hf::packed_prefill_backward", mutates_args=(), tags=_HOST_READS)
 def _packed_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor, lse: torch.Tensor,
                      do: torch.Tensor, seg: torch.Tensor, pos: torch.Tensor, q_index: torch.Tensor,
                      pattern_key: list[float], granularity: str, max_distance: int | None, scale: float
