@@ -135,9 +135,13 @@ class PPALayout:
         Then query row ``r`` sits at position ``q_start + r`` and key column ``c`` at ``k_start + c``; ``q_valid`` is
         ``[B, Q]`` bool when some queries are padding (their output must be zeroed), else ``None``. Cached (one host
         synchronisation per forward pass, none when the layout was built with ``q_start``)."""
-        key = ("single_sequence_rows",)
+        return self.per_forward(("single_sequence_rows",), self._single_sequence_rows)
+
+    def per_forward(self, key, build):
+        """``build()``, made once and kept in :attr:`cache` under ``key``: the layout lives for one forward pass, so
+        its layers share what it derives (each would otherwise launch the same kernels again)."""
         if key not in self.cache:
-            self.cache[key] = self._single_sequence_rows()
+            self.cache[key] = build()
         return self.cache[key]
 
     def _single_sequence_rows(self):
@@ -184,8 +188,8 @@ def layout_from_links(valid: torch.Tensor, link: torch.Tensor):
 
 # The layout's scans along the kv axis. Under torch.compile they run as opaque custom ops (the aten kernels), not as
 # scans Inductor generates: on CUDA (torch 2.11) Inductor's split-scan code generation fails for some of these
-# inputs, e.g. a [2, 700] cumsum of a broadcast expression ("list indices must be integers or slices, not NoneType",
-# https://github.com/pytorch/pytorch/issues/180221). Eager calls use torch directly (no dispatcher overhead).
+# inputs, e.g. a [2, 700] cumsum of a broadcast expression ("list indices must be integers or slices, not NoneType";
+# scans over more than 128 elements take that path). Eager calls use torch directly (no dispatcher overhead).
 @torch.library.custom_op("ppa_hf::running_count", mutates_args=())
 def _running_count(flags: torch.Tensor) -> torch.Tensor:
     return flags.long().cumsum(-1)

@@ -52,14 +52,10 @@ def layout_block_mask(layout: PPALayout, pattern: PPAPattern, max_distance: int 
                       block_size: int = 128):
     """The BlockMask of any layout (padding, packed sequences), from :func:`layout_mask_mod`; cached on the layout
     (one per pattern per forward pass)."""
-    key = ("flex", pattern.key, max_distance, block_size)
-    if key not in layout.cache:
-        B, _, Q, K = layout.shape
-        layout.cache[key] = create_block_mask(
-            layout_mask_mod(layout, pattern, max_distance), B, None, Q, K, device=layout.device,
-            BLOCK_SIZE=block_size, _compile=layout.device.type == "cuda",
-        )
-    return layout.cache[key]
+    B, _, Q, K = layout.shape
+    return layout.per_forward(("flex", pattern.key, max_distance, block_size), lambda: create_block_mask(
+        layout_mask_mod(layout, pattern, max_distance), B, None, Q, K, device=layout.device,
+        BLOCK_SIZE=block_size, _compile=layout.device.type == "cuda"))
 
 
 def _kv_blocks(classes: np.ndarray, kinds, device):

@@ -19,13 +19,13 @@ def layout_keep(layout: PPALayout, pattern: PPAPattern, max_distance: int | None
 
     Cached on the layout, so the layers of one forward pass that share a pattern build it once.
     """
-    key = ("keep", pattern.key, max_distance)
-    if key not in layout.cache:
+    def build():
         q_seg, k_seg = layout.q_seg()[:, :, None], layout.k_seg()[:, None, :]
         ok = pattern.keep(layout.q_pos()[:, :, None], layout.k_pos()[:, None, :], length=layout.seg.shape[-1],
                           max_distance=max_distance)
-        layout.cache[key] = (ok & (q_seg == k_seg) & (k_seg >= 0))[:, None]
-    return layout.cache[key]
+        return (ok & (q_seg == k_seg) & (k_seg >= 0))[:, None]
+
+    return layout.per_forward(("keep", pattern.key, max_distance), build)
 
 
 def expand_kv(x: torch.Tensor, groups: int) -> torch.Tensor:

@@ -20,7 +20,7 @@ def sdpa_mask(layout: PPALayout, pattern: PPAPattern, max_distance: int | None =
         row_any = keep.any(-1, keepdim=True)
         return keep | ~row_any, row_any
 
-    return _per_forward(layout, ("sdpa_mask", pattern.key, max_distance), build)
+    return layout.per_forward(("sdpa_mask", pattern.key, max_distance), build)
 
 
 def sdpa_mask_attention(query, key, value, layout: PPALayout, pattern: PPAPattern, scale: float | None = None,
@@ -37,8 +37,8 @@ def sdpa_mask_attention(query, key, value, layout: PPALayout, pattern: PPAPatter
     fold = groups > 1 and fold_gqa
     dtype = query.dtype
     # SDPA turns a boolean mask into an additive one in every call; made once per forward pass instead
-    bias = _per_forward(layout, ("bias", pattern.key, max_distance, groups if fold else 1, dtype),
-                        lambda: _additive(_fold_mask(attn_mask, groups) if fold else attn_mask, dtype))
+    bias = layout.per_forward(("bias", pattern.key, max_distance, groups if fold else 1, dtype),
+                              lambda: _additive(_fold_mask(attn_mask, groups) if fold else attn_mask, dtype))
     if fold:
         out = _sdpa_groups_folded(query, key, value, bias, groups, dropout, scale)
     else:
@@ -46,15 +46,7 @@ def sdpa_mask_attention(query, key, value, layout: PPALayout, pattern: PPAPatter
             key, value = expand_kv(key, groups), expand_kv(value, groups)
         out = F.scaled_dot_product_attention(query, key, value, attn_mask=bias, dropout_p=dropout,
                                              scale=scale, enable_gqa=query.shape[1] != key.shape[1])
-    return out * _per_forward(layout, ("row_any", pattern.key, max_distance, dtype), lambda: row_any.to(dtype))
-
-
-def _per_forward(layout: PPALayout, key, build):
-    """``build()``, kept on the layout: made once per forward pass and shared by its layers (each layer would
-    otherwise launch the same kernels again, which costs host time in a decoding step)."""
-    if key not in layout.cache:
-        layout.cache[key] = build()
-    return layout.cache[key]
+    return out * layout.per_forward(("row_any", pattern.key, max_distance, dtype), lambda: row_any.to(dtype))
 
 
 def _additive(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
