@@ -197,6 +197,17 @@ LAYOUTS = textwrap.dedent("""
                 err = (a.double() - b).abs().max().item()
                 print(pattern.name, name, label, err)
                 assert err < 1e-4, (pattern.name, name, label, err)
+    # one row whose length is whole tiles: the LSE copies between the layout and the unpacked rows must not alias
+    layout = packed_layouts(1, 128, device="cpu")["packed"]
+    q, k, v = (torch.randn(1, h, 128, 16, requires_grad=True) for h in (2, 1, 1))
+    out = triton_layout_attention(q, k, v, layout, PPAPattern(0.75, 4))
+    grads = torch.autograd.grad(out, (q, k, v), torch.ones_like(out))
+    x = [t.detach().double().requires_grad_() for t in (q, k, v)]
+    ref = reference_attention(*x, layout_keep(layout, PPAPattern(0.75, 4)))
+    ref_grads = torch.autograd.grad(ref, x, torch.ones_like(ref))
+    errs = [(a.double() - b).abs().max().item() for a, b in zip((out,) + grads, (ref,) + ref_grads)]
+    print("one packed row of 128", errs)
+    assert max(errs) < 1e-4, errs
     # an explicit triton backend takes packed and left-padded prefill calls, and refuses keys not from kv index 0
     from ppa_hf.hf.dispatch import choose_path
     from ppa_hf.hf.settings import PPASettings
@@ -261,10 +272,38 @@ def _interpreted(script: str, timeout: int) -> None:
 
 def test_triton_kernels_on_packed_and_padded_layouts():
     """The block-sparse kernels on layouts they cannot take as they are (packed sequences, left padding, a padding
-    hole, a packed row whose queries are its last third), each sequence unpacked into a row of its own: forward and
-    every gradient against the float64 reference on the layout's mask; an explicit ``triton`` backend routes such
+    hole, a packed row whose queries are its last third; one packed row of 128 tokens), each sequence unpacked into a
+    row of its own: forward and every gradient against the float64 reference on the layout's mask; an explicit ``triton`` backend routes such
     calls there and refuses keys that do not start at kv index 0; the custom op passes opcheck."""
     _interpreted(LAYOUTS, 600)
+
+
+def test_unpacked_lse_round_trip_without_aliasing():
+    """The LSE copies of the unpacked path (layout order -> one sequence per row -> layout order) keep every real
+    query's value and put +inf at padding, also for one row whose length is whole tiles, where a view of the
+    output buffer would alias the copy into it (no kernels run: plain torch)."""
+    import torch
+
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from test_gpu_kernels import packed_layouts
+
+    from ppa_hf.ops.triton.packed import _Unpacked
+    from ppa_hf.ops.triton.prefill import _lse_len
+
+    torch.manual_seed(0)
+    # (1, 128): B = 1 and Q = 128 for lse_from_rows; (1, 163): its left-padded row is one sequence of 128 tokens
+    for B, T in ((1, 128), (1, 163), (2, 97)):
+        for name, layout in packed_layouts(B, T, device="cpu").items():
+            plan = _Unpacked(layout.seg, layout.pos, layout.q_index)
+            Q = layout.q_index.numel()
+            q, rows_q = torch.randn(B, 4, Q, 16), torch.randn(plan.S, 4, plan.L, 16)
+            lse = torch.randn(B, 4, _lse_len(q))
+            back = plan.lse_from_rows(plan.lse_to_rows(lse, q, rows_q), q)
+            real = torch.zeros(B * Q, dtype=torch.bool)
+            real[plan.q_src] = True
+            real = real.view(B, 1, Q).expand(B, 4, Q)
+            assert torch.equal(back[:, :, :Q][real], lse[:, :, :Q][real]), (B, T, name)
+            assert torch.isinf(back[:, :, :Q][~real]).all() and torch.isinf(back[:, :, Q:]).all(), (B, T, name)
 
 
 def test_compiled_training_step_through_the_triton_kernels():

@@ -65,17 +65,20 @@ class _Unpacked:
         """The forward's LSE in query order ``[B, H, >= Q]`` -> the unpacked rows' ``[S, H, lse_len]`` (+inf where
         no query sits: such rows get probability 0 in the backward)."""
         B, H, Q = q.shape[0], q.shape[1], q.shape[2]
-        out = torch.full((self.S, H, _lse_len(rows_q)), float("inf"), device=q.device, dtype=torch.float32)
-        flat = out[:, :, :self.L].transpose(1, 2).reshape(self.S * self.L, H)
+        flat = torch.full((self.S * self.L, H), float("inf"), device=q.device, dtype=torch.float32)
         flat[self.q_dst] = lse[:, :, :Q].transpose(1, 2).reshape(B * Q, H)[self.q_src]
+        out = torch.full((self.S, H, _lse_len(rows_q)), float("inf"), device=q.device, dtype=torch.float32)
         out[:, :, :self.L] = flat.view(self.S, self.L, H).transpose(1, 2)
         return out
 
     def lse_from_rows(self, lse_rows: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+        """The rows' LSE ``[S, H, >= L]`` -> query order ``[B, H, lse_len]`` (+inf at padded queries)."""
         B, H, Q = q.shape[0], q.shape[1], q.shape[2]
-        out = torch.full((B, H, _lse_len(q)), float("inf"), device=q.device, dtype=torch.float32)
-        flat = out[:, :, :Q].transpose(1, 2).reshape(B * Q, H)
+        # a fresh buffer, not a view of ``out``: with one row whose length is whole tiles the view would alias
+        # the copy into ``out`` (which CUDA refuses)
+        flat = torch.full((B * Q, H), float("inf"), device=q.device, dtype=torch.float32)
         flat[self.q_src] = lse_rows[:, :, :self.L].transpose(1, 2).reshape(self.S * self.L, H)[self.q_dst]
+        out = torch.full((B, H, _lse_len(q)), float("inf"), device=q.device, dtype=torch.float32)
         out[:, :, :Q] = flat.view(B, Q, H).transpose(1, 2)
         return out
 
