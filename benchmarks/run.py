@@ -259,10 +259,10 @@ def part_packed(args, info, device: str = "cuda"):
     """Attention over one packed row (``--docs`` sequences in ``L`` tokens), 32 query / 8 KV heads, bf16, forward
     and forward + backward, token and block p = 0.75: the Triton kernels on the sequences unpacked one per row
     (``triton_layout``: what a compiled step runs; its host-side plan is made in every call, as in a layer), and
-    FlexAttention with the layout's BlockMask (what eager ``auto`` runs above 4096 x 4096 pairs; the mask is built
-    once outside the timing, as the layers of one forward pass share it). Beside them, SDPA's flash kernel over each
-    sequence on its own: the same sequences with full causal attention. ``max_diff``: the largest difference of
-    the output from ``triton_layout``'s."""
+    FlexAttention with the layout's BlockMask (eager ``auto`` runs one of the two above 4096 x 4096 pairs, by head
+    size: ``ppa_hf.hf.dispatch.FLEX_PACKED_FASTER``; the mask is built once outside the timing, as the layers of one
+    forward pass share it). Beside them, SDPA's flash kernel over each sequence on its own: the same sequences with
+    full causal attention. ``max_diff``: the largest difference of the output from ``triton_layout``'s."""
     from ppa_hf.ops.flex import flex_attention_ppa, flex_available, layout_block_mask
     from ppa_hf.ops.triton import triton_layout_attention
 
@@ -660,8 +660,9 @@ def interleaved_generate(model, impls, batch: int, context: int, steps: int, sta
     every implementation runs once in turn: the host's and the GPU's speed drift over seconds, and taking turns
     spreads the drift over all of them instead of favouring whichever ran in a fast period. (Static caches run
     their repeats back to back: Transformers compiles the step per implementation.) Returns ``{impl triple:
-    (prefill_ms, first_step_ms, ms_per_token, spread)}``: the first run's prefill and first step, the median of all
-    runs' later steps, and the spread of the runs' own medians, ``(max - min) / median``."""
+    (prefill_ms, first_step_ms, ms_per_token, spread, round_medians)}``: the first run's prefill and first step, the
+    median of all runs' later steps, the spread of the runs' own medians, ``(max - min) / median``, and those medians
+    in the order the runs ran."""
     order = ([(r, v) for v in impls for r in range(repeats)] if static
              else [(r, v) for r in range(repeats) for v in impls])
     firsts, steps_of, medians = {}, {v: [] for v in impls}, {v: [] for v in impls}
@@ -680,7 +681,7 @@ def interleaved_generate(model, impls, batch: int, context: int, steps: int, sta
         medians[v].append(statistics.median(later))
         torch.cuda.empty_cache()
     return {v: (*firsts[v], statistics.median(steps_of[v]),
-                (max(medians[v]) - min(medians[v])) / statistics.median(medians[v])) for v in impls}
+                (max(medians[v]) - min(medians[v])) / statistics.median(medians[v]), medians[v]) for v in impls}
 
 
 def part_generate(args, info):
@@ -717,15 +718,15 @@ def part_generate(args, info):
                                 with sdpa_backends(impl):
                                     timed[(impl, gran, p)] = (*decode_timing(model, batch, context, args.steps,
                                                                              cache_kind == "static", compiled,
-                                                                             args.growing_mask), float("nan"))
+                                                                             args.growing_mask), float("nan"), [])
                             except torch.cuda.OutOfMemoryError:
                                 print(f"OOM layers={layers} B={batch} T={context} {impl}", flush=True)
                             finally:
                                 torch._dynamo.reset()
                                 torch.cuda.empty_cache()
-                    base = timed.get(("sdpa", "dense", 1.0), (None,) * 4)[2]
-                    base_flash = timed.get(("sdpa_flash", "dense", 1.0), (None,) * 4)[2]
-                    for (impl, gran, p), (prefill, first, per, spread) in timed.items():
+                    base = timed.get(("sdpa", "dense", 1.0), (None,) * 5)[2]
+                    base_flash = timed.get(("sdpa_flash", "dense", 1.0), (None,) * 5)[2]
+                    for (impl, gran, p), (prefill, first, per, spread, rounds) in timed.items():
                         mask = "growing" if cache_kind == "dynamic" or args.growing_mask else "whole-cache"
                         # generate() compiles a static-cache step itself (Transformers' automatic compilation)
                         compiled_step = compiled or (args.timing == "generate" and cache_kind == "static")
@@ -737,7 +738,7 @@ def part_generate(args, info):
                                      speedup_vs_sdpa_flash=base_flash / per if base_flash else float("nan"),
                                      first_step_ms=first, prefill_ms=prefill,
                                      dense_floor_ms=floor, copy_gbs=round(bandwidth), repeats=args.repeats,
-                                     spread=spread))
+                                     spread=spread, round_ms=" ".join(f"{m:.3f}" for m in rounds)))
         del model
         torch.cuda.empty_cache()
     markdown(os.path.join(args.out, "results.md"), "Whole model: decoding, ms per new token (greedy, one token per "
@@ -745,7 +746,7 @@ def part_generate(args, info):
              ["timing", "layers", "batch", "context", "cache", "compiled", "mask", "impl", "granularity", "p",
               "ms_per_token",
               "speedup_vs_sdpa", "speedup_vs_sdpa_flash", "first_step_ms", "prefill_ms", "dense_floor_ms", "repeats",
-              "spread"], info)
+              "spread", "round_ms"], info)
 
 
 def main(argv=None):

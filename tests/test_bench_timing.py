@@ -48,7 +48,7 @@ def test_generate_timing_on_cpu(monkeypatch):
 def test_interleaved_generate_takes_turns_and_pools(monkeypatch, static):
     """Dynamic caches: rounds in which each implementation runs once in turn, only each one's first run warmed;
     static caches: each implementation's runs back to back. Per-token figure: the median of all runs' later steps;
-    spread: (max - min) / median of the runs' own medians."""
+    spread: (max - min) / median of the runs' own medians, which are returned too, in the order the runs ran."""
     calls = []
     fake = {"a": [[1.0, 2.0, 3.0], [5.0, 5.0, 5.0]], "b": [[10.0, 10.0, 10.0], [10.0, 11.0, 12.0]]}
 
@@ -67,8 +67,8 @@ def test_interleaved_generate_takes_turns_and_pools(monkeypatch, static):
     expected = [("a", True), ("a", False), ("b", True), ("b", False)] if static else \
         [("a", True), ("b", True), ("a", False), ("b", False)]
     assert calls == expected
-    assert out[impls[0]] == (100.0, 7.0, 4.0, (5.0 - 2.0) / 3.5)  # median of 1, 2, 3, 5, 5, 5; medians 2 and 5
-    assert out[impls[1]] == (100.0, 7.0, 10.0, (11.0 - 10.0) / 10.5)
+    assert out[impls[0]] == (100.0, 7.0, 4.0, (5.0 - 2.0) / 3.5, [2.0, 5.0])  # median of 1, 2, 3, 5, 5, 5
+    assert out[impls[1]] == (100.0, 7.0, 10.0, (11.0 - 10.0) / 10.5, [10.0, 11.0])
 
 
 def test_reused_static_cache_keeps_its_tensors_and_the_tokens():

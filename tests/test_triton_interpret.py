@@ -225,6 +225,26 @@ LAYOUTS = textwrap.dedent("""
             raise AssertionError("keys not from kv index 0 were not refused")
         except ValueError as err:
             assert "kv_offset=23" in str(err), err
+    # eager auto on packed or left-padded rows above 4096 x 4096 pairs (on a GPU: the seam says so): the unpacked
+    # Triton kernels at head size 64, FlexAttention at 128 (measured faster there); keys not from kv index 0 -> Flex;
+    # on a CPU the dense mask
+    from unittest import mock
+    from ppa_hf.hf import dispatch
+    big = packed_layouts(1, 4200, device="cpu")
+    big["shifted"] = PPALayout(None, None, torch.arange(23, 4200), 23, 4177, one_sequence_per_row=True,
+                               valid=big["left-padded"].valid)
+    for D, gran, want in ((64, "token", "triton_layout"), (64, "block", "triton_layout"), (128, "token", "flex"),
+                          (128, "block", "flex")):
+        settings = PPASettings(0.75, window=4, granularity=gran, block_size=16)
+        for name in ("packed", "left-padded", "shifted"):
+            q = torch.randn(1, 4, big[name].q_index.numel(), D)
+            k = torch.randn(1, 2, big[name].kv_length, D)
+            assert choose_path(settings, q, k, k, big[name], 0.0) == "sdpa_mask", (D, gran, name)
+            with mock.patch.object(dispatch, "_on_gpu", return_value=True):
+                path = choose_path(settings, q, k, k, big[name], 0.0)
+                assert path == ("flex" if name == "shifted" else want), (D, gran, name, path)
+                small = choose_path(settings, q[:, :, :2000], k[:, :, :2000], k[:, :, :2000], big[name], 0.0)
+                assert small == "sdpa_mask", (D, gran, name, small)
     # the custom ops torch.compile sees: schema, fake tensors, autograd registration, AOT dispatch
     layout = packed_layouts(2, 40, device="cpu")["packed"]
     q, k, v = (torch.randn(2, h, 40, 16, requires_grad=True) for h in (2, 1, 1))

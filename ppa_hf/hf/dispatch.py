@@ -16,10 +16,17 @@ from .settings import PPASettings, read_settings
 
 DECODE_MAX_QUERIES = 16  # "a few new queries": above this the gathered path stops paying
 DECODE_MIN_KEYS = 1024  # below this (auto) the dense mask is as cheap as the index list
-# FlexAttention only above this many (query, key) entries per row: below it the dense-mask SDPA path is faster
-# (H200, SmolLM2 shape, 50 left-padded prompts of 700-1000 tokens: 0.4-0.6 s prefill against 2.5 s for Flex,
-# plus two Flex compilations of about 20 s; benchmarks/generation_profile.py).
-FLEX_MIN_ENTRIES = 4096 * 4096
+# Packed or left-padded rows go to a sparse kernel (FlexAttention or the unpacked Triton kernels) only above this many
+# (query, key) entries per row: below it the dense-mask SDPA path is faster (H200, SmolLM2 shape, 50 left-padded
+# prompts of 700-1000 tokens: 0.4-0.6 s prefill against 2.5 s for Flex, plus two Flex compilations of about 20 s;
+# benchmarks/generation_profile.py).
+SPARSE_MIN_ENTRIES = 4096 * 4096
+# (head size, granularity) where FlexAttention beats the unpacked Triton kernels on packed or left-padded rows; auto
+# takes Triton elsewhere. H100, bf16, 32 query / 8 KV heads, one row of 32k tokens packed with 4 and with 32
+# sequences, p = 0.75 (benchmarks/results/packed.csv, 9eeb1d9): at head size 64 Triton wins both directions
+# (forward + backward 1.5x faster for block, 1.4x and 4.1x for token); at 128 Flex wins block (1.9x and 2.3x) and
+# token with 32 sequences (1.6x), Triton token with 4 (1.8x).
+FLEX_PACKED_FASTER = {(128, "block"), (128, "token")}
 # Up to this many queries (decoding, short chunks) the dense-mask path folds the GQA query heads into the query axis
 # instead of repeating K and V per query head: the copy is then of the small queries and mask, not of the whole
 # cache (at 50 sequences x 1k cached tokens the repeat copied about 230 MB per layer and step).
@@ -81,9 +88,10 @@ def choose_path(settings: PPASettings, query: torch.Tensor, key: torch.Tensor, v
     1`` -> the Triton decode kernel on CUDA (float32 with exact dots), the torch gather where gradients are needed
     or Triton cannot run; other few-query calls -> ``sdpa_mask``; the block-sparse Triton kernel where it can run
     (FlexAttention instead when training eagerly where it is measured faster, :data:`FLEX_TRAINS_FASTER`; under
-    torch.compile its BlockMask would be built behind a graph break, the Triton custom ops trace through);
-    FlexAttention on CUDA for inputs above ``FLEX_MIN_ENTRIES`` query-key pairs; else ``sdpa_mask`` (exact, trains
-    on CPU).
+    torch.compile its BlockMask would be built behind a graph break, the Triton custom ops trace through); packed or
+    left-padded rows on CUDA above ``SPARSE_MIN_ENTRIES`` query-key pairs: the Triton kernels on the sequences unpacked
+    one per row (keys from kv index 0), FlexAttention where it is measured faster (:data:`FLEX_PACKED_FASTER`) or
+    Triton cannot run; else ``sdpa_mask`` (exact, trains on CPU).
     """
     backend = settings.backend
     if dropout > 0 and backend not in ("auto", "sdpa_mask"):
@@ -129,9 +137,18 @@ def choose_path(settings: PPASettings, query: torch.Tensor, key: torch.Tensor, v
                 and not torch.compiler.is_compiling()):  # compiled: the Triton custom ops trace without a break
             return "flex"
         return "triton"
-    if query.device.type == "cuda" and flex_available() and q_len * kv_len > FLEX_MIN_ENTRIES:
-        return "flex"
+    if _on_gpu(query) and q_len * kv_len > SPARSE_MIN_ENTRIES:  # packed or left-padded rows, many entries
+        flex_faster = flex_available() and (query.shape[-1], settings.granularity) in FLEX_PACKED_FASTER
+        if not flex_faster and layout.kv_offset == 0 and _triton().supports(query, key, value):
+            return "triton_layout"
+        if flex_available():
+            return "flex"
     return "sdpa_mask"
+
+
+def _on_gpu(query: torch.Tensor) -> bool:
+    """Whether the sparse kernels for packed or left-padded rows are worth their set-up here (a seam for tests)."""
+    return query.device.type == "cuda"
 
 
 def common_dtype(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor):
