@@ -443,3 +443,46 @@ def test_reduce_overhead_compiled_prefill_matches_eager():
                 err = (logits - eager)[mask.bool()].abs().max().item()
                 print(f"[reduce-overhead prefill] left_pad={left_pad} call {call}: max |diff| {err:.2e}")
                 assert err < 1e-3
+
+
+@cuda
+@needs_triton
+@pytest.mark.parametrize("head_dim,want", [(64, "triton_layout"), (128, "flex")])
+def test_eager_packed_training_routes_by_head_size(head_dim, want):
+    """An eager training step on one row of 4200 tokens packed with three sequences (above 4096 x 4096 pairs):
+    ``auto`` runs the unpacked Triton kernels at head size 64 and FlexAttention at 128 (measured faster there), and
+    the loss and every gradient match the dense-mask path's (float32)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    import ppa_hf
+    from ppa_hf.hf import dispatch
+
+    cfg = LlamaConfig(vocab_size=256, hidden_size=4 * head_dim, intermediate_size=256, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=8192)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(cfg).cuda().train()
+    ids = torch.randint(0, 256, (1, 4200), device="cuda")
+    pid = torch.cat([torch.arange(n, device="cuda") for n in (2000, 1500, 700)])[None]
+    paths, run_path = [], dispatch.run_path
+
+    def recording(path, *args, **kwargs):
+        paths.append(path)
+        return run_path(path, *args, **kwargs)
+
+    results = {}
+    try:
+        dispatch.run_path = recording
+        for backend in ("sdpa_mask", "auto"):
+            ppa_hf.apply(model, p=0.75, window=64, backend=backend)
+            model.zero_grad(set_to_none=True)
+            loss = model(ids, position_ids=pid, labels=ids).loss
+            loss.backward()
+            results[backend] = (loss.item(), [p.grad.clone() for p in model.parameters()])
+    finally:
+        dispatch.run_path = run_path
+    assert paths == ["sdpa_mask"] * 2 + [want] * 2, paths
+    (ref_loss, ref_grads), (loss, grads) = results["sdpa_mask"], results["auto"]
+    err = max(((a - b).abs().max() / b.abs().max().clamp(min=1e-12)).item() for a, b in zip(grads, ref_grads))
+    print(f"[packed training] head size {head_dim}: {want}, loss {loss:.6f} / {ref_loss:.6f}, largest relative "
+          f"gradient error {err:.2e}")
+    assert abs(loss - ref_loss) < 1e-4 * abs(ref_loss) and err < 1e-3
