@@ -452,7 +452,9 @@ def eager_step_kernels(batch=8, context=131072, layers=8, steps=5):
     and values with ``torch.cat``, which reads and writes the whole cache of every layer: with ``bandwidth`` the
     measured copy bandwidth, ``2 * cache bytes / bandwidth`` is a cost every implementation pays per step, and
     ``step / (step - attention)`` of the fastest baseline bounds what any attention can win against it. One JSON
-    line per implementation (``part=eager_step_kernels``)."""
+    line per implementation (``part=eager_step_kernels``), with the caching allocator's device allocations, frees
+    and retries in the 10 timed steps and the host time per step in CUDA runtime calls other than kernel launches
+    (``runtime_host_ms``: cudaMalloc, cudaFree, synchronisations, copies)."""
     from torch.profiler import ProfilerActivity, profile
 
     from benchmarks.run import copy_bandwidth_gbs
@@ -478,23 +480,32 @@ def eager_step_kernels(batch=8, context=131072, layers=8, steps=5):
             for _ in range(3):
                 step()
             times = []
+            before = torch.cuda.memory_stats()
             for _ in range(10):
                 torch.cuda.synchronize()
                 t0 = time.perf_counter()
                 step()
                 torch.cuda.synchronize()
                 times.append((time.perf_counter() - t0) * 1e3)
-            with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            after = torch.cuda.memory_stats()
+            # the caching allocator in the timed steps: new device segments (cudaMalloc), released ones (cudaFree,
+            # which synchronises the device) and retries after freeing the cache
+            allocator = {k: after.get(k, 0) - before.get(k, 0)
+                         for k in ("num_device_alloc", "num_device_free", "num_alloc_retries")}
+            with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
                 for _ in range(steps):
                     step()
                 torch.cuda.synchronize()
-            kinds = collections.Counter()
+            kinds, runtime = collections.Counter(), collections.Counter()
             for e in prof.key_averages():
                 if e.self_device_time_total > 0:
                     kinds[kernel_kind(e.key)] += e.self_device_time_total / 1e3 / steps
+                elif e.key.startswith("cuda") and e.key != "cudaLaunchKernel":  # host time in the CUDA runtime
+                    runtime[e.key] += e.self_cpu_time_total / 1e3 / steps
             emit(part="eager_step_kernels", batch=batch, context=context, layers=layers, impl=impl, gran=gran,
                  step_ms=round(sorted(times)[len(times) // 2], 3),
                  gpu_ms=round(sum(kinds.values()), 3), **{k + "_ms": round(v, 3) for k, v in sorted(kinds.items())},
+                 **allocator, runtime_host_ms={k: round(v, 3) for k, v in runtime.most_common(6)},
                  copy_gbs=round(bandwidth), cache_gb=round(cache_bytes / 1e9, 2),
                  cache_append_floor_ms=round(2 * cache_bytes / (bandwidth * 1e9) * 1e3, 3))
             table = prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=15)
