@@ -498,7 +498,7 @@ def eager_step_kernels(batch=8, context=131072, layers=8, steps=5):
                 torch.cuda.synchronize()
             kinds, runtime = collections.Counter(), collections.Counter()
             for e in prof.key_averages():
-                if e.self_device_time_total > 0:
+                if e.device_type == torch.autograd.DeviceType.CUDA:  # kernels (not the host ops that launched them)
                     kinds[kernel_kind(e.key)] += e.self_device_time_total / 1e3 / steps
                 elif e.key.startswith("cuda") and e.key != "cudaLaunchKernel":  # host time in the CUDA runtime
                     runtime[e.key] += e.self_cpu_time_total / 1e3 / steps
