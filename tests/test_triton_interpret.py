@@ -298,32 +298,75 @@ def test_triton_kernels_on_packed_and_padded_layouts():
     _interpreted(LAYOUTS, 600)
 
 
-def test_unpacked_lse_round_trip_without_aliasing():
-    """The LSE copies of the unpacked path (layout order -> one sequence per row -> layout order) keep every real
-    query's value and put +inf at padding, also for one row whose length is whole tiles, where a view of the
-    output buffer would alias the copy into it (no kernels run: plain torch)."""
+def test_unpacked_copies_round_trip_without_aliasing():
+    """The copies of the unpacked path (layout order -> one sequence per row -> layout order), for tensors and for
+    the LSE: every real token's values come back, padding gets zeros (+inf for the LSE), a row's empty slots hold
+    zeros, and output strides follow the input's; also for one row whose length is whole tiles, where a view of the
+    output buffer would alias the LSE copy into it, and with queries that are the last third of the keys. Plain
+    torch (no kernels run); the plan is made with one host read."""
     import torch
 
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     from test_gpu_kernels import packed_layouts
 
-    from ppa_hf.ops.triton.packed import _Unpacked
+    from ppa_hf.ops.triton.packed import _plan
     from ppa_hf.ops.triton.prefill import _lse_len
 
     torch.manual_seed(0)
-    # (1, 128): B = 1 and Q = 128 for lse_from_rows; (1, 163): its left-padded row is one sequence of 128 tokens
+    # (1, 128): B = 1 and Q = 128 for the LSE copy back; (1, 163): its left-padded row is one sequence of 128 tokens
     for B, T in ((1, 128), (1, 163), (2, 97)):
         for name, layout in packed_layouts(B, T, device="cpu").items():
-            plan = _Unpacked(layout.seg, layout.pos, layout.q_index)
+            kind, plan = _plan(layout.seg, layout.pos, layout.q_index)
+            assert kind == "unpack", (name, kind)
             Q = layout.q_index.numel()
-            q, rows_q = torch.randn(B, 4, Q, 16), torch.randn(plan.S, 4, plan.L, 16)
+            real_q = (layout.seg[:, layout.q_index] >= 0)  # [B, Q]
+            real_k = layout.seg >= 0  # [B, T]
+            # tensors: q as Transformers makes it ([B, N, H, D] underneath), k contiguous [B, H, N, D]
+            q = torch.randn(B, Q, 4, 16).transpose(1, 2)
+            k = torch.randn(B, 2, T, 16)
+            rq, rk = plan.to_rows(q, plan.slot_q), plan.to_rows(k, plan.slot_key)
+            assert rq.shape == (plan.S, 4, plan.L, 16) and rk.shape == (plan.S, 2, plan.L, 16)
+            filled = torch.zeros(plan.S * plan.L, dtype=torch.bool)
+            filled[plan.key_slot[real_k.flatten()]] = True
+            assert (rk.transpose(1, 2).reshape(plan.S * plan.L, -1)[~filled] == 0).all(), (B, T, name)
+            for x, rows, slots, real in ((q, rq, plan.q_slot, real_q), (k, rk, plan.key_slot, real_k)):
+                back = plan.from_rows(rows, x, slots)
+                assert back.stride() == x.stride(), (B, T, name)
+                mask = real[:, None, :, None].expand_as(x)
+                assert torch.equal(back[mask], x[mask]) and (back[~mask] == 0).all(), (B, T, name)
+            # the LSE
             lse = torch.randn(B, 4, _lse_len(q))
-            back = plan.lse_from_rows(plan.lse_to_rows(lse, q, rows_q), q)
-            real = torch.zeros(B * Q, dtype=torch.bool)
-            real[plan.q_src] = True
-            real = real.view(B, 1, Q).expand(B, 4, Q)
+            back = plan.lse_from_rows(plan.lse_to_rows(lse, q, rq), q)
+            real = real_q[:, None, :].expand(B, 4, Q)
             assert torch.equal(back[:, :, :Q][real], lse[:, :, :Q][real]), (B, T, name)
             assert torch.isinf(back[:, :, :Q][~real]).all() and torch.isinf(back[:, :, Q:]).all(), (B, T, name)
+    # rows that are one sequence from kv index 0 (right padding at most) run as they are; no query: nothing to do
+    rows = packed_layouts(2, 97, device="cpu")["hole"]
+    seg = torch.where(torch.arange(97) < 90, 0, -1).expand(2, -1).clone()
+    pos = torch.where(seg >= 0, torch.arange(97), 0)
+    kind, (q0, k0, q_valid) = _plan(seg, pos, torch.arange(97))
+    assert kind == "rows" and (q0, k0) == (0, 0) and q_valid.shape == (2, 97) and q_valid.sum() == 180
+    kind, (q0, k0, q_valid) = _plan(seg[:, :90], pos[:, :90], torch.arange(30, 90))
+    assert kind == "rows" and (q0, k0, q_valid) == (30, 0, None)
+    # one host read per plan: count the ways a tensor reaches the host
+    from unittest import mock
+    reads = []
+    originals = {name: getattr(torch.Tensor, name) for name in ("tolist", "item", "__bool__", "__int__", "nonzero")}
+
+    def counting(name):
+        def read(self, *args, **kwargs):
+            reads.append(name)
+            return originals[name](self, *args, **kwargs)
+        return read
+
+    with mock.patch.multiple(torch.Tensor, **{name: counting(name) for name in originals}):
+        for name, layout in packed_layouts(2, 97, device="cpu").items():
+            reads.clear()
+            assert _plan(layout.seg, layout.pos, layout.q_index)[0] == "unpack"
+            assert reads == ["tolist"], (name, reads)
+    kind, (q0, k0, q_valid) = _plan(torch.full((2, 97), -1), torch.zeros(2, 97, dtype=torch.long), torch.arange(97))
+    assert kind == "rows" and not q_valid.any()  # only padding: the kernels' rows, every output zeroed
+    assert _plan(rows.seg, rows.pos, torch.arange(0))[0] == "empty"
 
 
 def test_compiled_training_step_through_the_triton_kernels():

@@ -1,7 +1,7 @@
 """The block-sparse Triton kernels on any layout: packed sequences, left padding, padding holes.
 
 The kernels of :mod:`.prefill` take one sequence per batch row, starting at kv index 0. Here a layout's rows are
-first checked on the host: when they already are such rows (the usual case: no padding, or right padding) the
+first checked on the host (one read per call): when they already are such rows (the usual case: no padding, or right padding) the
 kernels run on the inputs as they are; otherwise every sequence is copied into a row of its own (token at position
 ``pos`` of sequence ``s`` -> row ``s``, index ``pos``; rows right-padded to the longest sequence), the kernels run
 there, and the results are copied back. Exact for every layout whose keys start at kv index 0 (``kv_offset == 0``):
@@ -25,69 +25,104 @@ from .prefill import _Ctx, _backward, _forward, _key, _lse_len, _pattern
 
 
 class _Unpacked:
-    """Where each token goes when every sequence of ``seg``/``pos [B, T]`` gets a row of its own (host reads).
+    """Where each token goes when every sequence of a layout gets a row of its own: ``S`` rows of ``L`` slots, the
+    token at position ``pos`` of sequence ``s`` in slot ``s * L + pos``.
 
-    ``S`` rows of ``L`` tokens; ``key_src``/``key_dst``: flat ``b * T + t`` of each real kv token and its flat
-    ``s * L + pos`` destination; ``q_src``/``q_dst`` the same for the real queries (``b * Q + r``)."""
+    Four gather maps, all on the device: ``key_slot [B * T]`` / ``q_slot [B * Q]`` (the slot of each kv token / query,
+    ``S * L`` for padding) and ``slot_key`` / ``slot_q [S * L]`` (the kv token / query in each slot, ``B * T`` /
+    ``B * Q`` for an empty slot). Copies are gathers along them, with the empty entries zeroed (``+inf`` for LSE)."""
 
-    def __init__(self, seg: torch.Tensor, pos: torch.Tensor, q_index: torch.Tensor):
+    def __init__(self, seg: torch.Tensor, pos: torch.Tensor, q_index: torch.Tensor, S: int, L: int):
         B, T = seg.shape
+        Q = q_index.numel()
+        self.S, self.L = S, L
         valid = seg >= 0
         per_row = seg.max(dim=-1).values + 1  # sequences in each row (0 for a row of padding)
         first = torch.cumsum(per_row, 0) - per_row  # global id of each row's first sequence
-        self.S = int(per_row.sum())
-        self.L = int(torch.where(valid, pos, -1).max()) + 1 if self.S else 1
-        dst = torch.where(valid, (first[:, None] + seg) * self.L + pos, -1)
-        self.key_src = valid.flatten().nonzero().squeeze(1)
-        self.key_dst = dst.flatten()[self.key_src]
-        q_dst = dst[:, q_index]  # [B, Q]
-        self.q_src = (q_dst >= 0).flatten().nonzero().squeeze(1)
-        self.q_dst = q_dst.flatten()[self.q_src]
+        slot = torch.where(valid, (first[:, None] + seg) * L + pos, S * L)  # [B, T]
+        self.key_slot = slot.flatten()
+        self.q_slot = slot[:, q_index].flatten()
+        self.slot_key = self._inverse(self.key_slot, S * L)
+        self.slot_q = self._inverse(self.q_slot, S * L)
+        self.B, self.T, self.Q = B, T, Q
 
-    def to_rows(self, x: torch.Tensor, src, dst) -> torch.Tensor:
-        """``x [B, Hx, N, D]`` -> ``[S, Hx, L, D]``, zeros where no token lands."""
+    @staticmethod
+    def _inverse(slot_of: torch.Tensor, n_slots: int) -> torch.Tensor:
+        """``[n_slots]``: the index whose ``slot_of`` is each slot, ``len(slot_of)`` where none is (every real index
+        has a slot of its own; padding goes to the extra slot ``n_slots``, dropped)."""
+        n = slot_of.numel()
+        inverse = torch.full((n_slots + 1,), n, dtype=torch.long, device=slot_of.device)
+        inverse.scatter_(0, slot_of, torch.arange(n, device=slot_of.device))
+        return inverse[:n_slots]
+
+    @staticmethod
+    def _gather(flat: torch.Tensor, index: torch.Tensor, fill: float) -> torch.Tensor:
+        """``flat[index]`` along dim 0, with ``fill`` where ``index == len(flat)`` (nothing there)."""
+        n = flat.shape[0]
+        out = flat.index_select(0, index.clamp(max=n - 1))
+        return out.masked_fill_((index == n).view(-1, *([1] * (out.dim() - 1))), fill)
+
+    def to_rows(self, x: torch.Tensor, slot_token: torch.Tensor) -> torch.Tensor:
+        """``x [B, Hx, N, D]`` -> ``[S, Hx, L, D]`` (zeros in empty slots: padded keys must be finite, since a dot
+        with a zero probability still multiplies them). ``slot_token``: :attr:`slot_key` or :attr:`slot_q`."""
         B, Hx, N, D = x.shape
-        rows = x.new_zeros(self.S * self.L, Hx, D)
-        rows[dst] = x.transpose(1, 2).reshape(B * N, Hx, D)[src]
-        return rows.view(self.S, self.L, Hx, D).transpose(1, 2)
+        flat = x.transpose(1, 2).reshape(B * N, Hx, D)  # a view when x is [B, N, Hx, D] underneath (Transformers)
+        return self._gather(flat, slot_token, 0.0).view(self.S, self.L, Hx, D).transpose(1, 2)
 
-    def from_rows(self, y: torch.Tensor, like: torch.Tensor, src, dst) -> torch.Tensor:
-        """``y [S, Hx, L, D]`` -> a tensor shaped (and strided) like ``like [B, Hx, N, D]``, zeros where no token
-        came from (padding)."""
+    def from_rows(self, y: torch.Tensor, like: torch.Tensor, token_slot: torch.Tensor) -> torch.Tensor:
+        """``y [S, Hx, L, D]`` -> a tensor shaped and strided like ``like [B, Hx, N, D]`` (the fake implementations
+        promise that), zeros for padding. ``token_slot``: :attr:`key_slot` or :attr:`q_slot`."""
         B, Hx, N, D = like.shape
-        flat = like.new_zeros(B * N, Hx, D)
-        flat[src] = y.transpose(1, 2).reshape(self.S * self.L, Hx, D)[dst]
-        out = torch.empty_like(like)
-        out.copy_(flat.view(B, N, Hx, D).transpose(1, 2))
+        flat = y.transpose(1, 2).reshape(self.S * self.L, Hx, D)
+        out = self._gather(flat, token_slot, 0.0).view(B, N, Hx, D).transpose(1, 2)
+        if out.stride() != like.stride():
+            out = torch.empty_like(like).copy_(out)
         return out
 
     def lse_to_rows(self, lse: torch.Tensor, q: torch.Tensor, rows_q: torch.Tensor) -> torch.Tensor:
         """The forward's LSE in query order ``[B, H, >= Q]`` -> the unpacked rows' ``[S, H, lse_len]`` (+inf where
         no query sits: such rows get probability 0 in the backward)."""
         B, H, Q = q.shape[0], q.shape[1], q.shape[2]
-        flat = torch.full((self.S * self.L, H), float("inf"), device=q.device, dtype=torch.float32)
-        flat[self.q_dst] = lse[:, :, :Q].transpose(1, 2).reshape(B * Q, H)[self.q_src]
+        flat = lse[:, :, :Q].transpose(1, 2).reshape(B * Q, H)
+        rows = self._gather(flat, self.slot_q, float("inf"))
         out = torch.full((self.S, H, _lse_len(rows_q)), float("inf"), device=q.device, dtype=torch.float32)
-        out[:, :, :self.L] = flat.view(self.S, self.L, H).transpose(1, 2)
+        out[:, :, :self.L] = rows.view(self.S, self.L, H).transpose(1, 2)
         return out
 
     def lse_from_rows(self, lse_rows: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
         """The rows' LSE ``[S, H, >= L]`` -> query order ``[B, H, lse_len]`` (+inf at padded queries)."""
         B, H, Q = q.shape[0], q.shape[1], q.shape[2]
-        # a fresh buffer, not a view of ``out``: with one row whose length is whole tiles the view would alias
-        # the copy into ``out`` (which CUDA refuses)
-        flat = torch.full((B * Q, H), float("inf"), device=q.device, dtype=torch.float32)
-        flat[self.q_src] = lse_rows[:, :, :self.L].transpose(1, 2).reshape(self.S * self.L, H)[self.q_dst]
+        flat = lse_rows[:, :, :self.L].transpose(1, 2).reshape(self.S * self.L, H)
+        # (a gather into a fresh tensor: a view of ``out`` would alias the copy into it, which CUDA refuses)
+        back = self._gather(flat, self.q_slot, float("inf"))
         out = torch.full((B, H, _lse_len(q)), float("inf"), device=q.device, dtype=torch.float32)
-        out[:, :, :Q] = flat.view(B, Q, H).transpose(1, 2)
+        out[:, :, :Q] = back.view(B, Q, H).transpose(1, 2)
         return out
 
 
 def _plan(seg: torch.Tensor, pos: torch.Tensor, q_index: torch.Tensor):
-    """``("rows", (q_start, k_start, q_valid))`` when the layout's rows are the kernels' rows already, else
-    ``("unpack", _Unpacked)``. Reads the layout on the host."""
-    rows = PPALayout(seg, pos, q_index, 0, seg.shape[-1]).single_sequence_rows()
-    return ("rows", rows) if rows is not None else ("unpack", _Unpacked(seg, pos, q_index))
+    """``("rows", (q_start, k_start, q_valid))`` when the layout's rows are the kernels' rows already (every row one
+    sequence from kv index 0, right padding at most, the queries consecutive; rows of padding too), ``("empty",
+    None)`` when there is no query, else ``("unpack", _Unpacked)``. One host read (what
+    :meth:`PPALayout.single_sequence_rows` and the unpacked sizes would read in about six)."""
+    B, T = seg.shape
+    Q = q_index.numel()
+    if Q == 0:
+        return "empty", None
+    valid = seg >= 0
+    idx = torch.arange(T, device=seg.device)
+    per_row = seg.max(dim=-1).values + 1
+    last = torch.where(valid, idx, -1).max(dim=-1).values
+    rows_ok = (per_row <= 1) & (last + 1 == valid.sum(-1))
+    q0 = q_index[0]
+    q_consecutive = (q_index == q0 + torch.arange(Q, device=seg.device)).all()
+    q_valid = valid[:, q_index]  # (with one sequence per row from kv index 0: the query is a real token)
+    L = torch.where(valid, pos, -1).max() + 1
+    stats = torch.stack([rows_ok.all(), q_consecutive, q_valid.all(), q0, per_row.sum(), L]).tolist()
+    all_rows_ok, consecutive, all_q_valid, q0, S, L = (int(x) for x in stats)
+    if all_rows_ok and consecutive:
+        return "rows", (q0, 0, None if all_q_valid else q_valid)
+    return "unpack", _Unpacked(seg, pos, q_index, S, L)  # (S >= 1: a row with no sequence passes the test above)
 
 
 # The ops read the layout on the host (a synchronisation), which a CUDA graph cannot capture: tagged so that
@@ -102,16 +137,19 @@ def _packed_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seg: torc
     pattern = _pattern(_key(pattern_key, granularity))
     q, k, v = last_contiguous(q), last_contiguous(k), last_contiguous(v)
     kind, plan = _plan(seg, pos, q_index)
+    if kind == "empty":  # no query
+        lse = torch.full((q.shape[0], q.shape[1], _lse_len(q)), float("inf"), device=q.device, dtype=torch.float32)
+        return torch.zeros_like(q), lse
     if kind == "rows":
         q_start, k_start, q_valid = plan
         out, lse = _forward(_Ctx(pattern, q, k, q_start, k_start, max_distance), q, k, v, scale)
         if q_valid is not None:  # right padding: padded queries return zeros
             out.mul_(q_valid[:, None, :, None].to(out.dtype))
         return out, lse
-    rq = plan.to_rows(q, plan.q_src, plan.q_dst)
-    rk, rv = (plan.to_rows(x, plan.key_src, plan.key_dst) for x in (k, v))
+    rq = plan.to_rows(q, plan.slot_q)
+    rk, rv = (plan.to_rows(x, plan.slot_key) for x in (k, v))
     out_rows, lse_rows = _forward(_Ctx(pattern, rq, rk, 0, 0, max_distance), rq, rk, rv, scale)
-    return plan.from_rows(out_rows, q, plan.q_src, plan.q_dst), plan.lse_from_rows(lse_rows, q)
+    return plan.from_rows(out_rows, q, plan.q_slot), plan.lse_from_rows(lse_rows, q)
 
 
 @_packed_forward.register_fake
@@ -127,17 +165,19 @@ def _packed_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch
     pattern = _pattern(_key(pattern_key, granularity))
     q, k, v = last_contiguous(q), last_contiguous(k), last_contiguous(v)
     kind, plan = _plan(seg, pos, q_index)
+    if kind == "empty":
+        return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
     if kind == "rows":
         q_start, k_start, q_valid = plan
         if q_valid is not None:  # the forward zeroed these outputs: no gradient flows through them
             do = do * q_valid[:, None, :, None].to(do.dtype)
         return _backward(_Ctx(pattern, q, k, q_start, k_start, max_distance), q, k, v, o, lse, do, scale)
-    rq, ro, rdo = (plan.to_rows(x, plan.q_src, plan.q_dst) for x in (q, o, last_contiguous(do)))
-    rk, rv = (plan.to_rows(x, plan.key_src, plan.key_dst) for x in (k, v))
+    rq, ro, rdo = (plan.to_rows(x, plan.slot_q) for x in (q, o, last_contiguous(do)))
+    rk, rv = (plan.to_rows(x, plan.slot_key) for x in (k, v))
     rlse = plan.lse_to_rows(lse, q, rq)
     dq, dk, dv = _backward(_Ctx(pattern, rq, rk, 0, 0, max_distance), rq, rk, rv, ro, rlse, rdo, scale)
-    return (plan.from_rows(dq, q, plan.q_src, plan.q_dst), plan.from_rows(dk, k, plan.key_src, plan.key_dst),
-            plan.from_rows(dv, v, plan.key_src, plan.key_dst))
+    return (plan.from_rows(dq, q, plan.q_slot), plan.from_rows(dk, k, plan.key_slot),
+            plan.from_rows(dv, v, plan.key_slot))
 
 
 @_packed_backward.register_fake
