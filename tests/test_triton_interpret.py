@@ -197,17 +197,20 @@ LAYOUTS = textwrap.dedent("""
                 err = (a.double() - b).abs().max().item()
                 print(pattern.name, name, label, err)
                 assert err < 1e-4, (pattern.name, name, label, err)
-    # one row whose length is whole tiles: the LSE copies between the layout and the unpacked rows must not alias
-    layout = packed_layouts(1, 128, device="cpu")["packed"]
-    q, k, v = (torch.randn(1, h, 128, 16, requires_grad=True) for h in (2, 1, 1))
-    out = triton_layout_attention(q, k, v, layout, PPAPattern(0.75, 4))
-    grads = torch.autograd.grad(out, (q, k, v), torch.ones_like(out))
-    x = [t.detach().double().requires_grad_() for t in (q, k, v)]
-    ref = reference_attention(*x, layout_keep(layout, PPAPattern(0.75, 4)))
-    ref_grads = torch.autograd.grad(ref, x, torch.ones_like(ref))
-    errs = [(a.double() - b).abs().max().item() for a, b in zip((out,) + grads, (ref,) + ref_grads)]
-    print("one packed row of 128", errs)
-    assert max(errs) < 1e-4, errs
+    # one row whose length is whole tiles (the LSE copies between the layout and the unpacked rows must not alias),
+    # packed with sequences of unequal lengths (empty slots in the rows) and of equal ones (none: no fill pass)
+    from benchmarks.run import packed_layout
+    for name, layout in (("unequal", packed_layouts(1, 128, device="cpu")["packed"]),
+                         ("equal", packed_layout(128, 4, "cpu")[0])):
+        q, k, v = (torch.randn(1, h, 128, 16, requires_grad=True) for h in (2, 1, 1))
+        out = triton_layout_attention(q, k, v, layout, PPAPattern(0.75, 4))
+        grads = torch.autograd.grad(out, (q, k, v), torch.ones_like(out))
+        x = [t.detach().double().requires_grad_() for t in (q, k, v)]
+        ref = reference_attention(*x, layout_keep(layout, PPAPattern(0.75, 4)))
+        ref_grads = torch.autograd.grad(ref, x, torch.ones_like(ref))
+        errs = [(a.double() - b).abs().max().item() for a, b in zip((out,) + grads, (ref,) + ref_grads)]
+        print("one packed row of 128,", name, "lengths", errs)
+        assert max(errs) < 1e-4, errs
     # an explicit triton backend takes packed and left-padded prefill calls, and refuses keys not from kv index 0
     from ppa_hf.hf.dispatch import choose_path
     from ppa_hf.hf.settings import PPASettings
@@ -324,13 +327,13 @@ def test_unpacked_copies_round_trip_without_aliasing():
             # tensors: q as Transformers makes it ([B, N, H, D] underneath), k contiguous [B, H, N, D]
             q = torch.randn(B, Q, 4, 16).transpose(1, 2)
             k = torch.randn(B, 2, T, 16)
-            rq, rk = plan.to_rows(q, plan.slot_q), plan.to_rows(k, plan.slot_key)
+            rq, rk = plan.to_rows(q, queries=True), plan.to_rows(k, queries=False)
             assert rq.shape == (plan.S, 4, plan.L, 16) and rk.shape == (plan.S, 2, plan.L, 16)
             filled = torch.zeros(plan.S * plan.L, dtype=torch.bool)
             filled[plan.key_slot[real_k.flatten()]] = True
             assert (rk.transpose(1, 2).reshape(plan.S * plan.L, -1)[~filled] == 0).all(), (B, T, name)
-            for x, rows, slots, real in ((q, rq, plan.q_slot, real_q), (k, rk, plan.key_slot, real_k)):
-                back = plan.from_rows(rows, x, slots)
+            for x, rows, queries, real in ((q, rq, True, real_q), (k, rk, False, real_k)):
+                back = plan.from_rows(rows, x, queries)
                 assert back.stride() == x.stride(), (B, T, name)
                 mask = real[:, None, :, None].expand_as(x)
                 assert torch.equal(back[mask], x[mask]) and (back[~mask] == 0).all(), (B, T, name)
@@ -340,6 +343,11 @@ def test_unpacked_copies_round_trip_without_aliasing():
             real = real_q[:, None, :].expand(B, 4, Q)
             assert torch.equal(back[:, :, :Q][real], lse[:, :, :Q][real]), (B, T, name)
             assert torch.isinf(back[:, :, :Q][~real]).all() and torch.isinf(back[:, :, Q:]).all(), (B, T, name)
+    # equal lengths, no padding: no empty slot and no padding anywhere, so the copies skip their fill pass
+    from benchmarks.run import packed_layout
+    plan = _plan(*(lambda l: (l.seg, l.pos, l.q_index))(packed_layout(128, 4, "cpu")[0]))[1]
+    assert (plan.S, plan.L, plan.key_holes, plan.q_holes, plan.key_padding, plan.q_padding) == (4, 32, False, False,
+                                                                                                False, False)
     # rows that are one sequence from kv index 0 (right padding at most) run as they are; no query: nothing to do
     rows = packed_layouts(2, 97, device="cpu")["hole"]
     seg = torch.where(torch.arange(97) < 90, 0, -1).expand(2, -1).clone()

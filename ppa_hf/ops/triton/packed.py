@@ -32,10 +32,15 @@ class _Unpacked:
     ``S * L`` for padding) and ``slot_key`` / ``slot_q [S * L]`` (the kv token / query in each slot, ``B * T`` /
     ``B * Q`` for an empty slot). Copies are gathers along them, with the empty entries zeroed (``+inf`` for LSE)."""
 
-    def __init__(self, seg: torch.Tensor, pos: torch.Tensor, q_index: torch.Tensor, S: int, L: int):
+    def __init__(self, seg: torch.Tensor, pos: torch.Tensor, q_index: torch.Tensor, S: int, L: int, n_keys: int,
+                 n_queries: int):
         B, T = seg.shape
         Q = q_index.numel()
         self.S, self.L = S, L
+        # where something is missing (``n_keys`` real kv tokens, ``n_queries`` real queries): only there a copy
+        # needs its fill pass
+        self.key_holes, self.q_holes = S * L > n_keys, S * L > n_queries  # empty slots in the rows
+        self.key_padding, self.q_padding = n_keys < B * T, n_queries < B * Q  # padding in layout order
         valid = seg >= 0
         per_row = seg.max(dim=-1).values + 1  # sequences in each row (0 for a row of padding)
         first = torch.cumsum(per_row, 0) - per_row  # global id of each row's first sequence
@@ -44,7 +49,6 @@ class _Unpacked:
         self.q_slot = slot[:, q_index].flatten()
         self.slot_key = self._inverse(self.key_slot, S * L)
         self.slot_q = self._inverse(self.q_slot, S * L)
-        self.B, self.T, self.Q = B, T, Q
 
     @staticmethod
     def _inverse(slot_of: torch.Tensor, n_slots: int) -> torch.Tensor:
@@ -56,25 +60,28 @@ class _Unpacked:
         return inverse[:n_slots]
 
     @staticmethod
-    def _gather(flat: torch.Tensor, index: torch.Tensor, fill: float) -> torch.Tensor:
-        """``flat[index]`` along dim 0, with ``fill`` where ``index == len(flat)`` (nothing there)."""
+    def _gather(flat: torch.Tensor, index: torch.Tensor, fill: float, holes: bool) -> torch.Tensor:
+        """``flat[index]`` along dim 0, with ``fill`` where ``index == len(flat)`` (nothing there; ``holes``: some
+        index is)."""
         n = flat.shape[0]
-        out = flat.index_select(0, index.clamp(max=n - 1))
-        return out.masked_fill_((index == n).view(-1, *([1] * (out.dim() - 1))), fill)
+        out = flat.index_select(0, index.clamp(max=n - 1) if holes else index)
+        return out.masked_fill_((index == n).view(-1, *([1] * (out.dim() - 1))), fill) if holes else out
 
-    def to_rows(self, x: torch.Tensor, slot_token: torch.Tensor) -> torch.Tensor:
-        """``x [B, Hx, N, D]`` -> ``[S, Hx, L, D]`` (zeros in empty slots: padded keys must be finite, since a dot
-        with a zero probability still multiplies them). ``slot_token``: :attr:`slot_key` or :attr:`slot_q`."""
+    def to_rows(self, x: torch.Tensor, queries: bool) -> torch.Tensor:
+        """``x [B, Hx, N, D]`` (queries or kv tokens) -> ``[S, Hx, L, D]``, zeros in empty slots (padded keys must
+        be finite: a dot with a zero probability still multiplies them)."""
         B, Hx, N, D = x.shape
         flat = x.transpose(1, 2).reshape(B * N, Hx, D)  # a view when x is [B, N, Hx, D] underneath (Transformers)
-        return self._gather(flat, slot_token, 0.0).view(self.S, self.L, Hx, D).transpose(1, 2)
+        index, holes = (self.slot_q, self.q_holes) if queries else (self.slot_key, self.key_holes)
+        return self._gather(flat, index, 0.0, holes).view(self.S, self.L, Hx, D).transpose(1, 2)
 
-    def from_rows(self, y: torch.Tensor, like: torch.Tensor, token_slot: torch.Tensor) -> torch.Tensor:
+    def from_rows(self, y: torch.Tensor, like: torch.Tensor, queries: bool) -> torch.Tensor:
         """``y [S, Hx, L, D]`` -> a tensor shaped and strided like ``like [B, Hx, N, D]`` (the fake implementations
-        promise that), zeros for padding. ``token_slot``: :attr:`key_slot` or :attr:`q_slot`."""
+        promise that), zeros for padding."""
         B, Hx, N, D = like.shape
         flat = y.transpose(1, 2).reshape(self.S * self.L, Hx, D)
-        out = self._gather(flat, token_slot, 0.0).view(B, N, Hx, D).transpose(1, 2)
+        index, padding = (self.q_slot, self.q_padding) if queries else (self.key_slot, self.key_padding)
+        out = self._gather(flat, index, 0.0, padding).view(B, N, Hx, D).transpose(1, 2)
         if out.stride() != like.stride():
             out = torch.empty_like(like).copy_(out)
         return out
@@ -84,7 +91,7 @@ class _Unpacked:
         no query sits: such rows get probability 0 in the backward)."""
         B, H, Q = q.shape[0], q.shape[1], q.shape[2]
         flat = lse[:, :, :Q].transpose(1, 2).reshape(B * Q, H)
-        rows = self._gather(flat, self.slot_q, float("inf"))
+        rows = self._gather(flat, self.slot_q, float("inf"), self.q_holes)
         out = torch.full((self.S, H, _lse_len(rows_q)), float("inf"), device=q.device, dtype=torch.float32)
         out[:, :, :self.L] = rows.view(self.S, self.L, H).transpose(1, 2)
         return out
@@ -94,7 +101,7 @@ class _Unpacked:
         B, H, Q = q.shape[0], q.shape[1], q.shape[2]
         flat = lse_rows[:, :, :self.L].transpose(1, 2).reshape(self.S * self.L, H)
         # (a gather into a fresh tensor: a view of ``out`` would alias the copy into it, which CUDA refuses)
-        back = self._gather(flat, self.q_slot, float("inf"))
+        back = self._gather(flat, self.q_slot, float("inf"), self.q_padding)
         out = torch.full((B, H, _lse_len(q)), float("inf"), device=q.device, dtype=torch.float32)
         out[:, :, :Q] = back.view(B, Q, H).transpose(1, 2)
         return out
@@ -118,11 +125,11 @@ def _plan(seg: torch.Tensor, pos: torch.Tensor, q_index: torch.Tensor):
     q_consecutive = (q_index == q0 + torch.arange(Q, device=seg.device)).all()
     q_valid = valid[:, q_index]  # (with one sequence per row from kv index 0: the query is a real token)
     L = torch.where(valid, pos, -1).max() + 1
-    stats = torch.stack([rows_ok.all(), q_consecutive, q_valid.all(), q0, per_row.sum(), L]).tolist()
-    all_rows_ok, consecutive, all_q_valid, q0, S, L = (int(x) for x in stats)
+    stats = torch.stack([rows_ok.all(), q_consecutive, q0, per_row.sum(), L, valid.sum(), q_valid.sum()]).tolist()
+    all_rows_ok, consecutive, q0, S, L, n_keys, n_queries = (int(x) for x in stats)
     if all_rows_ok and consecutive:
-        return "rows", (q0, 0, None if all_q_valid else q_valid)
-    return "unpack", _Unpacked(seg, pos, q_index, S, L)  # (S >= 1: a row with no sequence passes the test above)
+        return "rows", (q0, 0, None if n_queries == q_valid.numel() else q_valid)
+    return "unpack", _Unpacked(seg, pos, q_index, S, L, n_keys, n_queries)  # (S >= 1: a row with no sequence passes the test above)
 
 
 # The ops read the layout on the host (a synchronisation), which a CUDA graph cannot capture: tagged so that
@@ -146,10 +153,10 @@ def _packed_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seg: torc
         if q_valid is not None:  # right padding: padded queries return zeros
             out.mul_(q_valid[:, None, :, None].to(out.dtype))
         return out, lse
-    rq = plan.to_rows(q, plan.slot_q)
-    rk, rv = (plan.to_rows(x, plan.slot_key) for x in (k, v))
+    rq = plan.to_rows(q, queries=True)
+    rk, rv = (plan.to_rows(x, queries=False) for x in (k, v))
     out_rows, lse_rows = _forward(_Ctx(pattern, rq, rk, 0, 0, max_distance), rq, rk, rv, scale)
-    return plan.from_rows(out_rows, q, plan.q_slot), plan.lse_from_rows(lse_rows, q)
+    return plan.from_rows(out_rows, q, queries=True), plan.lse_from_rows(lse_rows, q)
 
 
 @_packed_forward.register_fake
@@ -172,12 +179,12 @@ def _packed_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch
         if q_valid is not None:  # the forward zeroed these outputs: no gradient flows through them
             do = do * q_valid[:, None, :, None].to(do.dtype)
         return _backward(_Ctx(pattern, q, k, q_start, k_start, max_distance), q, k, v, o, lse, do, scale)
-    rq, ro, rdo = (plan.to_rows(x, plan.slot_q) for x in (q, o, last_contiguous(do)))
-    rk, rv = (plan.to_rows(x, plan.slot_key) for x in (k, v))
+    rq, ro, rdo = (plan.to_rows(x, queries=True) for x in (q, o, last_contiguous(do)))
+    rk, rv = (plan.to_rows(x, queries=False) for x in (k, v))
     rlse = plan.lse_to_rows(lse, q, rq)
     dq, dk, dv = _backward(_Ctx(pattern, rq, rk, 0, 0, max_distance), rq, rk, rv, ro, rlse, rdo, scale)
-    return (plan.from_rows(dq, q, plan.q_slot), plan.from_rows(dk, k, plan.key_slot),
-            plan.from_rows(dv, v, plan.key_slot))
+    return (plan.from_rows(dq, q, queries=True), plan.from_rows(dk, k, queries=False),
+            plan.from_rows(dv, v, queries=False))
 
 
 @_packed_backward.register_fake
