@@ -175,3 +175,26 @@ def test_packed_part_on_cpu_under_the_interpreter(tmp_path):
     ours = [r for r in rows if r["impl"] == "triton_layout"]
     assert {r["granularity"] for r in ours} == {"token", "block"}
     assert all(float(r["max_diff"]) == 0.0 and float(r["fwdbwd_ms"]) > 0 and r["docs"] == "3" for r in ours)
+
+
+def test_profile_packed_runs_on_cpu_under_the_interpreter():
+    """benchmarks/profile_packed.py end to end under the Triton interpreter (one row of 64 tokens packed with 4
+    sequences, head size 16, float32): a line of timings per granularity and the profiler table."""
+    pytest.importorskip("triton")
+    import os
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": root}
+    done = subprocess.run([sys.executable, "benchmarks/profile_packed.py", "--device", "cpu", "--length", "64",
+                           "--head-dims", "16", "--docs", "4", "--profile"], env=env, cwd=root, capture_output=True,
+                          text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    lines = [line for line in done.stdout.splitlines() if line.startswith("D=16 L=64 docs=4")]
+    assert [line.split(":")[0].split()[-1] for line in lines] == ["token", "block"], done.stdout[-2000:]
+    for line in lines:
+        values = dict(item.split("=") for item in line.split(": ", 1)[1].split())
+        assert set(values) == {"fwd_unpacked", "fwdbwd_unpacked", "fwd_rows", "fwdbwd_rows", "plan", "to_rows_q"}
+        assert all(float(x) > 0 for x in values.values())
+    assert "packed_prefill_backward" in done.stdout  # the profiler table of the unpacked path
