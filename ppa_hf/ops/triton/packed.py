@@ -1,10 +1,10 @@
 """The block-sparse Triton kernels on any layout: packed sequences, left padding, padding holes.
 
 The kernels of :mod:`.prefill` take one sequence per batch row, starting at kv index 0. Here a layout's rows are
-first checked on the host (one read per call): when they already are such rows (the usual case: no padding, or right padding) the
-kernels run on the inputs as they are; otherwise every sequence is copied into a row of its own (token at position
-``pos`` of sequence ``s`` -> row ``s``, index ``pos``; rows right-padded to the longest sequence), the kernels run
-there, and the results are copied back. Exact for every layout whose keys start at kv index 0 (``kv_offset == 0``):
+first checked on the host (one read per call): when they already are such rows (the usual case: no padding, or
+right padding) the kernels run on the inputs as they are; otherwise every sequence is copied into a row of its own
+(token at position ``pos`` of sequence ``s`` -> row ``s``, index ``pos``; rows right-padded to the longest
+sequence), the kernels run there, and the results are copied back. Exact for every layout whose keys start at kv index 0 (``kv_offset == 0``):
 the pattern reads positions inside a sequence, and a sequence's tokens are its row's first tokens, in order.
 
 The whole call is one custom op (forward and backward): the host-side look at the layout happens inside it, so
@@ -129,7 +129,8 @@ def _plan(seg: torch.Tensor, pos: torch.Tensor, q_index: torch.Tensor):
     all_rows_ok, consecutive, q0, S, L, n_keys, n_queries = (int(x) for x in stats)
     if all_rows_ok and consecutive:
         return "rows", (q0, 0, None if n_queries == q_valid.numel() else q_valid)
-    return "unpack", _Unpacked(seg, pos, q_index, S, L, n_keys, n_queries)  # (S >= 1: a row with no sequence passes the test above)
+    # (S >= 1 here: rows of padding alone pass the test above)
+    return "unpack", _Unpacked(seg, pos, q_index, S, L, n_keys, n_queries)
 
 
 # The ops read the layout on the host (a synchronisation), which a CUDA graph cannot capture: tagged so that
