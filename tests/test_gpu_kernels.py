@@ -438,10 +438,10 @@ def test_reduce_overhead_compiled_prefill_matches_eager():
         mask[1, :left_pad] = 0
         with torch.no_grad():
             eager = model(ids, attention_mask=mask).logits
-            for call in range(3):
+            for stage in ("warm-up", "recording", "replay"):
                 logits = compiled(ids, attention_mask=mask).logits.clone()
                 err = (logits - eager)[mask.bool()].abs().max().item()
-                print(f"[reduce-overhead prefill] left_pad={left_pad} call {call}: max |diff| {err:.2e}")
+                print(f"[reduce-overhead prefill] left_pad={left_pad} {stage}: max |diff| {err:.2e}")
                 assert err < 1e-3
 
 
