@@ -145,20 +145,29 @@ class PPALayout:
         return self.cache[key]
 
     def _single_sequence_rows(self):
-        Q, T = int(self.q_index.numel()), self.seg.shape[-1]
-        if Q == 0:
-            return None
-        valid = self.valid
-        count = valid.sum(-1)
-        idx = torch.arange(T, device=self.seg.device)
-        last = torch.where(valid, idx, -1).max(dim=-1).values
-        # one sequence per row, its real tokens at kv indices 0 .. count-1 (right padding at most)
-        rows_ok = (self.seg.max(dim=-1).values <= 0) & (last + 1 == count)
-        q0 = int(self.q_index[0])
-        if not bool(rows_ok.all()) or not bool((self.q_index == idx[q0:q0 + Q]).all()):
+        if self.q_index.numel() == 0:
             return None
         q_valid = self.q_seg() >= 0
-        return q0, self.kv_offset, None if bool(q_valid.all()) else q_valid
+        rows_ok, consecutive, q0, n_real = single_sequence_checks(self.seg, self.valid, self.q_index,
+                                                                 q_valid).tolist()  # one host read
+        if not (rows_ok and consecutive):
+            return None
+        return q0, self.kv_offset, None if n_real == q_valid.numel() else q_valid
+
+
+def single_sequence_checks(seg: torch.Tensor, valid: torch.Tensor, q_index: torch.Tensor,
+                           q_valid: torch.Tensor) -> torch.Tensor:
+    """The test of :meth:`PPALayout.single_sequence_rows` on the device, no host read: ``[rows_ok, consecutive, q0,
+    n_real]`` (long): whether every row of ``seg``/``valid [B, T]`` is one sequence with its real tokens at kv
+    indices ``0 .. count-1`` (right padding at most), whether the (non-empty) ``q_index [Q]`` is consecutive, its
+    first entry, and the number of real queries (``q_valid [B, Q]``). Callers read it with one ``tolist()``, beside
+    anything else they need from the host."""
+    idx = torch.arange(seg.shape[-1], device=seg.device)
+    last = torch.where(valid, idx, -1).max(dim=-1).values
+    rows_ok = (seg.max(dim=-1).values <= 0) & (last + 1 == valid.sum(-1))
+    q0 = q_index[0]
+    consecutive = (q_index == q0 + torch.arange(q_index.numel(), device=seg.device)).all()
+    return torch.stack([rows_ok.all(), consecutive, q0, q_valid.sum()])
 
 def one_sequence_per_row(valid: torch.Tensor):
     """``seg, pos`` (as :func:`layout_from_links`) when every real token continues the sequence of the previous real

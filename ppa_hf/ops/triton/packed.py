@@ -4,8 +4,9 @@ The kernels of :mod:`.prefill` take one sequence per batch row, starting at kv i
 first checked on the host (one read per call): when they already are such rows (the usual case: no padding, or
 right padding) the kernels run on the inputs as they are; otherwise every sequence is copied into a row of its own
 (token at position ``pos`` of sequence ``s`` -> row ``s``, index ``pos``; rows right-padded to the longest
-sequence), the kernels run there, and the results are copied back. Exact for every layout whose keys start at kv index 0 (``kv_offset == 0``):
-the pattern reads positions inside a sequence, and a sequence's tokens are its row's first tokens, in order.
+sequence), the kernels run there, and the results are copied back. Exact for every layout whose keys start at kv
+index 0 (``kv_offset == 0``): the pattern reads positions inside a sequence, and a sequence's tokens are its row's
+first tokens, in order.
 
 The whole call is one custom op (forward and backward): the host-side look at the layout happens inside it, so
 torch.compile traces a layer's attention without a graph break. The price of unpacking is a copy of q, k, v (and
@@ -18,7 +19,7 @@ import math
 
 import torch
 
-from ...layout import PPALayout
+from ...layout import PPALayout, single_sequence_checks
 from ...pattern import PPAPattern
 from .common import last_contiguous, unsupported_reason
 from .prefill import _Ctx, _backward, _forward, _key, _lse_len, _pattern
@@ -32,17 +33,17 @@ class _Unpacked:
     ``S * L`` for padding) and ``slot_key`` / ``slot_q [S * L]`` (the kv token / query in each slot, ``B * T`` /
     ``B * Q`` for an empty slot). Copies are gathers along them, with the empty entries zeroed (``+inf`` for LSE)."""
 
-    def __init__(self, seg: torch.Tensor, pos: torch.Tensor, q_index: torch.Tensor, S: int, L: int, n_keys: int,
-                 n_queries: int):
+    def __init__(self, seg: torch.Tensor, pos: torch.Tensor, q_index: torch.Tensor, valid: torch.Tensor,
+                 per_row: torch.Tensor, S: int, L: int, n_keys: int, n_queries: int):
+        """``valid [B, T]``: real tokens; ``per_row [B]``: sequences in each row (0 for a row of padding); ``S``,
+        ``L``, ``n_keys``, ``n_queries``: the host-read sizes (sequences, longest sequence, real kv tokens, real
+        queries)."""
         B, T = seg.shape
         Q = q_index.numel()
         self.S, self.L = S, L
-        # where something is missing (``n_keys`` real kv tokens, ``n_queries`` real queries): only there a copy
-        # needs its fill pass
+        # where something is missing: only there a copy needs its fill pass
         self.key_holes, self.q_holes = S * L > n_keys, S * L > n_queries  # empty slots in the rows
         self.key_padding, self.q_padding = n_keys < B * T, n_queries < B * Q  # padding in layout order
-        valid = seg >= 0
-        per_row = seg.max(dim=-1).values + 1  # sequences in each row (0 for a row of padding)
         first = torch.cumsum(per_row, 0) - per_row  # global id of each row's first sequence
         slot = torch.where(valid, (first[:, None] + seg) * L + pos, S * L)  # [B, T]
         self.key_slot = slot.flatten()
@@ -112,25 +113,18 @@ def _plan(seg: torch.Tensor, pos: torch.Tensor, q_index: torch.Tensor):
     sequence from kv index 0, right padding at most, the queries consecutive; rows of padding too), ``("empty",
     None)`` when there is no query, else ``("unpack", _Unpacked)``. One host read (what
     :meth:`PPALayout.single_sequence_rows` and the unpacked sizes would read in about six)."""
-    B, T = seg.shape
-    Q = q_index.numel()
-    if Q == 0:
+    if q_index.numel() == 0:
         return "empty", None
     valid = seg >= 0
-    idx = torch.arange(T, device=seg.device)
+    q_valid = valid[:, q_index]
     per_row = seg.max(dim=-1).values + 1
-    last = torch.where(valid, idx, -1).max(dim=-1).values
-    rows_ok = (per_row <= 1) & (last + 1 == valid.sum(-1))
-    q0 = q_index[0]
-    q_consecutive = (q_index == q0 + torch.arange(Q, device=seg.device)).all()
-    q_valid = valid[:, q_index]  # (with one sequence per row from kv index 0: the query is a real token)
-    L = torch.where(valid, pos, -1).max() + 1
-    stats = torch.stack([rows_ok.all(), q_consecutive, q0, per_row.sum(), L, valid.sum(), q_valid.sum()]).tolist()
-    all_rows_ok, consecutive, q0, S, L, n_keys, n_queries = (int(x) for x in stats)
-    if all_rows_ok and consecutive:
+    sizes = torch.stack([per_row.sum(), torch.where(valid, pos, -1).max() + 1, valid.sum()])
+    stats = torch.cat([single_sequence_checks(seg, valid, q_index, q_valid), sizes]).tolist()  # the one host read
+    rows_ok, consecutive, q0, n_queries, S, L, n_keys = stats
+    if rows_ok and consecutive:
         return "rows", (q0, 0, None if n_queries == q_valid.numel() else q_valid)
     # (S >= 1 here: rows of padding alone pass the test above)
-    return "unpack", _Unpacked(seg, pos, q_index, S, L, n_keys, n_queries)
+    return "unpack", _Unpacked(seg, pos, q_index, valid, per_row, S, L, n_keys, n_queries)
 
 
 # The ops read the layout on the host (a synchronisation), which a CUDA graph cannot capture: tagged so that
