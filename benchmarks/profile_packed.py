@@ -4,7 +4,7 @@ For one row of ``L`` tokens packed with ``--docs`` sequences of equal length (32
 token and block granularity: forward and forward + backward of ``triton_layout_attention`` (the sequences unpacked
 one per row inside the op), of the same kernels on the sequences already in rows (``[docs, H, L / docs, D]``: what
 the unpacking costs is the difference), and of FlexAttention with the layout's BlockMask; the host plan alone
-(``_plan``) and one copy of q into rows (``to_rows``). ``triton.testing.do_bench`` medians in ms. With ``--profile``,
+(``_plan``) and one copy of q into rows (``to_rows``). Medians in ms (:func:`benchmarks.run.kernel_ms`). With ``--profile``,
 a torch.profiler table (CPU and CUDA) of one forward + backward of the unpacked path per case.
 
     python benchmarks/profile_packed.py --head-dims 64 --docs 4 --profile
@@ -20,6 +20,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from benchmarks import run as bench  # noqa: E402
 from benchmarks.run import packed_layout  # noqa: E402
 from ppa_hf.ops.flex import flex_attention_ppa, layout_block_mask  # noqa: E402
 from ppa_hf.ops.triton import triton_layout_attention, triton_ppa_attention  # noqa: E402
@@ -27,18 +28,9 @@ from ppa_hf.ops.triton.packed import _plan  # noqa: E402
 from ppa_hf.pattern import PPAPattern  # noqa: E402
 
 
-def ms(fn, device: str) -> float:
-    """Median ms of ``fn``: ``triton.testing.do_bench`` on a GPU; on a CPU (a smoke run under the Triton interpreter)
-    one wall-clock run."""
-    if device == "cuda":
-        import triton
-
-        return triton.testing.do_bench(fn, warmup=25, rep=100, quantiles=[0.5])
-    import time
-
-    start = time.perf_counter()
-    fn()
-    return (time.perf_counter() - start) * 1e3
+def ms(fn) -> float:
+    """Median ms of ``fn`` (:func:`benchmarks.run.kernel_ms`, looked up at call time so a smoke test can stand in)."""
+    return bench.kernel_ms(fn)[0]
 
 
 def main(argv=None):
@@ -47,8 +39,8 @@ def main(argv=None):
     ap.add_argument("--head-dims", type=int, nargs="+", default=[64])
     ap.add_argument("--docs", type=int, nargs="+", default=[4])
     ap.add_argument("--profile", action="store_true")
-    ap.add_argument("--device", default="cuda", help="cpu: a smoke run under TRITON_INTERPRET=1 (no Flex: it has no "
-                    "backward on a CPU)")
+    ap.add_argument("--device", default="cuda", help="cpu: a smoke run under TRITON_INTERPRET=1 with a stand-in for "
+                    "the GPU timer (no Flex: it has no backward on a CPU)")
     args = ap.parse_args(argv)
     L, dev = args.length, args.device
     dtype = torch.bfloat16 if dev == "cuda" else torch.float32
@@ -73,12 +65,12 @@ def main(argv=None):
                 row = {}
                 for name, (fn, inputs, grad) in calls.items():
                     with torch.no_grad():
-                        row[f"fwd_{name}"] = ms(fn, dev)
+                        row[f"fwd_{name}"] = ms(fn)
                     torch.autograd.grad(fn(), inputs, grad)  # first call outside the timing
-                    row[f"fwdbwd_{name}"] = ms(lambda: torch.autograd.grad(fn(), inputs, grad), dev)
-                row["plan"] = ms(lambda: _plan(layout.seg, layout.pos, layout.q_index), dev)
+                    row[f"fwdbwd_{name}"] = ms(lambda: torch.autograd.grad(fn(), inputs, grad))
+                row["plan"] = ms(lambda: _plan(layout.seg, layout.pos, layout.q_index))
                 plan = _plan(layout.seg, layout.pos, layout.q_index)[1]
-                row["to_rows_q"] = ms(lambda: plan.to_rows(q, queries=True), dev)
+                row["to_rows_q"] = ms(lambda: plan.to_rows(q, queries=True))
                 print(f"D={D} L={L} docs={docs} {gran}: " + " ".join(f"{key}={value:.3f}" for key, value in row.items()),
                       flush=True)
                 if args.profile:
