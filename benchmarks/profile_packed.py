@@ -4,8 +4,8 @@ For one row of ``L`` tokens packed with ``--docs`` sequences of equal length (32
 token and block granularity: forward and forward + backward of ``triton_layout_attention`` (the sequences unpacked
 one per row inside the op), of the same kernels on the sequences already in rows (``[docs, H, L / docs, D]``: what
 the unpacking costs is the difference), and of FlexAttention with the layout's BlockMask; the host plan alone
-(``_plan``) and one copy of q into rows (``to_rows``). Medians in ms (:func:`benchmarks.run.kernel_ms`). With ``--profile``,
-a torch.profiler table (CPU and CUDA) of one forward + backward of the unpacked path per case.
+(``_plan``) and one copy of q into rows (``to_rows``). Medians in ms (:func:`benchmarks.run.kernel_ms`). With
+``--profile``, a torch.profiler table (CPU and CUDA) of one forward + backward of the unpacked path per case.
 
     python benchmarks/profile_packed.py --head-dims 64 --docs 4 --profile
 """
@@ -71,8 +71,8 @@ def main(argv=None):
                 row["plan"] = ms(lambda: _plan(layout.seg, layout.pos, layout.q_index))
                 plan = _plan(layout.seg, layout.pos, layout.q_index)[1]
                 row["to_rows_q"] = ms(lambda: plan.to_rows(q, queries=True))
-                print(f"D={D} L={L} docs={docs} {gran}: " + " ".join(f"{key}={value:.3f}" for key, value in row.items()),
-                      flush=True)
+                timings = " ".join(f"{key}={value:.3f}" for key, value in row.items())
+                print(f"D={D} L={L} docs={docs} {gran}: {timings}", flush=True)
                 if args.profile:
                     from torch.profiler import ProfilerActivity, profile
 
