@@ -447,11 +447,12 @@ def test_reduce_overhead_compiled_prefill_matches_eager():
 
 @cuda
 @needs_triton
-@pytest.mark.parametrize("head_dim,want", [(64, "triton_layout"), (128, "flex")])
-def test_eager_packed_training_routes_by_head_size(head_dim, want):
+@pytest.mark.parametrize("head_dim,granularity,want", [(64, "token", "triton_layout"), (128, "token", "triton_layout"),
+                                                        (128, "block", "flex")])
+def test_eager_packed_training_routes_by_head_size(head_dim, granularity, want):
     """An eager training step on one row of 4200 tokens packed with three sequences (above 4096 x 4096 pairs):
-    ``auto`` runs the unpacked Triton kernels at head size 64 and FlexAttention at 128 (measured faster there), and
-    the loss and every gradient match the dense-mask path's (float32)."""
+    ``auto`` runs the unpacked Triton kernels, except block patterns at head size 128, which go to FlexAttention
+    (measured faster there), and the loss and every gradient match the dense-mask path's (float32)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     import ppa_hf
@@ -473,7 +474,7 @@ def test_eager_packed_training_routes_by_head_size(head_dim, want):
     try:
         dispatch.run_path = recording
         for backend in ("sdpa_mask", "auto"):
-            ppa_hf.apply(model, p=0.75, window=64, backend=backend)
+            ppa_hf.apply(model, p=0.75, window=64, backend=backend, granularity=granularity, block_size=128)
             model.zero_grad(set_to_none=True)
             loss = model(ids, position_ids=pid, labels=ids).loss
             loss.backward()
@@ -483,6 +484,6 @@ def test_eager_packed_training_routes_by_head_size(head_dim, want):
     assert paths == ["sdpa_mask"] * 2 + [want] * 2, paths
     (ref_loss, ref_grads), (loss, grads) = results["sdpa_mask"], results["auto"]
     err = max(((a - b).abs().max() / b.abs().max().clamp(min=1e-12)).item() for a, b in zip(grads, ref_grads))
-    print(f"[packed training] head size {head_dim}: {want}, loss {loss:.6f} / {ref_loss:.6f}, largest relative "
+    print(f"[packed training] head size {head_dim}, {granularity}: {want}, loss {loss:.6f} / {ref_loss:.6f}, largest relative "
           f"gradient error {err:.2e}")
     assert abs(loss - ref_loss) < 1e-4 * abs(ref_loss) and err < 1e-3

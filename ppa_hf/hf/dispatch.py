@@ -23,10 +23,9 @@ DECODE_MIN_KEYS = 1024  # below this (auto) the dense mask is as cheap as the in
 SPARSE_MIN_ENTRIES = 4096 * 4096
 # (head size, granularity) where FlexAttention beats the unpacked Triton kernels on packed or left-padded rows; auto
 # takes Triton elsewhere. H100, bf16, 32 query / 8 KV heads, one row of 32k tokens packed with 4 and with 32
-# sequences, p = 0.75 (benchmarks/results/packed.csv, 9eeb1d9): at head size 64 Triton wins both directions
-# (forward + backward 1.5x faster for block, 1.4x and 4.1x for token); at 128 Flex wins block (1.9x and 2.3x) and
-# token with 32 sequences (1.6x), Triton token with 4 (1.8x).
-FLEX_PACKED_FASTER = {(128, "block"), (128, "token")}
+# sequences, p = 0.75, forward + backward (benchmarks/results/packed.csv, 643c78a): Triton wins at head size 64 (block
+# 2.4x and 2.7x, token 5.1x and 2.4x) and for token at 128 (2.2x and 1.1x); Flex wins block at 128 (1.08x and 1.14x).
+FLEX_PACKED_FASTER = {(128, "block")}
 # Up to this many queries (decoding, short chunks) the dense-mask path folds the GQA query heads into the query axis
 # instead of repeating K and V per query head: the copy is then of the small queries and mask, not of the whole
 # cache (at 50 sequences x 1k cached tokens the repeat copied about 230 MB per layer and step).
