@@ -175,6 +175,54 @@ def test_triton_kernels_under_interpreter():
     assert proc.returncode == 0 and "ALL OK" in proc.stdout
 
 
+DESCRIPTORS = textwrap.dedent("""
+    import os, torch
+    os.environ["PPA_TRITON_TMA"] = "1"
+    from ppa_hf.pattern import PPAPattern
+    from ppa_hf.ops.triton import prefill, triton_ppa_attention
+    from ppa_hf.ops.reference import reference_attention
+    torch.manual_seed(0)
+    def run(pat, B, H, Hkv, Lq, Lk, D, md=None):
+        # laid out [B, L, heads, D] underneath, as Transformers makes them: the descriptors carry the strides
+        q, k, v = (torch.randn(B, n, h, D).transpose(1, 2).requires_grad_() for n, h in ((Lq, H), (Lk, Hkv), (Lk, Hkv)))
+        ctx = prefill._Ctx(pat, q, k, Lk - Lq, 0, md)
+        assert ctx.sources(q, k, v, rows=16)[1], "the descriptors were not taken"
+        o = triton_ppa_attention(q, k, v, pat, max_distance=md)
+        do = torch.randn_like(o)
+        g = torch.autograd.grad(o, (q, k, v), do)
+        keep = pat.keep(torch.arange(Lk - Lq, Lk)[:, None], torch.arange(Lk)[None], length=Lk + 1, max_distance=md)
+        x = [t.detach().double().requires_grad_() for t in (q, k, v)]
+        r = reference_attention(*x, keep)
+        gr = torch.autograd.grad(r, x, do.double())
+        for name, a, b in zip(["out", "dq", "dk", "dv"], (o,) + g, (r,) + gr):
+            err = (a.double() - b).abs().max().item()
+            print("descriptors", pat.name, Lq, Lk, name, err)
+            assert err < 1e-4, (pat.name, name, err)
+    run(PPAPattern(0.75, 8), 1, 4, 2, 77, 77, 16)
+    run(PPAPattern(0.5, 4, 2), 2, 2, 1, 50, 83, 16)
+    run(PPAPattern(0.75, 4, 0, "block", 16), 1, 2, 2, 70, 70, 16, md=40)
+    run(PPAPattern(1.0), 1, 2, 1, 33, 33, 32)
+    # a tensor that cannot back a descriptor (a base off 16 bytes) takes the pointer loads
+    odd = torch.randn(2 * 40 * 16 + 1)[1:].view(1, 2, 40, 16)
+    assert prefill._Ctx(PPAPattern(0.75, 8), odd, odd, 0, 0, None).sources(odd, rows=16) == ((odd,), False)
+    os.environ["PPA_TRITON_TMA"] = "yes"
+    try:
+        prefill._Ctx(PPAPattern(0.75, 8), odd, odd, 0, 0, None)
+        raise AssertionError("PPA_TRITON_TMA=yes was accepted")
+    except ValueError as err:
+        assert "PPA_TRITON_TMA='yes'" in str(err), err
+    print("ALL OK")
+""")
+
+
+def test_prefill_kernels_through_tensor_descriptors():
+    """``PPA_TRITON_TMA=1``: the forward, dK/dV and dQ kernels read their streamed tiles through tensor descriptors
+    (what Hopper GPUs run by default): forward and every gradient against the float64 reference on inputs strided as
+    Transformers makes them (token and block granularity, sinks, a model window, GQA, odd lengths, q_len != kv_len);
+    a tensor that cannot back a descriptor falls to pointer loads; a bad value of the variable is refused."""
+    _interpreted(DESCRIPTORS, 300)
+
+
 LAYOUTS = textwrap.dedent("""
     import torch
     from ppa_hf.pattern import PPAPattern

@@ -27,7 +27,7 @@ if triton is not None:
         else:
             mask = tile_mask(qpos, k_start + cols, kv_end, TOK, tok_len, WF, n_words, BLK, blk_len, block_size,
                              sinks, max_distance, BLOCK_N, False, GRAN_BLOCK, HAS_SINKS, HAS_MD, USE_WORDS)
-        return cols, mask
+        return k0, mask
 
     @triton.jit
     def _fwd_kernel(Q, K, V, O, LSE, scale_log2,
@@ -55,9 +55,9 @@ if triton is not None:
         start = tl.load(FPTR + pid_m)
         end = tl.load(FPTR + pid_m + 1)
         for it in range(start, end):
-            cols = tl.load(FIDX + it) * BLOCK_N + offs_n
-            m_i, l_i, acc = _fwd_tile(q, k_ptr, v_ptr, cols, offs_d, skn, svn, kv_len, scale_log2, None,
-                                      m_i, l_i, acc, False, False, "tf32")
+            k0 = tl.load(FIDX + it) * BLOCK_N
+            m_i, l_i, acc = _fwd_tile(q, k_ptr, v_ptr, k_ptr, v_ptr, 0, 0, k0, offs_n, offs_d, skn, svn, kv_len,
+                                      scale_log2, None, m_i, l_i, acc, False, False, "tf32", False)
 
         # Partial tiles: TOKEN_PARTIAL ones (the token table's word bits are the whole mask), then the others
         # (the whole predicate per element).
@@ -66,16 +66,15 @@ if triton is not None:
         end = tl.load(PPTR + pid_m + 1)
         if VARIANT == 0:
             for it in range(start, end):
-                cols, mask = _partial_tile(it, mid, PIDX, qpos, offs_n, k_start, kv_end, TOK, tok_len, WF, n_words, BLK,
-                                           blk_len, block_size, sinks, max_distance, BLOCK_N, GRAN_BLOCK, HAS_SINKS,
-                                           HAS_MD, USE_WORDS)
-                m_i, l_i, acc = _fwd_tile(q, k_ptr, v_ptr, cols, offs_d, skn, svn, kv_len, scale_log2, mask,
-                                          m_i, l_i, acc, True, True, "tf32")
+                k0, mask = _partial_tile(it, mid, PIDX, qpos, offs_n, k_start, kv_end, TOK, tok_len, WF, n_words,
+                                         BLK, blk_len, block_size, sinks, max_distance, BLOCK_N, GRAN_BLOCK, HAS_SINKS,
+                                         HAS_MD, USE_WORDS)
+                m_i, l_i, acc = _fwd_tile(q, k_ptr, v_ptr, k_ptr, v_ptr, 0, 0, k0, offs_n, offs_d, skn, svn, kv_len,
+                                          scale_log2, mask, m_i, l_i, acc, True, True, "tf32", False)
 
         else:
             for it in range(start, mid):
                 k0 = tl.load(PIDX + it) * BLOCK_N
-                cols = k0 + offs_n
                 if VARIANT == 1:
                     mask = word_mask(WF, n_words, qpos - (k_start + k0), BLOCK_N)
                 elif VARIANT == 3:
@@ -88,14 +87,14 @@ if triton is not None:
                     mask = (w << (31 - (c % 32))[None, :]) < 0
                 else:
                     mask = None
-                m_i, l_i, acc = _fwd_tile(q, k_ptr, v_ptr, cols, offs_d, skn, svn, kv_len, scale_log2, mask,
-                                          m_i, l_i, acc, VARIANT != 2, False, "tf32")
+                m_i, l_i, acc = _fwd_tile(q, k_ptr, v_ptr, k_ptr, v_ptr, 0, 0, k0, offs_n, offs_d, skn, svn, kv_len,
+                                          scale_log2, mask, m_i, l_i, acc, VARIANT != 2, False, "tf32", False)
             for it in range(mid, end):
-                cols, mask = _partial_tile(it, mid, PIDX, qpos, offs_n, k_start, kv_end, TOK, tok_len, WF, n_words, BLK,
-                                           blk_len, block_size, sinks, max_distance, BLOCK_N, GRAN_BLOCK, HAS_SINKS,
-                                           HAS_MD, False)
-                m_i, l_i, acc = _fwd_tile(q, k_ptr, v_ptr, cols, offs_d, skn, svn, kv_len, scale_log2, mask,
-                                          m_i, l_i, acc, True, True, "tf32")
+                k0, mask = _partial_tile(it, mid, PIDX, qpos, offs_n, k_start, kv_end, TOK, tok_len, WF, n_words,
+                                         BLK, blk_len, block_size, sinks, max_distance, BLOCK_N, GRAN_BLOCK, HAS_SINKS,
+                                         HAS_MD, False)
+                m_i, l_i, acc = _fwd_tile(q, k_ptr, v_ptr, k_ptr, v_ptr, 0, 0, k0, offs_n, offs_d, skn, svn, kv_len,
+                                          scale_log2, mask, m_i, l_i, acc, True, True, "tf32", False)
 
         empty = l_i == 0.0
         out = acc / tl.where(empty, 1.0, l_i)[:, None]

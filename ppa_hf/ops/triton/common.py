@@ -16,6 +16,10 @@ try:
     import triton.language as tl
 except ImportError:  # pragma: no cover - triton is optional
     triton = tl = None
+try:
+    from triton.tools.tensor_descriptor import TensorDescriptor
+except ImportError:  # pragma: no cover - a Triton without host-side descriptors: pointer loads only
+    TensorDescriptor = None
 
 from ...cache import BoundedCache
 from ...pattern import PPAPattern
@@ -25,6 +29,7 @@ LOG2E = 1.4426950408889634
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 SUPPORTED_HEAD_DIMS = (16, 32, 64, 128, 256)
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+TMA_DEFAULT = False  # tensor-descriptor loads where the GPU has TMA (see tma_wanted)
 
 
 def triton_available(device=None) -> bool:
@@ -104,6 +109,33 @@ def launch(kernel, grid: tuple, args: tuple, constexprs: dict, fast_key: tuple |
         _COMPILED[key] = compiled
         if fast_key is not None:
             _COMPILED[fast_key] = compiled
+
+
+def tma_wanted(device) -> bool:
+    """Whether the prefill kernels read their streamed tiles through tensor descriptors (Hopper's TMA copy engine):
+    ``PPA_TRITON_TMA=1`` / ``0`` forces it on / off (``1`` also under the interpreter, for tests); by default on CUDA
+    devices of compute capability 9 or more (:func:`tma_ready` still checks each tensor)."""
+    flag = os.environ.get("PPA_TRITON_TMA", "")
+    if flag not in ("", "0", "1"):
+        raise ValueError(f"PPA_TRITON_TMA={flag!r}: use 1 (tensor-descriptor loads), 0 (pointer loads) or leave it "
+                         "unset")
+    if flag or interpreted(device):
+        return flag == "1" and TensorDescriptor is not None
+    return TMA_DEFAULT and TensorDescriptor is not None and torch.cuda.get_device_capability(device)[0] >= 9
+
+
+def tma_ready(*tensors: torch.Tensor) -> bool:
+    """Every tensor can back a descriptor: 16-byte aligned base and strides (the last stride 1)."""
+    for x in tensors:
+        size = x.element_size()
+        if x.data_ptr() % 16 or x.stride(-1) != 1 or any((st * size) % 16 for st in x.stride()[:-1]):
+            return False
+    return True
+
+
+def descriptor(x: torch.Tensor, rows: int):
+    """A tensor descriptor of ``x [B, heads, N, D]`` that loads ``rows`` rows of one head at a time."""
+    return TensorDescriptor(x, list(x.shape), list(x.stride()), [1, 1, rows, x.shape[-1]])
 
 
 def dot_precision(dtype: torch.dtype) -> str:

@@ -18,8 +18,8 @@ import torch
 
 from ...pattern import PPAPattern
 from ..tiles import device_lists
-from .common import (LOG2E, dot_precision, env_config, interpreted, last_contiguous, pattern_tables, tile_mask,
-                     tl, triton, unsupported_reason, word_mask, word_tables)
+from .common import (LOG2E, descriptor, dot_precision, env_config, interpreted, last_contiguous, pattern_tables,
+                     tile_mask, tl, tma_ready, tma_wanted, triton, unsupported_reason, word_mask, word_tables)
 
 
 def configs(head_dim: int, dtype: torch.dtype, device):
@@ -55,7 +55,7 @@ if triton is not None:
     def _partial_tile(it, PIDX, qpos, offs_n, k_start, kv_end, TOK, tok_len, WF, n_words, BLK, blk_len, block_size,
                       sinks, max_distance, BLOCK_N: tl.constexpr, GRAN_BLOCK: tl.constexpr, HAS_SINKS: tl.constexpr,
                       HAS_MD: tl.constexpr, USE_WORDS: tl.constexpr, TOKEN_ONLY: tl.constexpr):
-        """Key columns ``[BLOCK_N]`` and ``[BLOCK_M, BLOCK_N]`` mask of a query tile's ``it``-th partial tile: a
+        """First key column and ``[BLOCK_M, BLOCK_N]`` mask of a query tile's ``it``-th partial tile: a
         TOKEN_PARTIAL tile (``TOKEN_ONLY``) from the token table's words alone, any other from the whole predicate."""
         k0 = tl.load(PIDX + it) * BLOCK_N
         cols = k0 + offs_n
@@ -64,20 +64,43 @@ if triton is not None:
         else:
             mask = tile_mask(qpos, k_start + cols, kv_end, TOK, tok_len, WF, n_words, BLK, blk_len, block_size, sinks,
                              max_distance, BLOCK_N, False, GRAN_BLOCK, HAS_SINKS, HAS_MD, USE_WORDS)
-        return cols, mask
+        return k0, mask
 
     @triton.jit
-    def _fwd_tile(q, k_ptr, v_ptr, cols, offs_d, skn, svn, kv_len, scale_log2, mask, m_i, l_i, acc,
-                  MASKED: tl.constexpr, BOUNDED: tl.constexpr, PRECISION: tl.constexpr):
-        """One key tile of the forward's online softmax for the ``[BLOCK_M]`` queries of ``q``; ``MASKED``: a
-        partial tile (``mask`` applies), else a full tile; ``BOUNDED``: keys past ``kv_len`` read as zeros (a tile
-        that may run past the end; unbounded loads pipeline better). Returns the new running max, denominator and
-        ``[BLOCK_M, HEAD_DIM]`` accumulator."""
-        k_at = k_ptr + cols[None, :].to(tl.int64) * skn + offs_d[:, None]
-        if BOUNDED:
-            k = tl.load(k_at, mask=(cols < kv_len)[None, :], other=0.0)
+    def _rows_tile(ptr, desc, b, h, r0, rows, offs_d, stride, n_rows, TRANSPOSED: tl.constexpr,
+                   BOUNDED: tl.constexpr, TMA: tl.constexpr):
+        """Rows ``r0 .. r0 + len(rows)`` (``rows``) of one head of a ``[B, heads, N, HEAD_DIM]`` tensor:
+        ``[len(rows), HEAD_DIM]``, or its transpose when ``TRANSPOSED``. ``TMA``: through the tensor descriptor
+        ``desc`` (Hopper's copy engine; rows past the end read as zeros), else through ``ptr`` (the head's base)
+        with rows past ``n_rows`` read as zeros when ``BOUNDED`` (unbounded loads pipeline better)."""
+        if TMA:
+            x = desc.load([b, h, r0, 0])
+            x = x.reshape(x.shape[2], x.shape[3])
+            if TRANSPOSED:
+                x = tl.trans(x)
+        elif TRANSPOSED:
+            at = ptr + rows[None, :].to(tl.int64) * stride + offs_d[:, None]
+            if BOUNDED:
+                x = tl.load(at, mask=(rows < n_rows)[None, :], other=0.0)
+            else:
+                x = tl.load(at)
         else:
-            k = tl.load(k_at)
+            at = ptr + rows[:, None].to(tl.int64) * stride + offs_d[None, :]
+            if BOUNDED:
+                x = tl.load(at, mask=(rows < n_rows)[:, None], other=0.0)
+            else:
+                x = tl.load(at)
+        return x
+
+    @triton.jit
+    def _fwd_tile(q, k_ptr, v_ptr, KD, VD, b, hk, k0, offs_n, offs_d, skn, svn, kv_len, scale_log2, mask, m_i, l_i,
+                  acc, MASKED: tl.constexpr, BOUNDED: tl.constexpr, PRECISION: tl.constexpr, TMA: tl.constexpr):
+        """One key tile (columns ``k0 + offs_n``) of the forward's online softmax for the ``[BLOCK_M]`` queries of
+        ``q``; ``MASKED``: a partial tile (``mask`` applies), else a full tile; ``BOUNDED``, ``TMA``: as in
+        :func:`_rows_tile` (``KD``/``VD``: the descriptors of K and V). Returns the new running max, denominator
+        and ``[BLOCK_M, HEAD_DIM]`` accumulator."""
+        cols = k0 + offs_n
+        k = _rows_tile(k_ptr, KD, b, hk, k0, cols, offs_d, skn, kv_len, True, BOUNDED, TMA)
         s = tl.dot(q, k, input_precision=PRECISION) * scale_log2
         if MASKED:
             s = tl.where(mask, s, float("-inf"))
@@ -86,27 +109,18 @@ if triton is not None:
         alpha = tl.exp2(m_i - m_new)
         l_i = l_i * alpha + tl.sum(p, 1)
         acc = acc * alpha[:, None]
-        v_at = v_ptr + cols[:, None].to(tl.int64) * svn + offs_d[None, :]
-        if BOUNDED:
-            v = tl.load(v_at, mask=(cols < kv_len)[:, None], other=0.0)
-        else:
-            v = tl.load(v_at)
+        v = _rows_tile(v_ptr, VD, b, hk, k0, cols, offs_d, svn, kv_len, False, BOUNDED, TMA)
         acc = tl.dot(p.to(v.dtype), v, acc, input_precision=PRECISION)
         return m_new, l_i, acc
 
     @triton.jit
-    def _dq_tile(q, do, lse, delta, k_ptr, v_ptr, cols, offs_d, skn, svn, kv_len, scale_log2, mask, dq,
-                 MASKED: tl.constexpr, BOUNDED: tl.constexpr, PRECISION: tl.constexpr):
-        """One key tile's contribution to ``dq [BLOCK_M, HEAD_DIM]`` (``MASKED``, ``BOUNDED`` as in
+    def _dq_tile(q, do, lse, delta, k_ptr, v_ptr, KD, VD, b, hk, k0, offs_n, offs_d, skn, svn, kv_len, scale_log2,
+                 mask, dq, MASKED: tl.constexpr, BOUNDED: tl.constexpr, PRECISION: tl.constexpr, TMA: tl.constexpr):
+        """One key tile's contribution to ``dq [BLOCK_M, HEAD_DIM]`` (``MASKED``, ``BOUNDED``, ``TMA`` as in
         :func:`_fwd_tile`)."""
-        k_at = k_ptr + cols[None, :].to(tl.int64) * skn + offs_d[:, None]
-        v_at = v_ptr + cols[None, :].to(tl.int64) * svn + offs_d[:, None]
-        if BOUNDED:
-            kT = tl.load(k_at, mask=(cols < kv_len)[None, :], other=0.0)
-            vT = tl.load(v_at, mask=(cols < kv_len)[None, :], other=0.0)
-        else:
-            kT = tl.load(k_at)
-            vT = tl.load(v_at)
+        cols = k0 + offs_n
+        kT = _rows_tile(k_ptr, KD, b, hk, k0, cols, offs_d, skn, kv_len, True, BOUNDED, TMA)
+        vT = _rows_tile(v_ptr, VD, b, hk, k0, cols, offs_d, svn, kv_len, True, BOUNDED, TMA)
         p = tl.exp2(tl.dot(q, kT, input_precision=PRECISION) * scale_log2 - lse[:, None])
         if MASKED:
             p = tl.where(mask, p, 0.0)
@@ -119,9 +133,9 @@ if triton is not None:
                     sqb, sqh, sqm, skb, skh, skn, svb, svh, svn, sob, soh, som,
                     H, G, q_len, kv_len, q_start, k_start, lse_stride,
                     FPTR, FIDX, PPTR, PIDX, PMID, TOK, tok_len, BLK, blk_len, block_size, sinks, max_distance, WF, WB, n_words,
-                    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                    KD, VD, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                     GRAN_BLOCK: tl.constexpr, HAS_SINKS: tl.constexpr, HAS_MD: tl.constexpr,
-                    USE_WORDS: tl.constexpr, PRECISION: tl.constexpr):
+                    USE_WORDS: tl.constexpr, PRECISION: tl.constexpr, TMA: tl.constexpr):
         pid_m, pid_bh, b, h, hk, offs_m = _query_program(H, G, BLOCK_M)
         offs_n = tl.arange(0, BLOCK_N)
         offs_d = tl.arange(0, HEAD_DIM)
@@ -140,9 +154,9 @@ if triton is not None:
         start = tl.load(FPTR + pid_m)
         end = tl.load(FPTR + pid_m + 1)
         for it in range(start, end):
-            cols = tl.load(FIDX + it) * BLOCK_N + offs_n
-            m_i, l_i, acc = _fwd_tile(q, k_ptr, v_ptr, cols, offs_d, skn, svn, kv_len, scale_log2, None,
-                                      m_i, l_i, acc, False, False, PRECISION)
+            k0 = tl.load(FIDX + it) * BLOCK_N
+            m_i, l_i, acc = _fwd_tile(q, k_ptr, v_ptr, KD, VD, b, hk, k0, offs_n, offs_d, skn, svn, kv_len,
+                                      scale_log2, None, m_i, l_i, acc, False, False, PRECISION, TMA)
 
         # Partial tiles: with word tables, first the TOKEN_PARTIAL ones (the word bits are the whole mask and no key
         # runs past the end: a loop of its own, with unbounded loads), then the others (the whole predicate).
@@ -151,18 +165,18 @@ if triton is not None:
         if USE_WORDS:
             mid = tl.load(PMID + pid_m)
             for it in range(start, mid):
-                cols, mask = _partial_tile(it, PIDX, qpos, offs_n, k_start, kv_end, TOK, tok_len, WF, n_words, BLK,
-                                           blk_len, block_size, sinks, max_distance, BLOCK_N, GRAN_BLOCK, HAS_SINKS,
-                                           HAS_MD, True, True)
-                m_i, l_i, acc = _fwd_tile(q, k_ptr, v_ptr, cols, offs_d, skn, svn, kv_len, scale_log2, mask,
-                                          m_i, l_i, acc, True, False, PRECISION)
+                k0, mask = _partial_tile(it, PIDX, qpos, offs_n, k_start, kv_end, TOK, tok_len, WF, n_words, BLK,
+                                         blk_len, block_size, sinks, max_distance, BLOCK_N, GRAN_BLOCK, HAS_SINKS,
+                                         HAS_MD, True, True)
+                m_i, l_i, acc = _fwd_tile(q, k_ptr, v_ptr, KD, VD, b, hk, k0, offs_n, offs_d, skn, svn, kv_len,
+                                          scale_log2, mask, m_i, l_i, acc, True, False, PRECISION, TMA)
             start = mid
         for it in range(start, end):
-            cols, mask = _partial_tile(it, PIDX, qpos, offs_n, k_start, kv_end, TOK, tok_len, WF, n_words, BLK, blk_len,
-                                       block_size, sinks, max_distance, BLOCK_N, GRAN_BLOCK, HAS_SINKS, HAS_MD,
-                                       USE_WORDS, False)
-            m_i, l_i, acc = _fwd_tile(q, k_ptr, v_ptr, cols, offs_d, skn, svn, kv_len, scale_log2, mask,
-                                      m_i, l_i, acc, True, True, PRECISION)
+            k0, mask = _partial_tile(it, PIDX, qpos, offs_n, k_start, kv_end, TOK, tok_len, WF, n_words, BLK, blk_len,
+                                     block_size, sinks, max_distance, BLOCK_N, GRAN_BLOCK, HAS_SINKS, HAS_MD,
+                                     USE_WORDS, False)
+            m_i, l_i, acc = _fwd_tile(q, k_ptr, v_ptr, KD, VD, b, hk, k0, offs_n, offs_d, skn, svn, kv_len,
+                                      scale_log2, mask, m_i, l_i, acc, True, True, PRECISION, TMA)
 
         empty = l_i == 0.0
         out = acc / tl.where(empty, 1.0, l_i)[:, None]
@@ -188,16 +202,18 @@ if triton is not None:
         tl.store(DELTA + pid_bh.to(tl.int64) * lse_stride + rows, delta, mask=rows < lse_stride)
 
     @triton.jit
-    def _dkdv_tile(k, v, q_ptr, do_ptr, lse_ptr, delta_ptr, rows, offs_d, sqm, sdom, q_len, scale_log2,
-                   mask, dk, dv, MASKED: tl.constexpr, PRECISION: tl.constexpr):
-        rmask = rows < q_len
-        qT = tl.load(q_ptr + rows[None, :].to(tl.int64) * sqm + offs_d[:, None], mask=rmask[None, :], other=0.0)
+    def _dkdv_tile(k, v, q_ptr, do_ptr, QD, DOD, b, h, lse_ptr, delta_ptr, r0, offs_m, offs_d, sqm, sdom, q_len,
+                   scale_log2, mask, dk, dv, MASKED: tl.constexpr, PRECISION: tl.constexpr, TMA: tl.constexpr):
+        """One query tile's (rows ``r0 + offs_m`` of query head ``h``) contribution to ``dk``/``dv [BLOCK_N,
+        HEAD_DIM]``; ``TMA`` as in :func:`_rows_tile` (``QD``/``DOD``: the descriptors of Q and dO)."""
+        rows = r0 + offs_m
+        qT = _rows_tile(q_ptr, QD, b, h, r0, rows, offs_d, sqm, q_len, True, True, TMA)
         lse = tl.load(lse_ptr + rows)
         sT = tl.dot(k, qT, input_precision=PRECISION) * scale_log2
         pT = tl.exp2(sT - lse[None, :])
         if MASKED:
             pT = tl.where(mask, pT, 0.0)
-        do = tl.load(do_ptr + rows[:, None].to(tl.int64) * sdom + offs_d[None, :], mask=rmask[:, None], other=0.0)
+        do = _rows_tile(do_ptr, DOD, b, h, r0, rows, offs_d, sdom, q_len, False, True, TMA)
         dv += tl.dot(pT.to(do.dtype), do, input_precision=PRECISION)
         delta = tl.load(delta_ptr + rows)
         dpT = tl.dot(v, tl.trans(do), input_precision=PRECISION)
@@ -211,9 +227,9 @@ if triton is not None:
                          sdkb, sdkh, sdkn, sdvb, sdvh, sdvn,
                          H, HKV, G, q_len, kv_len, q_start, k_start, lse_stride,
                          FPTR, FIDX, PPTR, PIDX, PMID, TOK, tok_len, BLK, blk_len, block_size, sinks, max_distance, WF, WB, n_words,
-                         HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                         QD, DOD, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                          GRAN_BLOCK: tl.constexpr, HAS_SINKS: tl.constexpr, HAS_MD: tl.constexpr,
-                         USE_WORDS: tl.constexpr, PRECISION: tl.constexpr):
+                         USE_WORDS: tl.constexpr, PRECISION: tl.constexpr, TMA: tl.constexpr):
         pid_n = tl.program_id(0)
         pid_bh = tl.program_id(1)
         b = pid_bh // HKV
@@ -242,28 +258,25 @@ if triton is not None:
             lse_ptr = LSE + (b * H + h).to(tl.int64) * lse_stride
             delta_ptr = DELTA + (b * H + h).to(tl.int64) * lse_stride
             for it in range(fstart, fend):
-                qb = tl.load(FIDX + it)
-                rows = qb * BLOCK_M + offs_m
-                dk, dv = _dkdv_tile(k, v, q_ptr, do_ptr, lse_ptr, delta_ptr, rows, offs_d, sqm, sdom, q_len,
-                                    scale_log2, None, dk, dv, False, PRECISION)
+                r0 = tl.load(FIDX + it) * BLOCK_M
+                dk, dv = _dkdv_tile(k, v, q_ptr, do_ptr, QD, DOD, b, h, lse_ptr, delta_ptr, r0, offs_m, offs_d, sqm,
+                                    sdom, q_len, scale_log2, None, dk, dv, False, PRECISION, TMA)
             if USE_WORDS:  # TOKEN_PARTIAL tiles first: the word bits are the whole mask
                 for it in range(pstart, pmid):
-                    qb = tl.load(PIDX + it)
-                    rows = qb * BLOCK_M + offs_m
-                    maskT = word_mask(WB, n_words, q_start + qb * BLOCK_M - kpos, BLOCK_M)
-                    dk, dv = _dkdv_tile(k, v, q_ptr, do_ptr, lse_ptr, delta_ptr, rows, offs_d, sqm, sdom, q_len,
-                                        scale_log2, maskT, dk, dv, True, PRECISION)
+                    r0 = tl.load(PIDX + it) * BLOCK_M
+                    maskT = word_mask(WB, n_words, q_start + r0 - kpos, BLOCK_M)
+                    dk, dv = _dkdv_tile(k, v, q_ptr, do_ptr, QD, DOD, b, h, lse_ptr, delta_ptr, r0, offs_m, offs_d,
+                                        sqm, sdom, q_len, scale_log2, maskT, dk, dv, True, PRECISION, TMA)
                 rest = pmid
             else:
                 rest = pstart
             for it in range(rest, pend):
-                qb = tl.load(PIDX + it)
-                rows = qb * BLOCK_M + offs_m
-                maskT = tile_mask(q_start + rows, kpos, kv_end, TOK, tok_len, WB, n_words, BLK, blk_len,
+                r0 = tl.load(PIDX + it) * BLOCK_M
+                maskT = tile_mask(q_start + r0 + offs_m, kpos, kv_end, TOK, tok_len, WB, n_words, BLK, blk_len,
                                   block_size, sinks, max_distance, BLOCK_M, True, GRAN_BLOCK, HAS_SINKS, HAS_MD,
                                   USE_WORDS)
-                dk, dv = _dkdv_tile(k, v, q_ptr, do_ptr, lse_ptr, delta_ptr, rows, offs_d, sqm, sdom, q_len,
-                                    scale_log2, maskT, dk, dv, True, PRECISION)
+                dk, dv = _dkdv_tile(k, v, q_ptr, do_ptr, QD, DOD, b, h, lse_ptr, delta_ptr, r0, offs_m, offs_d, sqm,
+                                    sdom, q_len, scale_log2, maskT, dk, dv, True, PRECISION, TMA)
         dk = dk * sm_scale
         tl.store(DK + b.to(tl.int64) * sdkb + hk.to(tl.int64) * sdkh + offs_n[:, None].to(tl.int64) * sdkn
                  + offs_d[None, :], dk.to(DK.dtype.element_ty), mask=nmask[:, None])
@@ -275,9 +288,9 @@ if triton is not None:
                        sqb, sqh, sqm, skb, skh, skn, svb, svh, svn, sdob, sdoh, sdom, sdqb, sdqh, sdqm,
                        H, G, q_len, kv_len, q_start, k_start, lse_stride,
                        FPTR, FIDX, PPTR, PIDX, PMID, TOK, tok_len, BLK, blk_len, block_size, sinks, max_distance, WF, WB, n_words,
-                       HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                       KD, VD, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                        GRAN_BLOCK: tl.constexpr, HAS_SINKS: tl.constexpr, HAS_MD: tl.constexpr,
-                    USE_WORDS: tl.constexpr, PRECISION: tl.constexpr):
+                       USE_WORDS: tl.constexpr, PRECISION: tl.constexpr, TMA: tl.constexpr):
         pid_m, pid_bh, b, h, hk, offs_m = _query_program(H, G, BLOCK_M)
         offs_n = tl.arange(0, BLOCK_N)
         offs_d = tl.arange(0, HEAD_DIM)
@@ -296,26 +309,26 @@ if triton is not None:
         start = tl.load(FPTR + pid_m)
         end = tl.load(FPTR + pid_m + 1)
         for it in range(start, end):
-            cols = tl.load(FIDX + it) * BLOCK_N + offs_n
-            dq = _dq_tile(q, do, lse, delta, k_ptr, v_ptr, cols, offs_d, skn, svn, kv_len, scale_log2, None, dq,
-                          False, False, PRECISION)
+            k0 = tl.load(FIDX + it) * BLOCK_N
+            dq = _dq_tile(q, do, lse, delta, k_ptr, v_ptr, KD, VD, b, hk, k0, offs_n, offs_d, skn, svn, kv_len,
+                          scale_log2, None, dq, False, False, PRECISION, TMA)
         start = tl.load(PPTR + pid_m)
         end = tl.load(PPTR + pid_m + 1)
         if USE_WORDS:  # TOKEN_PARTIAL tiles first, as in the forward
             mid = tl.load(PMID + pid_m)
             for it in range(start, mid):
-                cols, mask = _partial_tile(it, PIDX, qpos, offs_n, k_start, kv_end, TOK, tok_len, WF, n_words, BLK,
-                                           blk_len, block_size, sinks, max_distance, BLOCK_N, GRAN_BLOCK, HAS_SINKS,
-                                           HAS_MD, True, True)
-                dq = _dq_tile(q, do, lse, delta, k_ptr, v_ptr, cols, offs_d, skn, svn, kv_len, scale_log2, mask, dq,
-                              True, False, PRECISION)
+                k0, mask = _partial_tile(it, PIDX, qpos, offs_n, k_start, kv_end, TOK, tok_len, WF, n_words, BLK,
+                                         blk_len, block_size, sinks, max_distance, BLOCK_N, GRAN_BLOCK, HAS_SINKS,
+                                         HAS_MD, True, True)
+                dq = _dq_tile(q, do, lse, delta, k_ptr, v_ptr, KD, VD, b, hk, k0, offs_n, offs_d, skn, svn, kv_len,
+                              scale_log2, mask, dq, True, False, PRECISION, TMA)
             start = mid
         for it in range(start, end):
-            cols, mask = _partial_tile(it, PIDX, qpos, offs_n, k_start, kv_end, TOK, tok_len, WF, n_words, BLK, blk_len,
-                                       block_size, sinks, max_distance, BLOCK_N, GRAN_BLOCK, HAS_SINKS, HAS_MD,
-                                       USE_WORDS, False)
-            dq = _dq_tile(q, do, lse, delta, k_ptr, v_ptr, cols, offs_d, skn, svn, kv_len, scale_log2, mask, dq,
-                          True, True, PRECISION)
+            k0, mask = _partial_tile(it, PIDX, qpos, offs_n, k_start, kv_end, TOK, tok_len, WF, n_words, BLK, blk_len,
+                                     block_size, sinks, max_distance, BLOCK_N, GRAN_BLOCK, HAS_SINKS, HAS_MD,
+                                     USE_WORDS, False)
+            dq = _dq_tile(q, do, lse, delta, k_ptr, v_ptr, KD, VD, b, hk, k0, offs_n, offs_d, skn, svn, kv_len,
+                          scale_log2, mask, dq, True, True, PRECISION, TMA)
         dq = dq * sm_scale
         tl.store(DQ + b.to(tl.int64) * sdqb + h.to(tl.int64) * sdqh + offs_m[:, None].to(tl.int64) * sdqm
                  + offs_d[None, :], dq.to(DQ.dtype.element_ty), mask=rmask[:, None])
@@ -338,6 +351,15 @@ class _Ctx:
         self.flags = dict(GRAN_BLOCK=pattern.granularity == "block", HAS_SINKS=pattern.sink_tokens > 0,
                           HAS_MD=max_distance is not None, PRECISION=dot_precision(q.dtype))
         self.device = q.device
+        self.tma = tma_wanted(q.device)
+
+    def sources(self, *tensors: torch.Tensor, rows: int) -> tuple:
+        """What the kernels read streamed tiles from: a descriptor of each tensor (``rows`` rows per load) when
+        :attr:`tma` and every tensor can back one, else the tensors themselves (pointer loads); and the ``TMA``
+        flag."""
+        if self.tma and tma_ready(*tensors):
+            return tuple(descriptor(x, rows) for x in tensors), True
+        return tensors, False
 
     def lists(self, bm, bn, transpose=False):
         return device_lists(self.pattern, self.Lq, self.Lk, bm, bn, self.q_start, self.k_start, self.max_distance,
@@ -360,14 +382,15 @@ def _forward(ctx: _Ctx, q, k, v, scale):
     o = torch.empty_like(q)
     lse = torch.full((ctx.B, ctx.H, lse_len), float("inf"), device=q.device, dtype=torch.float32)
     fp, fi, pp, pi, pm = ctx.lists(bm, bn)
+    sources, tma = ctx.sources(k, v, rows=bn)
     _fwd_kernel[(nq, ctx.B * ctx.H)](
         q, k, v, o, lse, scale * LOG2E,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), o.stride(0), o.stride(1), o.stride(2),
         ctx.H, ctx.G, ctx.Lq, ctx.Lk, ctx.q_start, ctx.k_start, lse_len,
-        fp, fi, pp, pi, pm, *ctx.pattern_args(),
+        fp, fi, pp, pi, pm, *ctx.pattern_args(), *sources,
         HEAD_DIM=ctx.D, BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages, USE_WORDS=ctx.use_words(bn),
-        **ctx.flags)
+        TMA=tma, **ctx.flags)
     return o, lse
 
 
@@ -387,27 +410,29 @@ def _backward(ctx: _Ctx, q, k, v, o, lse, do, scale):
     bm, bn, warps, stages = ctx.dkdv_cfg
     assert lse_len >= triton.cdiv(ctx.Lq, bm) * bm
     fp, fi, pp, pi, pm = ctx.lists(bm, bn, transpose=True)
+    sources, tma = ctx.sources(q, do, rows=bm)
     _bwd_dkdv_kernel[(triton.cdiv(ctx.Lk, bn), ctx.B * ctx.Hkv)](
         q, k, v, do, lse, delta, dk, dv, scale * LOG2E, scale,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), do.stride(0), do.stride(1), do.stride(2),
         dk.stride(0), dk.stride(1), dk.stride(2), dv.stride(0), dv.stride(1), dv.stride(2),
         ctx.H, ctx.Hkv, ctx.G, ctx.Lq, ctx.Lk, ctx.q_start, ctx.k_start, lse_len,
-        fp, fi, pp, pi, pm, *args,
+        fp, fi, pp, pi, pm, *args, *sources,
         HEAD_DIM=ctx.D, BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages, USE_WORDS=ctx.use_words(bm),
-        **ctx.flags)
+        TMA=tma, **ctx.flags)
     bm, bn, warps, stages = ctx.dq_cfg
     assert lse_len >= triton.cdiv(ctx.Lq, bm) * bm
     fp, fi, pp, pi, pm = ctx.lists(bm, bn)
+    sources, tma = ctx.sources(k, v, rows=bn)
     _bwd_dq_kernel[(triton.cdiv(ctx.Lq, bm), ctx.B * ctx.H)](
         q, k, v, do, lse, delta, dq, scale * LOG2E, scale,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), do.stride(0), do.stride(1), do.stride(2),
         dq.stride(0), dq.stride(1), dq.stride(2),
         ctx.H, ctx.G, ctx.Lq, ctx.Lk, ctx.q_start, ctx.k_start, lse_len,
-        fp, fi, pp, pi, pm, *args,
+        fp, fi, pp, pi, pm, *args, *sources,
         HEAD_DIM=ctx.D, BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages, USE_WORDS=ctx.use_words(bn),
-        **ctx.flags)
+        TMA=tma, **ctx.flags)
     return dq, dk, dv
 
 

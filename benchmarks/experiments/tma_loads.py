@@ -1,0 +1,104 @@
+"""Tensor-descriptor (TMA) loads against pointer loads in the prefill kernels, on the GPU.
+
+The forward, dK/dV and dQ kernels read their streamed tiles (K and V; Q and dO) either through pointers or, with
+``PPA_TRITON_TMA=1``, through tensor descriptors (Hopper's copy engine). One shape (batch 1, 32 query / 8 KV heads,
+bf16, inputs laid out ``[B, L, H, D]`` underneath as Transformers makes them), head size 64 and 128, dense causal
+(p = 1), block p = 0.75 and token p = 0.75:
+
+* ``fwd``: the forward in a few launch configurations (``PPA_TRITON_FWD``), both loads;
+* ``fwdbwd``: forward + backward in the default configurations, both loads;
+
+with SDPA flash and cuDNN in the same run. One JSON line per row, and ``$OUT/tma_loads.jsonl``.
+
+    python -m benchmarks.experiments.tma_loads
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import torch
+
+from benchmarks.run import kernel_ms, machine
+from ppa_hf.ops.triton import prefill, triton_ppa_attention
+from ppa_hf.pattern import PPAPattern
+
+PATTERNS = {"dense": PPAPattern(1.0, 64), "block_0.75": PPAPattern(0.75, 64, 0, "block", 128),
+            "token_0.75": PPAPattern(0.75, 64)}
+
+
+def with_env(values: dict, fn):
+    """``fn`` called with the environment variables ``values`` set (the kernels read them in every call)."""
+    def run():
+        old = {k: os.environ.get(k) for k in values}
+        os.environ.update(values)
+        try:
+            return fn()
+        finally:
+            for k, v in old.items():
+                if v is None:
+                    os.environ.pop(k, None)
+                else:
+                    os.environ[k] = v
+    return run
+
+
+def main():
+    out_dir = os.environ.get("OUT", ".")
+    L = int(os.environ.get("TMA_L", 32768))
+    info = machine()
+    rows = []
+
+    def emit(row):
+        row = dict(info, L=L, **row)
+        print(json.dumps(row), flush=True)
+        rows.append(row)
+
+    for D in (64, 128):
+        q, k, v = (torch.randn(1, L, h, D, device="cuda", dtype=torch.bfloat16).transpose(1, 2).requires_grad_()
+                   for h in (32, 8, 8))
+        do = torch.randn_like(q)
+        sdpa = torch.nn.functional.scaled_dot_product_attention
+        for name, backend in (("flash", torch.nn.attention.SDPBackend.FLASH_ATTENTION),
+                              ("cudnn", torch.nn.attention.SDPBackend.CUDNN_ATTENTION)):
+            with torch.nn.attention.sdpa_kernel(backend):
+                with torch.no_grad():
+                    fwd = kernel_ms(lambda: sdpa(q, k, v, is_causal=True, enable_gqa=True))[0]
+                both = kernel_ms(lambda: torch.autograd.grad(sdpa(q, k, v, is_causal=True, enable_gqa=True),
+                                                             (q, k, v), do))[0]
+            emit(dict(head_dim=D, impl=name, pattern="dense", fwd_ms=fwd, fwdbwd_ms=both))
+        default = prefill.configs(D, torch.bfloat16, "cuda")[0]
+        bm = default[0]
+        grid = [default] + [(bm, bn, w, s) for bn in (64, 128) for w in (4, 8) for s in (2, 3)
+                            if (bm, bn, w, s) != default]
+        for pname, pattern in PATTERNS.items():
+            call = lambda: triton_ppa_attention(q, k, v, pattern)  # noqa: E731
+            for tma in ("0", "1"):
+                with torch.no_grad():
+                    ref = with_env({"PPA_TRITON_TMA": "0"}, call)()
+                    got = with_env({"PPA_TRITON_TMA": tma}, call)()
+                diff = float((got - ref).abs().max())
+                both = kernel_ms(with_env({"PPA_TRITON_TMA": tma}, lambda: torch.autograd.grad(call(), (q, k, v), do)))
+                with torch.no_grad():
+                    fwd = kernel_ms(with_env({"PPA_TRITON_TMA": tma}, call))[0]
+                emit(dict(head_dim=D, impl="triton", pattern=pname, tma=int(tma), cfg=str(default), fwd_ms=fwd,
+                          fwdbwd_ms=both[0], max_abs_diff_vs_pointer=diff))
+                for cfg in grid[1:]:
+                    if pattern.granularity == "token" and pattern.p < 1 and cfg[1] > 64:
+                        continue  # the word masks need BLOCK_N <= 64
+                    env = {"PPA_TRITON_TMA": tma, "PPA_TRITON_FWD": ",".join(map(str, cfg))}
+                    try:
+                        with torch.no_grad():
+                            fwd = kernel_ms(with_env(env, call))[0]
+                        emit(dict(head_dim=D, impl="triton", pattern=pname, tma=int(tma), cfg=str(cfg), fwd_ms=fwd))
+                    except Exception as e:  # a configuration that does not fit (shared memory) is recorded
+                        emit(dict(head_dim=D, impl="triton", pattern=pname, tma=int(tma), cfg=str(cfg),
+                                  error=f"{type(e).__name__}: {str(e)[:160]}"))
+    with open(os.path.join(out_dir, "tma_loads.jsonl"), "w") as f:
+        for r in rows:
+            f.write(json.dumps(r) + "\n")
+
+
+if __name__ == "__main__":
+    main()
