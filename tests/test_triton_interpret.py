@@ -354,7 +354,7 @@ def test_unpacked_copies_round_trip_without_aliasing():
     the LSE: every real token's values come back, padding gets zeros (+inf for the LSE), a row's empty slots hold
     zeros, and output strides follow the input's; also for one row whose length is whole tiles, where a view of the
     output buffer would alias the LSE copy into it, and with queries that are the last third of the keys. Plain
-    torch (no kernels run); the plan is made with one host read."""
+    torch (no kernels run); the plan is made with one host read, once per layout."""
     import torch
 
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -423,6 +423,21 @@ def test_unpacked_copies_round_trip_without_aliasing():
     kind, (q0, k0, q_valid) = _plan(torch.full((2, 97), -1), torch.zeros(2, 97, dtype=torch.long), torch.arange(97))
     assert kind == "rows" and not q_valid.any()  # only padding: the kernels' rows, every output zeroed
     assert _plan(rows.seg, rows.pos, torch.arange(0))[0] == "empty"
+    # one plan per layout: the layers of a forward pass and its backward share it; an in-place change, other tensors
+    # or inference tensors (no version counter) plan again
+    from ppa_hf.ops.triton import packed
+    with mock.patch.object(packed, "_plan", wraps=packed._plan) as planned:
+        layout = packed_layouts(2, 97, device="cpu")["packed"]
+        seg, pos, q_index = layout.seg.clone(), layout.pos.clone(), layout.q_index.clone()
+        first = packed._layout_plan(seg, pos, q_index)
+        assert all(packed._layout_plan(seg, pos, q_index) is first for _ in range(3)) and planned.call_count == 1
+        pos.add_(0)  # modified in place (same values): planned again
+        assert packed._layout_plan(seg, pos, q_index) is not first and planned.call_count == 2
+        assert packed._layout_plan(seg, pos.clone(), q_index) is not first and planned.call_count == 3
+        with torch.inference_mode():
+            iseg, ipos, iq = seg.clone(), pos.clone(), q_index.clone()
+        packed._layout_plan(iseg, ipos, iq), packed._layout_plan(iseg, ipos, iq)
+        assert planned.call_count == 5
 
 
 def test_compiled_training_step_through_the_triton_kernels():

@@ -1,8 +1,8 @@
 """The block-sparse Triton kernels on any layout: packed sequences, left padding, padding holes.
 
 The kernels of :mod:`.prefill` take one sequence per batch row, starting at kv index 0. Here a layout's rows are
-first checked on the host (one read per call): when they already are such rows (the usual case: no padding, or
-right padding) the kernels run on the inputs as they are; otherwise every sequence is copied into a row of its own
+first checked on the host (one read per layout, :func:`_layout_plan`): when they already are such rows (the usual
+case: no padding, or right padding) the kernels run on the inputs as they are; otherwise every sequence is copied into a row of its own
 (token at position ``pos`` of sequence ``s`` -> row ``s``, index ``pos``; rows right-padded to the longest
 sequence), the kernels run there, and the results are copied back. Exact for every layout whose keys start at kv
 index 0 (``kv_offset == 0``): the pattern reads positions inside a sequence, and a sequence's tokens are its row's
@@ -18,6 +18,7 @@ from __future__ import annotations
 import math
 
 import torch
+from torch.utils.weak import WeakIdKeyDictionary
 
 from ...layout import PPALayout, single_sequence_checks
 from ...pattern import PPAPattern
@@ -127,6 +128,25 @@ def _plan(seg: torch.Tensor, pos: torch.Tensor, q_index: torch.Tensor):
     return "unpack", _Unpacked(seg, pos, q_index, valid, per_row, S, L, n_keys, n_queries)
 
 
+# The plan depends on the layout's tensors alone, which every layer of a forward pass shares, as do its backward and
+# a checkpointed recomputation: kept per ``seg`` tensor, weakly (it goes when the layout's tensors go), and used while
+# none of the three tensors has been modified in place. Each model's layouts have tensors of their own.
+_PLANS = WeakIdKeyDictionary()
+
+
+def _layout_plan(seg: torch.Tensor, pos: torch.Tensor, q_index: torch.Tensor):
+    """:func:`_plan`, made once per layout (one host read per forward pass instead of one per layer and direction)."""
+    if seg.is_inference():  # no version counters to tell a modified tensor by: plan every call
+        return _plan(seg, pos, q_index)
+    versions = (seg._version, pos._version, q_index._version)
+    hit = _PLANS.get(seg)
+    if hit is not None and hit[0] is pos and hit[1] is q_index and hit[2] == versions:
+        return hit[3]
+    plan = _plan(seg, pos, q_index)
+    _PLANS[seg] = (pos, q_index, versions, plan)
+    return plan
+
+
 # The ops read the layout on the host (a synchronisation), which a CUDA graph cannot capture: tagged so that
 # torch.compile's CUDA graphs ("reduce-overhead") leave them out instead of failing while recording.
 _HOST_READS = (torch.Tag.cudagraph_unsafe,) if hasattr(torch.Tag, "cudagraph_unsafe") else ()
@@ -138,7 +158,7 @@ def _packed_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seg: torc
                     scale: float) -> tuple[torch.Tensor, torch.Tensor]:
     pattern = _pattern(_key(pattern_key, granularity))
     q, k, v = last_contiguous(q), last_contiguous(k), last_contiguous(v)
-    kind, plan = _plan(seg, pos, q_index)
+    kind, plan = _layout_plan(seg, pos, q_index)
     if kind == "empty":  # no query
         lse = torch.full((q.shape[0], q.shape[1], _lse_len(q)), float("inf"), device=q.device, dtype=torch.float32)
         return torch.zeros_like(q), lse
@@ -166,7 +186,7 @@ def _packed_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch
                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     pattern = _pattern(_key(pattern_key, granularity))
     q, k, v = last_contiguous(q), last_contiguous(k), last_contiguous(v)
-    kind, plan = _plan(seg, pos, q_index)
+    kind, plan = _layout_plan(seg, pos, q_index)
     if kind == "empty":
         return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
     if kind == "rows":
