@@ -207,7 +207,7 @@ DESCRIPTORS = textwrap.dedent("""
     assert prefill._Ctx(PPAPattern(0.75, 8), odd, odd, 0, 0, None).sources(odd, rows=16) == ((odd,), False)
     os.environ["PPA_TRITON_TMA"] = "yes"
     try:
-        prefill._Ctx(PPAPattern(0.75, 8), odd, odd, 0, 0, None)
+        prefill._Ctx(PPAPattern(0.75, 8), odd, odd, 0, 0, None).sources(odd, rows=16)
         raise AssertionError("PPA_TRITON_TMA=yes was accepted")
     except ValueError as err:
         assert "PPA_TRITON_TMA='yes'" in str(err), err
@@ -473,3 +473,31 @@ def test_decode_launch_configuration_table_and_overrides(monkeypatch):
     finally:
         monkeypatch.delenv("PPA_TRITON_DECODE", raising=False)
         decode.set_decode_config(None)
+
+
+def test_descriptor_loads_by_gpu_head_size_and_direction(monkeypatch):
+    """Where the prefill kernels read through tensor descriptors by default: compute capability 9+ only, the forward
+    at every head size and the backward from head size 128 (measured); ``PPA_TRITON_TMA`` forces either way, a bad
+    value names itself; the forward's launch configuration follows (4 warps, 2 stages through descriptors)."""
+    import torch
+
+    from ppa_hf.ops.triton import common, prefill
+
+    monkeypatch.delenv("PPA_TRITON_TMA", raising=False)
+    monkeypatch.setattr(common, "interpreted", lambda device: False)  # as on a CUDA device
+    for capability, head_dim, direction, want in ((9, 64, "forward", True), (9, 64, "backward", False),
+                                                   (9, 128, "backward", True), (10, 256, "forward", True),
+                                                   (8, 128, "forward", False), (8, 64, "backward", False)):
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None, c=capability: (c, 0))
+        assert common.tma_wanted("cuda", head_dim, direction) is want, (capability, head_dim, direction)
+        fwd = prefill.configs(head_dim, torch.bfloat16, "cuda")[0]
+        assert (fwd == (128, 64, 4, 2)) is (capability >= 9 and head_dim <= 128), (capability, head_dim, fwd)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    monkeypatch.setenv("PPA_TRITON_TMA", "0")
+    assert not common.tma_wanted("cuda", 128, "forward")
+    assert prefill.configs(128, torch.bfloat16, "cuda")[0] == (128, 64, 8, 3)
+    monkeypatch.setenv("PPA_TRITON_TMA", "1")
+    assert common.tma_wanted("cuda", 64, "backward")
+    monkeypatch.setenv("PPA_TRITON_TMA", "on")
+    with pytest.raises(ValueError, match="PPA_TRITON_TMA='on'"):
+        common.tma_wanted("cuda", 64, "forward")

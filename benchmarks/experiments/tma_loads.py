@@ -68,12 +68,12 @@ def main():
                 both = kernel_ms(lambda: torch.autograd.grad(sdpa(q, k, v, is_causal=True, enable_gqa=True),
                                                              (q, k, v), do))[0]
             emit(dict(head_dim=D, impl=name, pattern="dense", fwd_ms=fwd, fwdbwd_ms=both))
-        default = prefill.configs(D, torch.bfloat16, "cuda")[0]
-        bm = default[0]
-        grid = [default] + [cfg for cfg in ((bm, 64, 4, 2), (bm, 64, 8, 2), (bm, 128, 8, 2)) if cfg != default]
+        bm = prefill.configs(D, torch.bfloat16, "cuda")[0][0]
+        grid = [(bm, 64, 4, 3), (bm, 64, 8, 3), (bm, 64, 4, 2), (bm, 64, 8, 2), (bm, 128, 8, 2)]
         for pname, pattern in PATTERNS.items():
             call = lambda: triton_ppa_attention(q, k, v, pattern)  # noqa: E731
             for tma in ("0", "1"):
+                default = with_env({"PPA_TRITON_TMA": tma}, lambda: prefill.configs(D, torch.bfloat16, "cuda")[0])()
                 with torch.no_grad():
                     ref = with_env({"PPA_TRITON_TMA": "0"}, call)()
                     got = with_env({"PPA_TRITON_TMA": tma}, call)()
@@ -83,7 +83,7 @@ def main():
                     fwd = kernel_ms(with_env({"PPA_TRITON_TMA": tma}, call))[0]
                 emit(dict(head_dim=D, impl="triton", pattern=pname, tma=int(tma), cfg=str(default), fwd_ms=fwd,
                           fwdbwd_ms=both[0], max_abs_diff_vs_pointer=diff))
-                for cfg in grid[1:]:
+                for cfg in (c for c in grid if c != default):
                     if pattern.granularity == "token" and pattern.p < 1 and cfg[1] > 64:
                         continue  # the word masks need BLOCK_N <= 64
                     env = {"PPA_TRITON_TMA": tma, "PPA_TRITON_FWD": ",".join(map(str, cfg))}

@@ -36,6 +36,11 @@ def configs(head_dim: int, dtype: torch.dtype, device):
         default = (128, 64, 4, 3), (64, 64, 4, 2), (128, 64, 4, 3)
     else:
         default = (128, 64, 8, 3), (64, 128, 8, 2), (64, 64, 4, 2)
+    if head_dim <= 128 and dtype != torch.float32 and tma_wanted(device, head_dim, "forward"):
+        # the forward through descriptors (H100, tma_loads): 4 warps and 2 stages the fastest of those tried for
+        # dense, block and token patterns at head size 64 (within 1%) and for dense and block at 128 (token: 2%
+        # behind 8 warps)
+        default = ((128, 64, 4, 2),) + default[1:]
     return tuple(env_config(name, cfg) for name, cfg in zip(("PPA_TRITON_FWD", "PPA_TRITON_DKDV", "PPA_TRITON_DQ"),
                                                              default))
 
@@ -351,13 +356,12 @@ class _Ctx:
         self.flags = dict(GRAN_BLOCK=pattern.granularity == "block", HAS_SINKS=pattern.sink_tokens > 0,
                           HAS_MD=max_distance is not None, PRECISION=dot_precision(q.dtype))
         self.device = q.device
-        self.tma = tma_wanted(q.device)
 
-    def sources(self, *tensors: torch.Tensor, rows: int) -> tuple:
-        """What the kernels read streamed tiles from: a descriptor of each tensor (``rows`` rows per load) when
-        :attr:`tma` and every tensor can back one, else the tensors themselves (pointer loads); and the ``TMA``
-        flag."""
-        if self.tma and tma_ready(*tensors):
+    def sources(self, *tensors: torch.Tensor, rows: int, direction: str = "forward") -> tuple:
+        """What the kernels of ``direction`` read streamed tiles from: a descriptor of each tensor (``rows`` rows
+        per load) where :func:`~.common.tma_wanted` and every tensor can back one, else the tensors themselves
+        (pointer loads); and the ``TMA`` flag."""
+        if tma_wanted(self.device, self.D, direction) and tma_ready(*tensors):
             return tuple(descriptor(x, rows) for x in tensors), True
         return tensors, False
 
@@ -410,7 +414,7 @@ def _backward(ctx: _Ctx, q, k, v, o, lse, do, scale):
     bm, bn, warps, stages = ctx.dkdv_cfg
     assert lse_len >= triton.cdiv(ctx.Lq, bm) * bm
     fp, fi, pp, pi, pm = ctx.lists(bm, bn, transpose=True)
-    sources, tma = ctx.sources(q, do, rows=bm)
+    sources, tma = ctx.sources(q, do, rows=bm, direction="backward")
     _bwd_dkdv_kernel[(triton.cdiv(ctx.Lk, bn), ctx.B * ctx.Hkv)](
         q, k, v, do, lse, delta, dk, dv, scale * LOG2E, scale,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
@@ -423,7 +427,7 @@ def _backward(ctx: _Ctx, q, k, v, o, lse, do, scale):
     bm, bn, warps, stages = ctx.dq_cfg
     assert lse_len >= triton.cdiv(ctx.Lq, bm) * bm
     fp, fi, pp, pi, pm = ctx.lists(bm, bn)
-    sources, tma = ctx.sources(k, v, rows=bn)
+    sources, tma = ctx.sources(k, v, rows=bn, direction="backward")
     _bwd_dq_kernel[(triton.cdiv(ctx.Lq, bm), ctx.B * ctx.H)](
         q, k, v, do, lse, delta, dq, scale * LOG2E, scale,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
