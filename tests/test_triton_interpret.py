@@ -1,9 +1,9 @@
 """The Triton kernels on CPU through the Triton interpreter (TRITON_INTERPRET=1), tiny shapes, fp32, against the
 float64 reference: forward and every gradient of the block-sparse kernel (token and block granularity, sinks, a
-model sliding window, GQA, odd lengths, q_len != kv_len), the word-mask and the element-mask variants, and the
-fused decode kernel and its index-list kernel (against the torch index list), how decoding calls are routed (float32,
-gradients), and the custom ops torch.compile sees (torch.library.opcheck). Runs in a subprocess because Triton reads
-TRITON_INTERPRET when the kernels are defined."""
+model sliding window, GQA, odd lengths, q_len != kv_len) with pointer loads and through tensor descriptors, the
+word-mask and the element-mask variants, and the fused decode kernel and its index-list kernel (against the torch
+index list), how decoding calls are routed (float32, gradients), and the custom ops torch.compile sees
+(torch.library.opcheck). Runs in a subprocess because Triton reads TRITON_INTERPRET when the kernels are defined."""
 
 import os
 import subprocess
@@ -21,10 +21,11 @@ SCRIPT = textwrap.dedent("""
     from ppa_hf.ops.triton import decode
     from ppa_hf.ops.reference import reference_attention
     torch.manual_seed(0)
-    def run(pat, B, H, Hkv, Lq, Lk, D, md=None):
-        q = torch.randn(B, H, Lq, D, requires_grad=True)
-        k = torch.randn(B, Hkv, Lk, D, requires_grad=True)
-        v = torch.randn(B, Hkv, Lk, D, requires_grad=True)
+    def run(pat, B, H, Hkv, Lq, Lk, D, md=None, strided=False):
+        # strided: laid out [B, L, heads, D] underneath, as Transformers makes them
+        q, k, v = (torch.randn(B, n, h, D).transpose(1, 2) if strided else torch.randn(B, h, n, D)
+                   for n, h in ((Lq, H), (Lk, Hkv), (Lk, Hkv)))
+        q, k, v = (t.requires_grad_() for t in (q, k, v))
         o = triton_ppa_attention(q, k, v, pat, max_distance=md)
         do = torch.randn_like(o)
         g = torch.autograd.grad(o, (q, k, v), do)
@@ -34,12 +35,20 @@ SCRIPT = textwrap.dedent("""
         gr = torch.autograd.grad(r, x, do.double())
         for name, a, b in zip(["out", "dq", "dk", "dv"], (o,) + g, (r,) + gr):
             err = (a.double() - b).abs().max().item()
-            print(pat.name, Lq, Lk, name, err)
+            print(os.environ.get("PPA_TRITON_TMA", "-"), pat.name, Lq, Lk, name, err)
             assert err < 1e-4, (pat.name, name, err)
-    run(PPAPattern(0.75, 8), 1, 4, 2, 77, 77, 16)
-    run(PPAPattern(0.5, 4, 2), 2, 2, 1, 50, 83, 16)
-    run(PPAPattern(0.75, 4, 0, "block", 16), 1, 2, 2, 70, 70, 16, md=40)
-    run(PPAPattern(1.0), 1, 2, 1, 33, 33, 32)
+    cases = [(PPAPattern(0.75, 8), 1, 4, 2, 77, 77, 16), (PPAPattern(0.5, 4, 2), 2, 2, 1, 50, 83, 16),
+             (PPAPattern(0.75, 4, 0, "block", 16), 1, 2, 2, 70, 70, 16, 40), (PPAPattern(1.0), 1, 2, 1, 33, 33, 32)]
+    for case in cases:
+        run(*case)
+    # the same through tensor descriptors (PPA_TRITON_TMA=1; Hopper GPUs take them by default) on strided inputs
+    os.environ["PPA_TRITON_TMA"] = "1"
+    from ppa_hf.ops.triton import prefill
+    strided = torch.randn(1, 40, 2, 16).transpose(1, 2)
+    assert prefill._Ctx(PPAPattern(0.75, 8), strided, strided, 0, 0, None).sources(strided, rows=16)[1]
+    for case in cases:
+        run(*case, strided=True)
+    del os.environ["PPA_TRITON_TMA"]
     os.environ["PPA_TRITON_WORDS"] = "0"
     run(PPAPattern(0.875, 6, 1), 1, 2, 1, 61, 61, 16)
     for pat, (B, H, Hkv, Q) in [(PPAPattern(0.75, 8, 1), (2, 4, 2, 3)), (PPAPattern(0.5, 8, 0, "block", 16), (2, 4, 2, 3)),
@@ -173,54 +182,6 @@ def test_triton_kernels_under_interpreter():
     proc = subprocess.run([sys.executable, "-c", SCRIPT], env=env, capture_output=True, text=True, timeout=300)
     print(proc.stdout[-3000:], proc.stderr[-3000:])
     assert proc.returncode == 0 and "ALL OK" in proc.stdout
-
-
-DESCRIPTORS = textwrap.dedent("""
-    import os, torch
-    os.environ["PPA_TRITON_TMA"] = "1"
-    from ppa_hf.pattern import PPAPattern
-    from ppa_hf.ops.triton import prefill, triton_ppa_attention
-    from ppa_hf.ops.reference import reference_attention
-    torch.manual_seed(0)
-    def run(pat, B, H, Hkv, Lq, Lk, D, md=None):
-        # laid out [B, L, heads, D] underneath, as Transformers makes them: the descriptors carry the strides
-        q, k, v = (torch.randn(B, n, h, D).transpose(1, 2).requires_grad_() for n, h in ((Lq, H), (Lk, Hkv), (Lk, Hkv)))
-        ctx = prefill._Ctx(pat, q, k, Lk - Lq, 0, md)
-        assert ctx.sources(q, k, v, rows=16)[1], "the descriptors were not taken"
-        o = triton_ppa_attention(q, k, v, pat, max_distance=md)
-        do = torch.randn_like(o)
-        g = torch.autograd.grad(o, (q, k, v), do)
-        keep = pat.keep(torch.arange(Lk - Lq, Lk)[:, None], torch.arange(Lk)[None], length=Lk + 1, max_distance=md)
-        x = [t.detach().double().requires_grad_() for t in (q, k, v)]
-        r = reference_attention(*x, keep)
-        gr = torch.autograd.grad(r, x, do.double())
-        for name, a, b in zip(["out", "dq", "dk", "dv"], (o,) + g, (r,) + gr):
-            err = (a.double() - b).abs().max().item()
-            print("descriptors", pat.name, Lq, Lk, name, err)
-            assert err < 1e-4, (pat.name, name, err)
-    run(PPAPattern(0.75, 8), 1, 4, 2, 77, 77, 16)
-    run(PPAPattern(0.5, 4, 2), 2, 2, 1, 50, 83, 16)
-    run(PPAPattern(0.75, 4, 0, "block", 16), 1, 2, 2, 70, 70, 16, md=40)
-    run(PPAPattern(1.0), 1, 2, 1, 33, 33, 32)
-    # a tensor that cannot back a descriptor (a base off 16 bytes) takes the pointer loads
-    odd = torch.randn(2 * 40 * 16 + 1)[1:].view(1, 2, 40, 16)
-    assert prefill._Ctx(PPAPattern(0.75, 8), odd, odd, 0, 0, None).sources(odd, rows=16) == ((odd,), False)
-    os.environ["PPA_TRITON_TMA"] = "yes"
-    try:
-        prefill._Ctx(PPAPattern(0.75, 8), odd, odd, 0, 0, None).sources(odd, rows=16)
-        raise AssertionError("PPA_TRITON_TMA=yes was accepted")
-    except ValueError as err:
-        assert "PPA_TRITON_TMA='yes'" in str(err), err
-    print("ALL OK")
-""")
-
-
-def test_prefill_kernels_through_tensor_descriptors():
-    """``PPA_TRITON_TMA=1``: the forward, dK/dV and dQ kernels read their streamed tiles through tensor descriptors
-    (what Hopper GPUs run by default): forward and every gradient against the float64 reference on inputs strided as
-    Transformers makes them (token and block granularity, sinks, a model window, GQA, odd lengths, q_len != kv_len);
-    a tensor that cannot back a descriptor falls to pointer loads; a bad value of the variable is refused."""
-    _interpreted(DESCRIPTORS, 300)
 
 
 LAYOUTS = textwrap.dedent("""
@@ -478,10 +439,13 @@ def test_decode_launch_configuration_table_and_overrides(monkeypatch):
 def test_descriptor_loads_by_gpu_head_size_and_direction(monkeypatch):
     """Where the prefill kernels read through tensor descriptors by default: compute capability 9+ only, the forward
     at every head size and the backward from head size 128 (measured); ``PPA_TRITON_TMA`` forces either way, a bad
-    value names itself; the forward's launch configuration follows (4 warps, 2 stages through descriptors)."""
+    value names itself; the forward's launch configuration follows (4 warps, 2 stages through descriptors); a tensor
+    that cannot back a descriptor keeps pointer loads. (The kernels through descriptors, forward and every gradient:
+    :func:`test_triton_kernels_under_interpreter`.)"""
     import torch
 
     from ppa_hf.ops.triton import common, prefill
+    from ppa_hf.pattern import PPAPattern
 
     monkeypatch.delenv("PPA_TRITON_TMA", raising=False)
     monkeypatch.setattr(common, "interpreted", lambda device: False)  # as on a CUDA device
@@ -498,6 +462,11 @@ def test_descriptor_loads_by_gpu_head_size_and_direction(monkeypatch):
     assert prefill.configs(128, torch.bfloat16, "cuda")[0] == (128, 64, 8, 3)
     monkeypatch.setenv("PPA_TRITON_TMA", "1")
     assert common.tma_wanted("cuda", 64, "backward")
+    odd = torch.randn(2 * 40 * 16 + 1)[1:].view(1, 2, 40, 16)  # a base 4 bytes off 16-byte alignment
+    assert not common.tma_ready(odd) and common.tma_ready(odd.clone())
+    ctx = prefill._Ctx(PPAPattern(0.75, 8), odd, odd, 0, 0, None)
+    ctx.device = torch.device("cuda")  # (the rule as on a GPU; nothing is launched)
+    assert ctx.sources(odd, rows=16) == ((odd,), False)
     monkeypatch.setenv("PPA_TRITON_TMA", "on")
     with pytest.raises(ValueError, match="PPA_TRITON_TMA='on'"):
         common.tma_wanted("cuda", 64, "forward")
