@@ -23,8 +23,9 @@ DECODE_MIN_KEYS = 1024  # below this (auto) the dense mask is as cheap as the in
 SPARSE_MIN_ENTRIES = 4096 * 4096
 # (head size, granularity) where FlexAttention beats the unpacked Triton kernels on packed or left-padded rows; auto
 # takes Triton elsewhere. H100, bf16, 32 query / 8 KV heads, one row of 32k tokens packed with 4 and with 32
-# sequences, p = 0.75, forward + backward (benchmarks/results/packed.csv, 643c78a): Triton wins at head size 64 (block
-# 2.4x and 2.7x, token 5.1x and 2.4x) and for token at 128 (2.2x and 1.1x); Flex wins block at 128 (1.08x and 1.14x).
+# sequences, p = 0.75, forward + backward (benchmarks/results/packed_profiles/profile_packed_643c78a.txt): Triton wins
+# at head size 64 (block 2.4x and 2.7x, token 5.1x and 2.4x) and for token at 128 (2.2x and 1.1x); Flex wins block at
+# 128 (1.08x and 1.14x).
 FLEX_PACKED_FASTER = {(128, "block")}
 # Up to this many queries (decoding, short chunks) the dense-mask path folds the GQA query heads into the query axis
 # instead of repeating K and V per query head: the copy is then of the small queries and mask, not of the whole
