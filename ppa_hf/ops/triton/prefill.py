@@ -5,7 +5,9 @@ A FlashAttention-style kernel walks, for each query tile, the list of key tiles 
 per-element mask), then the PARTIAL ones (:func:`~ppa_hf.ops.triton.common.tile_mask` per element); EMPTY tiles are
 never touched. The backward pass runs two kernels: dK/dV per key tile over the transposed list (the query heads of
 one KV group looped inside, so GQA needs neither repeated K/V nor atomics), and dQ per query tile. One unpadded
-sequence per batch row (or right padding), any length.
+sequence per batch row (or right padding), any length. The tiles a kernel streams (K and V; Q and dO in dK/dV) are
+read through pointers or, on GPUs with Hopper's TMA copy engine, through tensor descriptors
+(:func:`~ppa_hf.ops.triton.common.tma_wanted`).
 """
 
 from __future__ import annotations
@@ -24,7 +26,8 @@ from .common import (LOG2E, descriptor, dot_precision, env_config, interpreted, 
 
 def configs(head_dim: int, dtype: torch.dtype, device):
     """``(fwd, dkdv, dq)`` launch configurations ``(BLOCK_M, BLOCK_N, num_warps, num_stages)``, measured per head size
-    on an H200 (``python -m benchmarks.run tune``; benchmarks/results/tune.csv); overridable for tuning with
+    on an H200 (``python -m benchmarks.run tune``; benchmarks/results/tune.csv), the forward through descriptors on
+    an H100 (``python -m benchmarks.experiments.tma_loads``); overridable for tuning with
     ``PPA_TRITON_FWD="BM,BN,warps,stages"``, ``PPA_TRITON_DKDV``, ``PPA_TRITON_DQ``. The word masks need
     ``BLOCK_N <= 64`` (forward, dQ) and ``BLOCK_M <= 64`` (dK/dV)."""
     if interpreted(device):
