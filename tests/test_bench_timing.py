@@ -208,3 +208,37 @@ def test_profile_packed_runs_on_cpu_under_the_interpreter():
         assert set(values) == {"fwd_unpacked", "fwdbwd_unpacked", "fwd_rows", "fwdbwd_rows", "plan", "to_rows_q"}
         assert all(float(x) > 0 for x in values.values())
     assert "packed_prefill_backward" in done.stdout  # the profiler table of the unpacked path
+
+
+TMA_LOADS = """
+import time
+from benchmarks import run as bench
+from benchmarks.experiments import tma_loads
+def kernel_ms(fn):
+    t0 = time.perf_counter(); fn(); return ((time.perf_counter() - t0) * 1e3,) * 3
+bench.kernel_ms = kernel_ms
+tma_loads.main(["--device", "cpu", "--length", "80", "--head-dims", "16", "--heads", "4", "2"])
+"""
+
+
+def test_tma_loads_experiment_runs_on_cpu_under_the_interpreter(tmp_path):
+    """benchmarks/experiments/tma_loads.py end to end under the Triton interpreter (80 tokens, 4 query / 2 KV heads of
+    size 16, float32, a wall-clock stand-in for the GPU timer): a row per pattern and load kind, the descriptor loads
+    equal to the pointer loads, and the JSON lines file."""
+    pytest.importorskip("triton")
+    import json
+    import os
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": root, "OUT": str(tmp_path)}
+    env.pop("PPA_TRITON_TMA", None)
+    done = subprocess.run([sys.executable, "-c", TMA_LOADS], env=env, cwd=root, capture_output=True, text=True,
+                          timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = [json.loads(line) for line in open(tmp_path / "tma_loads.jsonl")]
+    assert [(r["pattern"], r["tma"]) for r in rows] == [(p, t) for p in ("dense", "block_0.75", "token_0.75")
+                                                       for t in (0, 1)]
+    for r in rows:
+        assert r["fwd_ms"] > 0 and r["fwdbwd_ms"] > 0 and r["max_abs_diff_vs_pointer"] < 1e-5, r

@@ -1,9 +1,9 @@
 """Tensor-descriptor (TMA) loads against pointer loads in the prefill kernels, on the GPU.
 
-The forward, dK/dV and dQ kernels read their streamed tiles (K and V; Q and dO) either through pointers or, with
-``PPA_TRITON_TMA=1``, through tensor descriptors (Hopper's copy engine). One shape (batch 1, 32 query / 8 KV heads,
-bf16, inputs laid out ``[B, L, H, D]`` underneath as Transformers makes them), head size 64 and 128, dense causal
-(p = 1), block p = 0.75 and token p = 0.75:
+The forward, dK/dV and dQ kernels read their streamed tiles (K and V; Q and dO) either through pointers
+(``PPA_TRITON_TMA=0``) or through tensor descriptors (``PPA_TRITON_TMA=1``; Hopper's copy engine). One shape
+(batch 1, 32 query / 8 KV heads by default, bf16, inputs laid out ``[B, L, H, D]`` underneath as Transformers makes
+them), head size 64 and 128, dense causal (p = 1), block p = 0.75 and token p = 0.75:
 
 * ``fwd``: the forward in a few launch configurations (``PPA_TRITON_FWD``), both loads;
 * ``fwdbwd``: forward + backward in the default configurations, both loads;
@@ -11,16 +11,18 @@ bf16, inputs laid out ``[B, L, H, D]`` underneath as Transformers makes them), h
 with SDPA flash and cuDNN in the same run. One JSON line per row, and ``$OUT/tma_loads.jsonl``.
 
     python -m benchmarks.experiments.tma_loads
+    TRITON_INTERPRET=1 python -m benchmarks.experiments.tma_loads --device cpu --length 64 --head-dims 16  # smoke run
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 
 import torch
 
-from benchmarks.run import kernel_ms, machine
+from benchmarks import run as bench
 from ppa_hf.ops.triton import prefill, triton_ppa_attention
 from ppa_hf.pattern import PPAPattern
 
@@ -44,10 +46,23 @@ def with_env(values: dict, fn):
     return run
 
 
-def main():
+def kernel_ms(fn):
+    """:func:`benchmarks.run.kernel_ms`, looked up at call time (a smoke test stands in for the GPU timer)."""
+    return bench.kernel_ms(fn)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--length", type=int, default=32768)
+    ap.add_argument("--head-dims", type=int, nargs="+", default=[64, 128])
+    ap.add_argument("--heads", type=int, nargs=2, default=[32, 8], metavar=("QUERY", "KV"))
+    ap.add_argument("--device", default="cuda", help="cpu: a smoke run under TRITON_INTERPRET=1 (float32, no SDPA "
+                    "baselines, the interpreter's launch configuration)")
+    args = ap.parse_args(argv)
     out_dir = os.environ.get("OUT", ".")
-    L = int(os.environ.get("TMA_L", 32768))
-    info = machine()
+    L, dev = args.length, args.device
+    dtype = torch.bfloat16 if dev == "cuda" else torch.float32
+    info = bench.machine()
     rows = []
 
     def emit(row):
@@ -55,25 +70,26 @@ def main():
         print(json.dumps(row), flush=True)
         rows.append(row)
 
-    for D in (64, 128):
-        q, k, v = (torch.randn(1, L, h, D, device="cuda", dtype=torch.bfloat16).transpose(1, 2).requires_grad_()
-                   for h in (32, 8, 8))
+    for D in args.head_dims:
+        q, k, v = (torch.randn(1, L, h, D, device=dev, dtype=dtype).transpose(1, 2).requires_grad_()
+                   for h in (args.heads[0], args.heads[1], args.heads[1]))
         do = torch.randn_like(q)
         sdpa = torch.nn.functional.scaled_dot_product_attention
         for name, backend in (("flash", torch.nn.attention.SDPBackend.FLASH_ATTENTION),
-                              ("cudnn", torch.nn.attention.SDPBackend.CUDNN_ATTENTION)):
+                              ("cudnn", torch.nn.attention.SDPBackend.CUDNN_ATTENTION))[:2 if dev == "cuda" else 0]:
             with torch.nn.attention.sdpa_kernel(backend):
                 with torch.no_grad():
                     fwd = kernel_ms(lambda: sdpa(q, k, v, is_causal=True, enable_gqa=True))[0]
                 both = kernel_ms(lambda: torch.autograd.grad(sdpa(q, k, v, is_causal=True, enable_gqa=True),
                                                              (q, k, v), do))[0]
             emit(dict(head_dim=D, impl=name, pattern="dense", fwd_ms=fwd, fwdbwd_ms=both))
-        bm = prefill.configs(D, torch.bfloat16, "cuda")[0][0]
+        bm = prefill.configs(D, dtype, dev)[0][0]
         grid = [(bm, 64, 4, 3), (bm, 64, 8, 3), (bm, 64, 4, 2), (bm, 64, 8, 2), (bm, 128, 8, 2)]
+        grid = grid if dev == "cuda" else []  # (the interpreter runs one configuration of its own)
         for pname, pattern in PATTERNS.items():
             call = lambda: triton_ppa_attention(q, k, v, pattern)  # noqa: E731
             for tma in ("0", "1"):
-                default = with_env({"PPA_TRITON_TMA": tma}, lambda: prefill.configs(D, torch.bfloat16, "cuda")[0])()
+                default = with_env({"PPA_TRITON_TMA": tma}, lambda: prefill.configs(D, dtype, dev)[0])()
                 with torch.no_grad():
                     ref = with_env({"PPA_TRITON_TMA": "0"}, call)()
                     got = with_env({"PPA_TRITON_TMA": tma}, call)()
