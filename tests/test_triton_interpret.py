@@ -245,8 +245,8 @@ LAYOUTS = textwrap.dedent("""
     big = packed_layouts(1, 4200, device="cpu")
     big["shifted"] = PPALayout(None, None, torch.arange(23, 4200), 23, 4177, one_sequence_per_row=True,
                                valid=big["left-padded"].valid)
-    for D, gran, want in ((64, "token", "triton_layout"), (64, "block", "triton_layout"), (128, "token", "triton_layout"),
-                          (128, "block", "flex")):
+    for D, gran, want in ((64, "token", "triton_layout"), (64, "block", "triton_layout"),
+                          (128, "token", "triton_layout"), (128, "block", "flex")):
         settings = PPASettings(0.75, window=4, granularity=gran, block_size=16)
         for name in ("packed", "left-padded", "shifted"):
             q = torch.randn(1, 4, big[name].q_index.numel(), D)

@@ -2,9 +2,9 @@
 
 The kernels of :mod:`.prefill` take one sequence per batch row, starting at kv index 0. Here a layout's rows are
 first checked on the host (one read per layout, :func:`_layout_plan`): when they already are such rows (the usual
-case: no padding, or right padding) the kernels run on the inputs as they are; otherwise every sequence is copied into a row of its own
-(token at position ``pos`` of sequence ``s`` -> row ``s``, index ``pos``; rows right-padded to the longest
-sequence), the kernels run there, and the results are copied back. Exact for every layout whose keys start at kv
+case: no padding, or right padding) the kernels run on the inputs as they are; otherwise every sequence is copied
+into a row of its own (token at position ``pos`` of sequence ``s`` -> row ``s``, index ``pos``; rows right-padded to
+the longest sequence), the kernels run there, and the results are copied back. Exact for every layout whose keys start at kv
 index 0 (``kv_offset == 0``): the pattern reads positions inside a sequence, and a sequence's tokens are its row's
 first tokens, in order.
 
