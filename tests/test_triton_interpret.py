@@ -438,7 +438,7 @@ def test_decode_launch_configuration_table_and_overrides(monkeypatch):
 
 def test_descriptor_loads_by_gpu_head_size_and_direction(monkeypatch):
     """Where the prefill kernels read through tensor descriptors by default: compute capability 9+ only, the forward
-    at every head size and the backward from head size 128 (measured); ``PPA_TRITON_TMA`` forces either way, a bad
+    at head sizes 64 and 128 and the backward at 128 (measured; other head sizes keep pointer loads); ``PPA_TRITON_TMA`` forces either way, a bad
     value names itself; the forward's launch configuration follows (4 warps, 2 stages through descriptors); a tensor
     that cannot back a descriptor keeps pointer loads. (The kernels through descriptors, forward and every gradient:
     :func:`test_triton_kernels_under_interpreter`.)"""
@@ -450,12 +450,13 @@ def test_descriptor_loads_by_gpu_head_size_and_direction(monkeypatch):
     monkeypatch.delenv("PPA_TRITON_TMA", raising=False)
     monkeypatch.setattr(common, "interpreted", lambda device: False)  # as on a CUDA device
     for capability, head_dim, direction, want in ((9, 64, "forward", True), (9, 64, "backward", False),
-                                                   (9, 128, "backward", True), (10, 256, "forward", True),
+                                                   (9, 128, "backward", True), (10, 128, "forward", True),
+                                                   (9, 256, "forward", False), (9, 32, "forward", False),
                                                    (8, 128, "forward", False), (8, 64, "backward", False)):
         monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None, c=capability: (c, 0))
         assert common.tma_wanted("cuda", head_dim, direction) is want, (capability, head_dim, direction)
         fwd = prefill.configs(head_dim, torch.bfloat16, "cuda")[0]
-        assert (fwd == (128, 64, 4, 2)) is (capability >= 9 and head_dim <= 128), (capability, head_dim, fwd)
+        assert (fwd == (128, 64, 4, 2)) is (capability >= 9 and head_dim in (64, 128)), (capability, head_dim, fwd)
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
     monkeypatch.setenv("PPA_TRITON_TMA", "0")
     assert not common.tma_wanted("cuda", 128, "forward")

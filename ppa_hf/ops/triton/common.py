@@ -29,12 +29,13 @@ LOG2E = 1.4426950408889634
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 SUPPORTED_HEAD_DIMS = (16, 32, 64, 128, 256)
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-# Tensor-descriptor loads where the GPU has TMA (compute capability 9+), by direction: the forward at every head
-# size, the backward from head size 128 (H100, bf16, 32 query / 8 KV heads, 32k tokens, inputs strided as
-# Transformers makes them; python -m benchmarks.experiments.tma_loads, benchmarks/results/tma_loads.jsonl): forward
-# 3-10% faster at head sizes 64 and 128 for dense, block and token patterns; forward + backward 6-8% faster at 128,
-# while at 64 the token pattern's backward was slower (forward + backward 55.1 against 53.4 ms).
-TMA_MIN_HEAD_DIM = {"forward": 0, "backward": 128}
+# Head sizes whose kernels read through tensor descriptors where the GPU has TMA (compute capability 9+), by
+# direction; the others keep pointer loads (not measured with descriptors). H100, bf16, 32 query / 8 KV heads, 32k
+# tokens, inputs strided as Transformers makes them (python -m benchmarks.experiments.tma_loads,
+# benchmarks/results/tma_loads.jsonl): forward 3-10% faster at head sizes 64 and 128 for dense, block and token
+# patterns; forward + backward 6-8% faster at 128, while at 64 the token pattern's backward was slower (forward +
+# backward 55.1 against 53.4 ms).
+TMA_HEAD_DIMS = {"forward": (64, 128), "backward": (128,)}
 
 
 def triton_available(device=None) -> bool:
@@ -119,8 +120,8 @@ def launch(kernel, grid: tuple, args: tuple, constexprs: dict, fast_key: tuple |
 def tma_wanted(device, head_dim: int, direction: str) -> bool:
     """Whether the prefill kernels of ``direction`` (``"forward"`` or ``"backward"``) read their streamed tiles
     through tensor descriptors (Hopper's TMA copy engine): ``PPA_TRITON_TMA=1`` / ``0`` forces it on / off for both
-    (``1`` also under the interpreter, for tests); by default on CUDA devices of compute capability 9 or more where
-    :data:`TMA_MIN_HEAD_DIM` says it is faster (:func:`tma_ready` still checks each tensor)."""
+    (``1`` also under the interpreter, for tests); by default on CUDA devices of compute capability 9 or more for
+    the head sizes of :data:`TMA_HEAD_DIMS` (measured faster; :func:`tma_ready` still checks each tensor)."""
     flag = os.environ.get("PPA_TRITON_TMA", "")
     if flag not in ("", "0", "1"):
         raise ValueError(f"PPA_TRITON_TMA={flag!r}: use 1 (tensor-descriptor loads), 0 (pointer loads) or leave it "
@@ -129,7 +130,7 @@ def tma_wanted(device, head_dim: int, direction: str) -> bool:
         return False
     if flag or interpreted(device):
         return flag == "1"
-    return head_dim >= TMA_MIN_HEAD_DIM[direction] and torch.cuda.get_device_capability(device)[0] >= 9
+    return head_dim in TMA_HEAD_DIMS[direction] and torch.cuda.get_device_capability(device)[0] >= 9
 
 
 def tma_ready(*tensors: torch.Tensor) -> bool:

@@ -39,7 +39,7 @@ def configs(head_dim: int, dtype: torch.dtype, device):
         default = (128, 64, 4, 3), (64, 64, 4, 2), (128, 64, 4, 3)
     else:
         default = (128, 64, 8, 3), (64, 128, 8, 2), (64, 64, 4, 2)
-    if head_dim <= 128 and dtype != torch.float32 and tma_wanted(device, head_dim, "forward"):
+    if dtype != torch.float32 and tma_wanted(device, head_dim, "forward") and head_dim <= 128:
         # the forward through descriptors (H100, tma_loads): 4 warps and 2 stages the fastest of those tried for
         # dense, block and token patterns at head size 64 (within 1%) and for dense and block at 128 (token: 2%
         # behind 8 warps)
