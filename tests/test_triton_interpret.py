@@ -262,8 +262,19 @@ LAYOUTS = textwrap.dedent("""
     q, k, v = (torch.randn(2, h, 40, 16, requires_grad=True) for h in (2, 1, 1))
     res = torch.library.opcheck(torch.ops.ppa_hf.packed_prefill_forward.default,
                                 (q, k, v, layout.seg, layout.pos, layout.q_index, [0.75, 8, 1, 128], "token", None,
-                                 0.25))
+                                 0.25, False))
     assert set(res.values()) == {"SUCCESS"}, res
+    # eager calls reuse the layout's plan; compiled ones plan every call (a CUDA-graph replay can refill the layout's
+    # tensors without a version bump)
+    from unittest import mock
+    from ppa_hf.ops.triton import packed, triton_layout_attention
+    reuse, plan = [], packed._layout_plan
+    with mock.patch.object(packed, "_layout_plan", side_effect=lambda *a: reuse.append(a[3]) or plan(*a)):
+        pat = PPAPattern(0.75, 4)
+        eager = triton_layout_attention(q, k, v, layout, pat)
+        compiled = torch.compile(lambda a, b, c: triton_layout_attention(a, b, c, layout, pat), backend="aot_eager",
+                                 fullgraph=True)(q, k, v)
+    assert reuse == [True, False] and torch.allclose(eager, compiled), reuse
     if hasattr(torch.Tag, "cudagraph_unsafe"):  # the host reads: CUDA graphs must leave these ops out
         for op in (torch.ops.ppa_hf.packed_prefill_forward, torch.ops.ppa_hf.packed_prefill_backward):
             assert torch.Tag.cudagraph_unsafe in op.default.tags, op
@@ -390,15 +401,17 @@ def test_unpacked_copies_round_trip_without_aliasing():
     with mock.patch.object(packed, "_plan", wraps=packed._plan) as planned:
         layout = packed_layouts(2, 97, device="cpu")["packed"]
         seg, pos, q_index = layout.seg.clone(), layout.pos.clone(), layout.q_index.clone()
-        first = packed._layout_plan(seg, pos, q_index)
-        assert all(packed._layout_plan(seg, pos, q_index) is first for _ in range(3)) and planned.call_count == 1
+        first = packed._layout_plan(seg, pos, q_index, True)
+        assert all(packed._layout_plan(seg, pos, q_index, True) is first for _ in range(3)) and planned.call_count == 1
         pos.add_(0)  # modified in place (same values): planned again
-        assert packed._layout_plan(seg, pos, q_index) is not first and planned.call_count == 2
-        assert packed._layout_plan(seg, pos.clone(), q_index) is not first and planned.call_count == 3
+        assert packed._layout_plan(seg, pos, q_index, True) is not first and planned.call_count == 2
+        assert packed._layout_plan(seg, pos.clone(), q_index, True) is not first and planned.call_count == 3
         with torch.inference_mode():
             iseg, ipos, iq = seg.clone(), pos.clone(), q_index.clone()
-        packed._layout_plan(iseg, ipos, iq), packed._layout_plan(iseg, ipos, iq)
+        packed._layout_plan(iseg, ipos, iq, True), packed._layout_plan(iseg, ipos, iq, True)
         assert planned.call_count == 5
+        packed._layout_plan(seg, pos, q_index, False), packed._layout_plan(seg, pos, q_index, False)
+        assert planned.call_count == 7  # compiled calls (reuse=False) plan every time
 
 
 def test_compiled_training_step_through_the_triton_kernels():

@@ -129,14 +129,17 @@ def _plan(seg: torch.Tensor, pos: torch.Tensor, q_index: torch.Tensor):
 
 
 # The plan depends on the layout's tensors alone, which every layer of a forward pass shares, as do its backward and
-# a checkpointed recomputation: kept per ``seg`` tensor, weakly (it goes when the layout's tensors go), and used while
-# none of the three tensors has been modified in place. Each model's layouts have tensors of their own.
+# a checkpointed recomputation: in eager mode kept per ``seg`` tensor, weakly (it goes when the layout's tensors go),
+# and used while none of the three tensors has been modified in place. Not under torch.compile: there the layout's
+# tensors can be buffers that a CUDA-graph replay refills without a version bump (cudagraph trees hand back the same
+# tensor objects), so compiled calls plan every time. Each model's layouts have tensors of their own.
 _PLANS = WeakIdKeyDictionary()
 
 
-def _layout_plan(seg: torch.Tensor, pos: torch.Tensor, q_index: torch.Tensor):
-    """:func:`_plan`, made once per layout (one host read per forward pass instead of one per layer and direction)."""
-    if seg.is_inference():  # no version counters to tell a modified tensor by: plan every call
+def _layout_plan(seg: torch.Tensor, pos: torch.Tensor, q_index: torch.Tensor, reuse: bool):
+    """:func:`_plan`; with ``reuse`` (eager calls), made once per layout (one host read per forward pass instead of one
+    per layer and direction)."""
+    if not reuse or seg.is_inference():  # (inference tensors have no version counter to tell a change by)
         return _plan(seg, pos, q_index)
     versions = (seg._version, pos._version, q_index._version)
     hit = _PLANS.get(seg)
@@ -155,10 +158,10 @@ _HOST_READS = (torch.Tag.cudagraph_unsafe,) if hasattr(torch.Tag, "cudagraph_uns
 @torch.library.custom_op("ppa_hf::packed_prefill_forward", mutates_args=(), tags=_HOST_READS)
 def _packed_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seg: torch.Tensor, pos: torch.Tensor,
                     q_index: torch.Tensor, pattern_key: list[float], granularity: str, max_distance: int | None,
-                    scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+                    scale: float, reuse_plan: bool) -> tuple[torch.Tensor, torch.Tensor]:
     pattern = _pattern(_key(pattern_key, granularity))
     q, k, v = last_contiguous(q), last_contiguous(k), last_contiguous(v)
-    kind, plan = _layout_plan(seg, pos, q_index)
+    kind, plan = _layout_plan(seg, pos, q_index, reuse_plan)
     if kind == "empty":  # no query
         lse = torch.full((q.shape[0], q.shape[1], _lse_len(q)), float("inf"), device=q.device, dtype=torch.float32)
         return torch.zeros_like(q), lse
@@ -175,18 +178,18 @@ def _packed_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seg: torc
 
 
 @_packed_forward.register_fake
-def _(q, k, v, seg, pos, q_index, pattern_key, granularity, max_distance, scale):
+def _(q, k, v, seg, pos, q_index, pattern_key, granularity, max_distance, scale, reuse_plan):
     return torch.empty_like(q), q.new_empty((q.shape[0], q.shape[1], _lse_len(q)), dtype=torch.float32)
 
 
 @torch.library.custom_op("ppa_hf::packed_prefill_backward", mutates_args=(), tags=_HOST_READS)
 def _packed_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor, lse: torch.Tensor,
                      do: torch.Tensor, seg: torch.Tensor, pos: torch.Tensor, q_index: torch.Tensor,
-                     pattern_key: list[float], granularity: str, max_distance: int | None, scale: float
-                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                     pattern_key: list[float], granularity: str, max_distance: int | None, scale: float,
+                     reuse_plan: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     pattern = _pattern(_key(pattern_key, granularity))
     q, k, v = last_contiguous(q), last_contiguous(k), last_contiguous(v)
-    kind, plan = _layout_plan(seg, pos, q_index)
+    kind, plan = _layout_plan(seg, pos, q_index, reuse_plan)
     if kind == "empty":
         return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
     if kind == "rows":
@@ -203,7 +206,7 @@ def _packed_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch
 
 
 @_packed_backward.register_fake
-def _(q, k, v, o, lse, do, seg, pos, q_index, pattern_key, granularity, max_distance, scale):
+def _(q, k, v, o, lse, do, seg, pos, q_index, pattern_key, granularity, max_distance, scale, reuse_plan):
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
 
 
@@ -216,7 +219,7 @@ def _setup_context(ctx, inputs, output):
 def _packed_grad(ctx, do, dlse):
     q, k, v, o, lse, seg, pos, q_index = ctx.saved_tensors
     dq, dk, dv = _packed_backward(q, k, v, o, lse, do, seg, pos, q_index, *ctx.args)
-    return dq, dk, dv, None, None, None, None, None, None, None
+    return dq, dk, dv, None, None, None, None, None, None, None, None
 
 
 _packed_forward.register_autograd(_packed_grad, setup_context=_setup_context)
@@ -235,6 +238,7 @@ def triton_layout_attention(query, key, value, layout: PPALayout, pattern: PPAPa
                          f"{layout.kv_offset}, {key.shape[2]} keys for kv_length={layout.kv_length})")
     scale = 1.0 / math.sqrt(query.shape[-1]) if scale is None else float(scale)
     p, window, sinks, granularity, block_size = pattern._key
+    reuse_plan = not torch.compiler.is_compiling()  # (see _PLANS)
     out, _ = _packed_forward(query, key, value, layout.seg, layout.pos, layout.q_index,
-                             [p, window, sinks, block_size], granularity, max_distance, scale)
+                             [p, window, sinks, block_size], granularity, max_distance, scale, reuse_plan)
     return out
