@@ -101,13 +101,35 @@ def test_generate_timing_with_a_reused_static_cache_on_cpu():
     assert prefill > 0 and first > 0 and len(later) == 4
 
 
-TUNE_DECODE = """
-import sys, time, types
+# The benchmark scripts below run in a subprocess under the Triton interpreter (Triton reads TRITON_INTERPRET when
+# the kernels are defined), with benchmarks.run's GPU timer replaced by this wall-clock stand-in.
+WALL_CLOCK_TIMER = """
+import time
 from benchmarks import run as bench
-bench.copy_bandwidth_gbs = lambda: 1000.0
 def kernel_ms(fn):
     t0 = time.perf_counter(); fn(); return ((time.perf_counter() - t0) * 1e3,) * 3
 bench.kernel_ms = kernel_ms
+"""
+
+
+def run_interpreted(script: str, *args: str, **env: str):
+    """``WALL_CLOCK_TIMER`` then ``script`` (with ``args`` in ``sys.argv[1:]`` and ``env`` added to the environment)
+    in a subprocess under ``TRITON_INTERPRET=1`` from the repository root; asserts it succeeded and returns it."""
+    import os
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": root, **env}
+    done = subprocess.run([sys.executable, "-c", WALL_CLOCK_TIMER + script, *args], env=env, cwd=root,
+                          capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done
+
+
+TUNE_DECODE = """
+import sys, types
+bench.copy_bandwidth_gbs = lambda: 1000.0
 args = types.SimpleNamespace(out=sys.argv[1], batches=[2], contexts=[300])
 bench.part_tune_decode(args, bench.machine(), device="cpu")
 """
@@ -119,15 +141,8 @@ def test_tune_decode_on_cpu_under_the_interpreter(tmp_path):
     split count."""
     pytest.importorskip("triton")
     import csv
-    import os
-    import subprocess
-    import sys
 
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": root}
-    done = subprocess.run([sys.executable, "-c", TUNE_DECODE, str(tmp_path)], env=env, cwd=root,
-                          capture_output=True, text=True, timeout=900)
-    assert done.returncode == 0, done.stderr[-3000:]
+    run_interpreted(TUNE_DECODE, str(tmp_path))
     with open(tmp_path / "tune_decode.csv") as handle:
         rows = [r for r in csv.DictReader(handle) if r["impl"] == "ppa"]
     assert len(rows) == 2 * 11 and {r["granularity"] for r in rows} == {"token", "block"}
@@ -137,11 +152,7 @@ def test_tune_decode_on_cpu_under_the_interpreter(tmp_path):
 
 
 PACKED = """
-import sys, time, types
-from benchmarks import run as bench
-def kernel_ms(fn):
-    t0 = time.perf_counter(); fn(); return ((time.perf_counter() - t0) * 1e3,) * 3
-bench.kernel_ms = kernel_ms
+import sys, types
 bench.DTYPE = __import__("torch").float32
 args = types.SimpleNamespace(out=sys.argv[1], head_dims=[16], lengths=[120], docs=[3])
 bench.part_packed(args, bench.machine(), device="cpu")
@@ -154,9 +165,6 @@ def test_packed_part_on_cpu_under_the_interpreter(tmp_path):
     layout holds the packed sequences."""
     pytest.importorskip("triton")
     import csv
-    import os
-    import subprocess
-    import sys
 
     from benchmarks.run import packed_layout
 
@@ -164,11 +172,7 @@ def test_packed_part_on_cpu_under_the_interpreter(tmp_path):
     assert spans == [(0, 100), (100, 200), (200, 300)]
     assert layout.seg[0].tolist() == [0] * 100 + [1] * 100 + [2] * 100
     assert layout.pos[0].tolist() == list(range(100)) * 3
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": root}
-    done = subprocess.run([sys.executable, "-c", PACKED, str(tmp_path)], env=env, cwd=root,
-                          capture_output=True, text=True, timeout=900)
-    assert done.returncode == 0, done.stderr[-3000:]
+    done = run_interpreted(PACKED, str(tmp_path))
     print(done.stdout[-2000:])
     with open(tmp_path / "packed.csv") as handle:
         rows = list(csv.DictReader(handle))
@@ -178,11 +182,7 @@ def test_packed_part_on_cpu_under_the_interpreter(tmp_path):
 
 
 PROFILE_PACKED = """
-import time
-from benchmarks import profile_packed, run as bench
-def kernel_ms(fn):
-    t0 = time.perf_counter(); fn(); return ((time.perf_counter() - t0) * 1e3,) * 3
-bench.kernel_ms = kernel_ms
+from benchmarks import profile_packed
 profile_packed.main(["--device", "cpu", "--length", "64", "--head-dims", "16", "--docs", "4", "--profile"])
 """
 
@@ -192,15 +192,7 @@ def test_profile_packed_runs_on_cpu_under_the_interpreter():
     sequences, head size 16, float32, a wall-clock stand-in for the GPU timer): a line of timings per granularity
     and the profiler table."""
     pytest.importorskip("triton")
-    import os
-    import subprocess
-    import sys
-
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": root}
-    done = subprocess.run([sys.executable, "-c", PROFILE_PACKED], env=env, cwd=root, capture_output=True, text=True,
-                          timeout=900)
-    assert done.returncode == 0, done.stderr[-3000:]
+    done = run_interpreted(PROFILE_PACKED)
     lines = [line for line in done.stdout.splitlines() if line.startswith("D=16 L=64 docs=4")]
     assert [line.split(":")[0].split()[-1] for line in lines] == ["token", "block"], done.stdout[-2000:]
     for line in lines:
@@ -211,12 +203,7 @@ def test_profile_packed_runs_on_cpu_under_the_interpreter():
 
 
 TMA_LOADS = """
-import time
-from benchmarks import run as bench
 from benchmarks.experiments import tma_loads
-def kernel_ms(fn):
-    t0 = time.perf_counter(); fn(); return ((time.perf_counter() - t0) * 1e3,) * 3
-bench.kernel_ms = kernel_ms
 tma_loads.main(["--device", "cpu", "--length", "80", "--head-dims", "16", "--heads", "4", "2"])
 """
 
@@ -227,16 +214,8 @@ def test_tma_loads_experiment_runs_on_cpu_under_the_interpreter(tmp_path):
     equal to the pointer loads, and the JSON lines file."""
     pytest.importorskip("triton")
     import json
-    import os
-    import subprocess
-    import sys
 
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": root, "OUT": str(tmp_path)}
-    env.pop("PPA_TRITON_TMA", None)
-    done = subprocess.run([sys.executable, "-c", TMA_LOADS], env=env, cwd=root, capture_output=True, text=True,
-                          timeout=900)
-    assert done.returncode == 0, done.stderr[-3000:]
+    run_interpreted(TMA_LOADS, OUT=str(tmp_path), PPA_TRITON_TMA="")  # ("": the default, as when unset)
     rows = [json.loads(line) for line in open(tmp_path / "tma_loads.jsonl")]
     assert [(r["pattern"], r["tma"]) for r in rows] == [(p, t) for p in ("dense", "block_0.75", "token_0.75")
                                                        for t in (0, 1)]
