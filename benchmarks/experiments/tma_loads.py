@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+from unittest import mock
 
 import torch
 
@@ -31,24 +32,8 @@ PATTERNS = {"dense": PPAPattern(1.0, 64), "block_0.75": PPAPattern(0.75, 64, 0, 
 
 
 def with_env(values: dict, fn):
-    """``fn`` called with the environment variables ``values`` set (the kernels read them in every call)."""
-    def run():
-        old = {k: os.environ.get(k) for k in values}
-        os.environ.update(values)
-        try:
-            return fn()
-        finally:
-            for k, v in old.items():
-                if v is None:
-                    os.environ.pop(k, None)
-                else:
-                    os.environ[k] = v
-    return run
-
-
-def kernel_ms(fn):
-    """:func:`benchmarks.run.kernel_ms`, looked up at call time (a smoke test stands in for the GPU timer)."""
-    return bench.kernel_ms(fn)
+    """``fn``, to be called with the environment variables ``values`` set (the kernels read them in every call)."""
+    return mock.patch.dict(os.environ, values)(fn)
 
 
 def main(argv=None):
@@ -79,8 +64,8 @@ def main(argv=None):
                               ("cudnn", torch.nn.attention.SDPBackend.CUDNN_ATTENTION))[:2 if dev == "cuda" else 0]:
             with torch.nn.attention.sdpa_kernel(backend):
                 with torch.no_grad():
-                    fwd = kernel_ms(lambda: sdpa(q, k, v, is_causal=True, enable_gqa=True))[0]
-                both = kernel_ms(lambda: torch.autograd.grad(sdpa(q, k, v, is_causal=True, enable_gqa=True),
+                    fwd = bench.kernel_ms(lambda: sdpa(q, k, v, is_causal=True, enable_gqa=True))[0]
+                both = bench.kernel_ms(lambda: torch.autograd.grad(sdpa(q, k, v, is_causal=True, enable_gqa=True),
                                                              (q, k, v), do))[0]
             emit(dict(head_dim=D, impl=name, pattern="dense", fwd_ms=fwd, fwdbwd_ms=both))
         bm = prefill.configs(D, dtype, dev)[0][0]
@@ -94,18 +79,19 @@ def main(argv=None):
                     ref = with_env({"PPA_TRITON_TMA": "0"}, call)()
                     got = with_env({"PPA_TRITON_TMA": tma}, call)()
                 diff = float((got - ref).abs().max())
-                both = kernel_ms(with_env({"PPA_TRITON_TMA": tma}, lambda: torch.autograd.grad(call(), (q, k, v), do)))
+                both = bench.kernel_ms(with_env({"PPA_TRITON_TMA": tma},
+                                                lambda: torch.autograd.grad(call(), (q, k, v), do)))[0]
                 with torch.no_grad():
-                    fwd = kernel_ms(with_env({"PPA_TRITON_TMA": tma}, call))[0]
+                    fwd = bench.kernel_ms(with_env({"PPA_TRITON_TMA": tma}, call))[0]
                 emit(dict(head_dim=D, impl="triton", pattern=pname, tma=int(tma), cfg=str(default), fwd_ms=fwd,
-                          fwdbwd_ms=both[0], max_abs_diff_vs_pointer=diff))
+                          fwdbwd_ms=both, max_abs_diff_vs_pointer=diff))
                 for cfg in (c for c in grid if c != default):
                     if pattern.granularity == "token" and pattern.p < 1 and cfg[1] > 64:
                         continue  # the word masks need BLOCK_N <= 64
                     env = {"PPA_TRITON_TMA": tma, "PPA_TRITON_FWD": ",".join(map(str, cfg))}
                     try:
                         with torch.no_grad():
-                            fwd = kernel_ms(with_env(env, call))[0]
+                            fwd = bench.kernel_ms(with_env(env, call))[0]
                         emit(dict(head_dim=D, impl="triton", pattern=pname, tma=int(tma), cfg=str(cfg), fwd_ms=fwd))
                     except Exception as e:  # a configuration that does not fit (shared memory) is recorded
                         emit(dict(head_dim=D, impl="triton", pattern=pname, tma=int(tma), cfg=str(cfg),

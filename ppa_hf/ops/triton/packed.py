@@ -4,9 +4,9 @@ The kernels of :mod:`.prefill` take one sequence per batch row, starting at kv i
 first checked on the host (one read per layout, :func:`_layout_plan`): when they already are such rows (the usual
 case: no padding, or right padding) the kernels run on the inputs as they are; otherwise every sequence is copied
 into a row of its own (token at position ``pos`` of sequence ``s`` -> row ``s``, index ``pos``; rows right-padded to
-the longest sequence), the kernels run there, and the results are copied back. Exact for every layout whose keys start at kv
-index 0 (``kv_offset == 0``): the pattern reads positions inside a sequence, and a sequence's tokens are its row's
-first tokens, in order.
+the longest sequence), the kernels run there, and the results are copied back. Exact for every layout whose keys
+start at kv index 0 (``kv_offset == 0``): the pattern reads positions inside a sequence, and a sequence's tokens are
+its row's first tokens, in order.
 
 The whole call is one custom op (forward and backward): the host-side look at the layout happens inside it, so
 torch.compile traces a layer's attention without a graph break. The price of unpacking is a copy of q, k, v (and
