@@ -27,7 +27,7 @@ from benchmarks import run as bench
 from benchmarks.experiments.tma_loads import PATTERNS, with_env
 from ppa_hf.ops.triton import prefill, triton_ppa_attention
 
-CONFIGS = [(64, 64, 4, 2), (64, 128, 8, 2), (64, 64, 8, 2), (32, 64, 4, 2)]
+CONFIGS = [(64, 64, 4, 2), (64, 128, 8, 2), (64, 64, 8, 2), (32, 64, 4, 2), (64, 128, 4, 2)]
 
 
 def _untimed(fn):
