@@ -79,13 +79,9 @@ CASES = [  # pattern, B, H, Hkv, q_len, kv_len, D, dtype, max_distance
 @cuda
 @needs_triton
 @pytest.mark.parametrize("case", CASES, ids=lambda c: f"{c[0].name}-q{c[4]}-kv{c[5]}")
-@pytest.mark.parametrize("backward", ["split", "fused"])
-def test_triton_prefill_matches_reference(case, backward, monkeypatch):
-    """``backward``: dQ by a kernel of its own, or added up inside the dK/dV kernel (atomic adds; through Hopper's
-    bulk reduction where the backward reads through descriptors)."""
+def test_triton_prefill_matches_reference(case):
     from ppa_hf.ops.triton import triton_ppa_attention
 
-    monkeypatch.setenv("PPA_TRITON_BWD", backward)
     pattern, B, H, Hkv, lq, lk, D, dtype, md = case
     _check("triton", lambda a, b, c: triton_ppa_attention(a, b, c, pattern, max_distance=md), pattern, B, H, Hkv,
            lq, lk, D, dtype, md)

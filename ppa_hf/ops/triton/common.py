@@ -36,8 +36,6 @@ SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 # patterns; forward + backward 6-8% faster at 128, while at 64 the token pattern's backward was slower (forward +
 # backward 55.1 against 53.4 ms).
 TMA_HEAD_DIMS = {"forward": (64, 128), "backward": (128,)}
-# Head sizes whose backward computes dQ inside the dK/dV kernel (atomic float32 adds) on CUDA: none until measured
-FUSED_DQ_HEAD_DIMS: tuple = ()
 
 
 def triton_available(device=None) -> bool:
@@ -133,24 +131,6 @@ def tma_wanted(device, head_dim: int, direction: str) -> bool:
     if flag or interpreted(device):
         return flag == "1"
     return head_dim in TMA_HEAD_DIMS[direction] and torch.cuda.get_device_capability(device)[0] >= 9
-
-
-def fused_dq(device, head_dim: int) -> bool:
-    """Whether the prefill backward adds dQ up inside the dK/dV kernel (each key tile's program adds its share of a
-    query tile's dQ to a float32 ``[B, H, L, D]`` buffer with atomic adds: one kernel, five matmuls per pair of
-    tiles) instead of a dQ kernel of its own (two kernels, seven matmuls: the dQ kernel computes the scores and
-    probabilities again). ``PPA_TRITON_BWD=fused`` / ``split`` forces either; deterministic algorithms
-    (``torch.use_deterministic_algorithms``) always take ``split``, whose sums run in a fixed order; by default
-    the head sizes of :data:`FUSED_DQ_HEAD_DIMS` on CUDA."""
-    flag = os.environ.get("PPA_TRITON_BWD", "")
-    if flag not in ("", "fused", "split"):
-        raise ValueError(f"PPA_TRITON_BWD={flag!r}: use fused (dQ by atomic adds in the dK/dV kernel), split (a dQ "
-                         "kernel of its own) or leave it unset")
-    if torch.are_deterministic_algorithms_enabled():
-        return False
-    if flag:
-        return flag == "fused"
-    return not interpreted(device) and head_dim in FUSED_DQ_HEAD_DIMS
 
 
 def tma_ready(*tensors: torch.Tensor) -> bool:

@@ -20,9 +20,8 @@ import torch
 
 from ...pattern import PPAPattern
 from ..tiles import device_lists
-from .common import (LOG2E, descriptor, dot_precision, env_config, fused_dq, interpreted, last_contiguous,
-                     pattern_tables, tile_mask, tl, tma_ready, tma_wanted, triton, unsupported_reason, word_mask,
-                     word_tables)
+from .common import (LOG2E, descriptor, dot_precision, env_config, interpreted, last_contiguous, pattern_tables,
+                     tile_mask, tl, tma_ready, tma_wanted, triton, unsupported_reason, word_mask, word_tables)
 
 
 def configs(head_dim: int, dtype: torch.dtype, device):
@@ -212,13 +211,9 @@ if triton is not None:
 
     @triton.jit
     def _dkdv_tile(k, v, q_ptr, do_ptr, QD, DOD, b, h, lse_ptr, delta_ptr, r0, offs_m, offs_d, sqm, sdom, q_len,
-                   scale_log2, mask, dk, dv, dqa_ptr, DQD, MASKED: tl.constexpr, PRECISION: tl.constexpr,
-                   TMA: tl.constexpr, FUSED_DQ: tl.constexpr, DQ_TMA: tl.constexpr):
+                   scale_log2, mask, dk, dv, MASKED: tl.constexpr, PRECISION: tl.constexpr, TMA: tl.constexpr):
         """One query tile's (rows ``r0 + offs_m`` of query head ``h``) contribution to ``dk``/``dv [BLOCK_N,
-        HEAD_DIM]``; ``TMA`` as in :func:`_rows_tile` (``QD``/``DOD``: the descriptors of Q and dO). ``FUSED_DQ``:
-        also adds the tile's unscaled ``dS @ K [BLOCK_M, HEAD_DIM]`` to the float32 rows of ``dqa_ptr`` (the query
-        head's contiguous accumulator), by atomic adds, through the descriptor ``DQD`` of the whole accumulator
-        (Hopper's bulk reduction) when ``DQ_TMA``."""
+        HEAD_DIM]``; ``TMA`` as in :func:`_rows_tile` (``QD``/``DOD``: the descriptors of Q and dO)."""
         rows = r0 + offs_m
         qT = _rows_tile(q_ptr, QD, b, h, r0, rows, offs_d, sqm, q_len, True, True, TMA)
         lse = tl.load(lse_ptr + rows)
@@ -230,15 +225,8 @@ if triton is not None:
         dv += tl.dot(pT.to(do.dtype), do, input_precision=PRECISION)
         delta = tl.load(delta_ptr + rows)
         dpT = tl.dot(v, tl.trans(do), input_precision=PRECISION)
-        dsT = (pT * (dpT - delta[None, :])).to(qT.dtype)
-        dk += tl.dot(dsT, tl.trans(qT), input_precision=PRECISION)
-        if FUSED_DQ:
-            dq = tl.dot(tl.trans(dsT), k, input_precision=PRECISION)
-            if DQ_TMA:
-                DQD.atomic_add([b, h, r0, 0], dq.reshape(1, 1, dq.shape[0], dq.shape[1]))
-            else:  # relaxed: the adds need no ordering, only atomicity
-                tl.atomic_add(dqa_ptr + rows[:, None].to(tl.int64) * dq.shape[1] + offs_d[None, :], dq,
-                              sem="relaxed")
+        dsT = pT * (dpT - delta[None, :])
+        dk += tl.dot(dsT.to(qT.dtype), tl.trans(qT), input_precision=PRECISION)
         return dk, dv
 
     @triton.jit
@@ -247,12 +235,9 @@ if triton is not None:
                          sdkb, sdkh, sdkn, sdvb, sdvh, sdvn,
                          H, HKV, G, q_len, kv_len, q_start, k_start, lse_stride,
                          FPTR, FIDX, PPTR, PIDX, PMID, TOK, tok_len, BLK, blk_len, block_size, sinks, max_distance, WF, WB, n_words,
-                         QD, DOD, DQA, DQD, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                         QD, DOD, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                          GRAN_BLOCK: tl.constexpr, HAS_SINKS: tl.constexpr, HAS_MD: tl.constexpr,
-                         USE_WORDS: tl.constexpr, PRECISION: tl.constexpr, TMA: tl.constexpr,
-                         FUSED_DQ: tl.constexpr, DQ_TMA: tl.constexpr):
-        """dK and dV of one key tile and KV head (and, ``FUSED_DQ``, every query tile's share of dQ: see
-        :func:`_dkdv_tile`; ``DQA [B, H, lse_stride, HEAD_DIM]`` float32, contiguous)."""
+                         USE_WORDS: tl.constexpr, PRECISION: tl.constexpr, TMA: tl.constexpr):
         pid_n = tl.program_id(0)
         pid_bh = tl.program_id(1)
         b = pid_bh // HKV
@@ -280,19 +265,16 @@ if triton is not None:
             do_ptr = DO + b.to(tl.int64) * sdob + h.to(tl.int64) * sdoh
             lse_ptr = LSE + (b * H + h).to(tl.int64) * lse_stride
             delta_ptr = DELTA + (b * H + h).to(tl.int64) * lse_stride
-            dqa_ptr = DQA + (b * H + h).to(tl.int64) * lse_stride * HEAD_DIM
             for it in range(fstart, fend):
                 r0 = tl.load(FIDX + it) * BLOCK_M
                 dk, dv = _dkdv_tile(k, v, q_ptr, do_ptr, QD, DOD, b, h, lse_ptr, delta_ptr, r0, offs_m, offs_d, sqm,
-                                    sdom, q_len, scale_log2, None, dk, dv, dqa_ptr, DQD, False, PRECISION, TMA,
-                                    FUSED_DQ, DQ_TMA)
+                                    sdom, q_len, scale_log2, None, dk, dv, False, PRECISION, TMA)
             if USE_WORDS:  # TOKEN_PARTIAL tiles first: the word bits are the whole mask
                 for it in range(pstart, pmid):
                     r0 = tl.load(PIDX + it) * BLOCK_M
                     maskT = word_mask(WB, n_words, q_start + r0 - kpos, BLOCK_M)
                     dk, dv = _dkdv_tile(k, v, q_ptr, do_ptr, QD, DOD, b, h, lse_ptr, delta_ptr, r0, offs_m, offs_d,
-                                        sqm, sdom, q_len, scale_log2, maskT, dk, dv, dqa_ptr, DQD, True, PRECISION,
-                                        TMA, FUSED_DQ, DQ_TMA)
+                                        sqm, sdom, q_len, scale_log2, maskT, dk, dv, True, PRECISION, TMA)
                 rest = pmid
             else:
                 rest = pstart
@@ -302,8 +284,7 @@ if triton is not None:
                                   block_size, sinks, max_distance, BLOCK_M, True, GRAN_BLOCK, HAS_SINKS, HAS_MD,
                                   USE_WORDS)
                 dk, dv = _dkdv_tile(k, v, q_ptr, do_ptr, QD, DOD, b, h, lse_ptr, delta_ptr, r0, offs_m, offs_d, sqm,
-                                    sdom, q_len, scale_log2, maskT, dk, dv, dqa_ptr, DQD, True, PRECISION, TMA,
-                                    FUSED_DQ, DQ_TMA)
+                                    sdom, q_len, scale_log2, maskT, dk, dv, True, PRECISION, TMA)
         dk = dk * sm_scale
         tl.store(DK + b.to(tl.int64) * sdkb + hk.to(tl.int64) * sdkh + offs_n[:, None].to(tl.int64) * sdkn
                  + offs_d[None, :], dk.to(DK.dtype.element_ty), mask=nmask[:, None])
@@ -437,22 +418,15 @@ def _backward(ctx: _Ctx, q, k, v, o, lse, do, scale):
     assert lse_len >= triton.cdiv(ctx.Lq, bm) * bm
     fp, fi, pp, pi, pm = ctx.lists(bm, bn, transpose=True)
     sources, tma = ctx.sources(q, do, rows=bm, direction="backward")
-    fused = fused_dq(q.device, ctx.D)
-    # fused: dQ's float32 sums over the whole LSE buffer's rows (every tile's rows exist; rows past q_len get zeros)
-    dqa = torch.zeros((ctx.B, ctx.H, lse_len, ctx.D), device=q.device, dtype=torch.float32) if fused else delta
-    dq_tma = fused and tma and not interpreted(q.device)  # the interpreter has no descriptor atomics
     _bwd_dkdv_kernel[(triton.cdiv(ctx.Lk, bn), ctx.B * ctx.Hkv)](
         q, k, v, do, lse, delta, dk, dv, scale * LOG2E, scale,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), do.stride(0), do.stride(1), do.stride(2),
         dk.stride(0), dk.stride(1), dk.stride(2), dv.stride(0), dv.stride(1), dv.stride(2),
         ctx.H, ctx.Hkv, ctx.G, ctx.Lq, ctx.Lk, ctx.q_start, ctx.k_start, lse_len,
-        fp, fi, pp, pi, pm, *args, *sources, dqa, descriptor(dqa, bm) if dq_tma else dqa,
+        fp, fi, pp, pi, pm, *args, *sources,
         HEAD_DIM=ctx.D, BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages, USE_WORDS=ctx.use_words(bm),
-        TMA=tma, FUSED_DQ=fused, DQ_TMA=dq_tma, **ctx.flags)
-    if fused:
-        torch.mul(dqa[:, :, :ctx.Lq], scale, out=dq)
-        return dq, dk, dv
+        TMA=tma, **ctx.flags)
     bm, bn, warps, stages = ctx.dq_cfg
     assert lse_len >= triton.cdiv(ctx.Lq, bm) * bm
     fp, fi, pp, pi, pm = ctx.lists(bm, bn)
