@@ -33,10 +33,6 @@ FLEX_PACKED_FASTER = {(128, "block")}
 GQA_FOLD_MAX_QUERIES = 16
 
 PATHS = ("sdpa_mask", "flex", "gather_decode", "triton", "triton_layout", "triton_decode")
-# (head size, granularity) where FlexAttention's forward + backward beats the Triton kernels' (auto trains with Flex
-# there and runs forward-only calls with Triton, the faster forward): H200, bf16, 32 query / 8 KV heads, 32k tokens,
-# block p = 0.75: Flex 8.78 ms vs Triton 8.99 ms fwd+bwd at head size 128 (benchmarks/results/kernels.csv, eb3a0c9).
-FLEX_TRAINS_FASTER = {(128, "block")}
 
 _UNSUPPORTED_KWARGS = {
     "softcap": "attention logit soft-capping",
@@ -87,8 +83,8 @@ def choose_path(settings: PPASettings, query: torch.Tensor, key: torch.Tensor, v
     ``auto``: attention dropout -> ``sdpa_mask``; a few queries against at least ``DECODE_MIN_KEYS`` keys and ``p <
     1`` -> the Triton decode kernel on CUDA (float32 with exact dots), the torch gather where gradients are needed
     or Triton cannot run; other few-query calls -> ``sdpa_mask``; the block-sparse Triton kernel where it can run
-    (FlexAttention instead when training eagerly where it is measured faster, :data:`FLEX_TRAINS_FASTER`; under
-    torch.compile its BlockMask would be built behind a graph break, the Triton custom ops trace through); packed or
+    (also for training block patterns at head size 128, which went to FlexAttention before the descriptor loads: H100,
+    32k, block p = 0.75, forward + backward 8.24 ms against Flex's 8.73); packed or
     left-padded rows on CUDA above ``SPARSE_MIN_ENTRIES`` query-key pairs: the Triton kernels on the sequences unpacked
     one per row (keys from kv index 0), FlexAttention where it is measured faster (:data:`FLEX_PACKED_FASTER`) or
     Triton cannot run; else ``sdpa_mask`` (exact, trains on CPU).
@@ -133,9 +129,6 @@ def choose_path(settings: PPASettings, query: torch.Tensor, key: torch.Tensor, v
             return "gather_decode"
         return "triton_decode" if _triton().supports(query, key, value) else "gather_decode"
     if _triton().supports(query, key, value) and layout.single_sequence_rows() is not None:
-        if (needs_grad and flex_available() and (query.shape[-1], settings.granularity) in FLEX_TRAINS_FASTER
-                and not torch.compiler.is_compiling()):  # compiled: the Triton custom ops trace without a break
-            return "flex"
         return "triton"
     if _on_gpu(query) and q_len * kv_len > SPARSE_MIN_ENTRIES:  # packed or left-padded rows, many entries
         flex_faster = flex_available() and (query.shape[-1], settings.granularity) in FLEX_PACKED_FASTER
