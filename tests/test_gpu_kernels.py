@@ -448,11 +448,11 @@ def test_reduce_overhead_compiled_prefill_matches_eager():
 @cuda
 @needs_triton
 @pytest.mark.parametrize("head_dim,granularity,want", [(64, "token", "triton_layout"), (128, "token", "triton_layout"),
-                                                        (128, "block", "flex")])
+                                                        (128, "block", "triton_layout")])
 def test_eager_packed_training_routes_by_head_size(head_dim, granularity, want):
     """An eager training step on one row of 4200 tokens packed with three sequences (above 4096 x 4096 pairs):
-    ``auto`` runs the unpacked Triton kernels, except block patterns at head size 128, which go to FlexAttention
-    (measured faster there), and the loss and every gradient match the dense-mask path's (float32)."""
+    ``auto`` runs the unpacked Triton kernels at both head sizes and granularities, and the loss and every gradient
+    match the dense-mask path's (float32)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     import ppa_hf

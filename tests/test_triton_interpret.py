@@ -238,15 +238,14 @@ LAYOUTS = textwrap.dedent("""
         except ValueError as err:
             assert "kv_offset=23" in str(err), err
     # eager auto on packed or left-padded rows above 4096 x 4096 pairs (on a GPU: the seam says so): the unpacked
-    # Triton kernels except for block patterns at head size 128 (FlexAttention, measured faster there); keys not from kv
-    # index 0 -> Flex; on a CPU the dense mask
+    # Triton kernels; keys not from kv index 0 -> Flex; on a CPU the dense mask
     from unittest import mock
     from ppa_hf.hf import dispatch
     big = packed_layouts(1, 4200, device="cpu")
     big["shifted"] = PPALayout(None, None, torch.arange(23, 4200), 23, 4177, one_sequence_per_row=True,
                                valid=big["left-padded"].valid)
     for D, gran, want in ((64, "token", "triton_layout"), (64, "block", "triton_layout"),
-                          (128, "token", "triton_layout"), (128, "block", "flex")):
+                          (128, "token", "triton_layout"), (128, "block", "triton_layout")):
         settings = PPASettings(0.75, window=4, granularity=gran, block_size=16)
         for name in ("packed", "left-padded", "shifted"):
             q = torch.randn(1, 4, big[name].q_index.numel(), D)

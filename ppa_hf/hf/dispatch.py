@@ -21,12 +21,6 @@ DECODE_MIN_KEYS = 1024  # below this (auto) the dense mask is as cheap as the in
 # prompts of 700-1000 tokens: 0.4-0.6 s prefill against 2.5 s for Flex, plus two Flex compilations of about 20 s;
 # benchmarks/generation_profile.py).
 SPARSE_MIN_ENTRIES = 4096 * 4096
-# (head size, granularity) where FlexAttention beats the unpacked Triton kernels on packed or left-padded rows; auto
-# takes Triton elsewhere. H100, bf16, 32 query / 8 KV heads, one row of 32k tokens packed with 4 and with 32
-# sequences, p = 0.75, forward + backward (benchmarks/results/packed_profiles/profile_packed_643c78a.txt): Triton wins
-# at head size 64 (block 2.4x and 2.7x, token 5.1x and 2.4x) and for token at 128 (2.2x and 1.1x); Flex wins block at
-# 128 (1.08x and 1.14x).
-FLEX_PACKED_FASTER = {(128, "block")}
 # Up to this many queries (decoding, short chunks) the dense-mask path folds the GQA query heads into the query axis
 # instead of repeating K and V per query head: the copy is then of the small queries and mask, not of the whole
 # cache (at 50 sequences x 1k cached tokens the repeat copied about 230 MB per layer and step).
@@ -82,12 +76,13 @@ def choose_path(settings: PPASettings, query: torch.Tensor, key: torch.Tensor, v
 
     ``auto``: attention dropout -> ``sdpa_mask``; a few queries against at least ``DECODE_MIN_KEYS`` keys and ``p <
     1`` -> the Triton decode kernel on CUDA (float32 with exact dots), the torch gather where gradients are needed
-    or Triton cannot run; other few-query calls -> ``sdpa_mask``; the block-sparse Triton kernel where it can run
-    (also for training block patterns at head size 128, which went to FlexAttention before the descriptor loads: H100,
-    32k, block p = 0.75, forward + backward 8.24 ms against Flex's 8.73); packed or
-    left-padded rows on CUDA above ``SPARSE_MIN_ENTRIES`` query-key pairs: the Triton kernels on the sequences unpacked
-    one per row (keys from kv index 0), FlexAttention where it is measured faster (:data:`FLEX_PACKED_FASTER`) or
-    Triton cannot run; else ``sdpa_mask`` (exact, trains on CPU).
+    or Triton cannot run; other few-query calls -> ``sdpa_mask``; the block-sparse Triton kernel where it can run;
+    packed or left-padded rows on CUDA above ``SPARSE_MIN_ENTRIES`` query-key pairs: the Triton kernels on the
+    sequences unpacked one per row (keys from kv index 0), FlexAttention where Triton cannot run; else ``sdpa_mask``
+    (exact, trains on CPU). With descriptor loads the Triton kernels are faster than FlexAttention, or within 1% of it, for
+    both granularities at head sizes 64 and 128 (H100, 32k, p = 0.75, forward + backward: unpadded block pattern at 128,
+    8.24 against 8.73 ms; one row packed with 4 or 32 sequences, block at 128, 7.78 against 8.23 and 6.12 against
+    6.04 ms, Triton faster elsewhere; docs/benchmarks.md).
     """
     backend = settings.backend
     if dropout > 0 and backend not in ("auto", "sdpa_mask"):
@@ -131,8 +126,7 @@ def choose_path(settings: PPASettings, query: torch.Tensor, key: torch.Tensor, v
     if _triton().supports(query, key, value) and layout.single_sequence_rows() is not None:
         return "triton"
     if _on_gpu(query) and q_len * kv_len > SPARSE_MIN_ENTRIES:  # packed or left-padded rows, many entries
-        flex_faster = flex_available() and (query.shape[-1], settings.granularity) in FLEX_PACKED_FASTER
-        if not flex_faster and layout.kv_offset == 0 and _triton().supports(query, key, value):
+        if layout.kv_offset == 0 and _triton().supports(query, key, value):
             return "triton_layout"
         if flex_available():
             return "flex"
