@@ -79,10 +79,10 @@ def choose_path(settings: PPASettings, query: torch.Tensor, key: torch.Tensor, v
     or Triton cannot run; other few-query calls -> ``sdpa_mask``; the block-sparse Triton kernel where it can run;
     packed or left-padded rows on CUDA above ``SPARSE_MIN_ENTRIES`` query-key pairs: the Triton kernels on the
     sequences unpacked one per row (keys from kv index 0), FlexAttention where Triton cannot run; else ``sdpa_mask``
-    (exact, trains on CPU). With descriptor loads the Triton kernels are faster than FlexAttention, or within 1% of it, for
-    both granularities at head sizes 64 and 128 (H100, 32k, p = 0.75, forward + backward: unpadded block pattern at 128,
-    8.24 against 8.73 ms; one row packed with 4 or 32 sequences, block at 128, 7.78 against 8.23 and 6.12 against
-    6.04 ms, Triton faster elsewhere; docs/benchmarks.md).
+    (exact, trains on CPU). With descriptor loads the Triton kernels are faster than FlexAttention, or within 1% of
+    it, for both granularities at head sizes 64 and 128 (H100, 32k, p = 0.75, forward + backward: unpadded block
+    pattern at 128, 8.24 against 8.73 ms; one row packed with 4 or 32 sequences, block at 128, 7.78 against 8.23 and
+    6.12 against 6.04 ms, Triton faster elsewhere; docs/benchmarks.md).
     """
     backend = settings.backend
     if dropout > 0 and backend not in ("auto", "sdpa_mask"):
