@@ -258,11 +258,11 @@ def packed_layout(L: int, docs: int, device):
 def part_packed(args, info, device: str = "cuda"):
     """Attention over one packed row (``--docs`` sequences in ``L`` tokens), 32 query / 8 KV heads, bf16, forward
     and forward + backward, token and block p = 0.75: the Triton kernels on the sequences unpacked one per row
-    (``triton_layout``: what eager ``auto`` runs above 4096 x 4096 pairs and a compiled step runs; its host-side plan
-    is made once per layout in eager mode, as the layers of one forward pass share it), and FlexAttention with the
-    layout's BlockMask (what ``auto`` ran for block patterns at head size 128 before the descriptor loads; the mask is
-    built once outside the timing, as the layers of one forward pass share it). Beside them, SDPA's flash kernel over each sequence on its own: the same sequences with
-    full causal attention. ``max_diff``: the largest difference of the output from ``triton_layout``'s."""
+    (``triton_layout``: what eager ``auto`` runs above 4096 x 4096 pairs and a compiled step runs), and FlexAttention
+    with the layout's BlockMask (what ``auto`` ran for block patterns at head size 128 before the descriptor loads).
+    What the layers of one forward pass share is made once, untimed: the unpacked path's host-side plan (eager mode:
+    in the first, untimed call) and Flex's mask (before it). Beside them, SDPA's flash kernel over each sequence on its own: the same sequences
+    with full causal attention. ``max_diff``: the largest difference of the output from ``triton_layout``'s."""
     from ppa_hf.ops.flex import flex_attention_ppa, flex_available, layout_block_mask
     from ppa_hf.ops.triton import triton_layout_attention
 
