@@ -221,7 +221,7 @@ def _(values):
 
 def running_count(flags: torch.Tensor) -> torch.Tensor:
     """``[..., T]`` long: how many of ``flags`` are true up to and including each index (a cumsum)."""
-    return _running_count(flags) if torch.compiler.is_compiling() else flags.long().cumsum(-1)
+    return _running_count(flags) if torch.compiler.is_compiling() else flags.cumsum(-1, dtype=torch.long)
 
 
 def running_max(values: torch.Tensor) -> torch.Tensor:

@@ -10,7 +10,7 @@ import math
 
 import torch
 
-from ..layout import PPALayout
+from ..layout import PPALayout, running_count
 from ..pattern import PPAPattern
 
 
@@ -20,10 +20,21 @@ def layout_keep(layout: PPALayout, pattern: PPAPattern, max_distance: int | None
     Cached on the layout, so the layers of one forward pass that share a pattern build it once.
     """
     def build():
-        q_seg, k_seg = layout.q_seg()[:, :, None], layout.k_seg()[:, None, :]
-        ok = pattern.keep(layout.q_pos()[:, :, None], layout.k_pos()[:, None, :], length=layout.seg.shape[-1],
+        length = layout.valid.shape[-1]
+        keys = slice(layout.kv_offset, layout.kv_offset + layout.kv_length)
+        if layout.one_sequence_per_row:
+            # same sequence = both real, and a real token's position is its rank among its row's real tokens: fewer
+            # operations than seg and pos (this runs once per decoding step); padding's rank is masked out below
+            valid = layout.valid
+            pos = running_count(valid) - 1
+            q_ok, k_ok = valid[:, layout.q_index][:, :, None], valid[:, None, keys]
+        else:
+            seg, pos = layout.seg, layout.pos
+            q_seg, k_seg = seg[:, layout.q_index][:, :, None], seg[:, None, keys]
+            q_ok, k_ok = q_seg == k_seg, k_seg >= 0
+        ok = pattern.keep(pos[:, layout.q_index][:, :, None], pos[:, None, keys], length=length,
                           max_distance=max_distance)
-        return (ok & (q_seg == k_seg) & (k_seg >= 0))[:, None]
+        return (ok & q_ok & k_ok)[:, None]
 
     return layout.per_forward(("keep", pattern.key, max_distance), build)
 

@@ -52,7 +52,7 @@ def sdpa_mask_attention(query, key, value, layout: PPALayout, pattern: PPAPatter
 def _additive(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """A boolean mask (True: attend) as SDPA's additive form in ``dtype``: 0 where True, -inf where False (what
     SDPA computes from a boolean mask itself)."""
-    return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, float("-inf"))
+    return torch.full(mask.shape, float("-inf"), dtype=dtype, device=mask.device).masked_fill_(mask, 0.0)
 
 
 def _fold_mask(attn_mask: torch.Tensor, groups: int) -> torch.Tensor:
