@@ -49,7 +49,10 @@ def ppa_mask_interface(batch_size: int, q_length: int, kv_length: int, q_offset=
     plain_causal = mask_function is None or mask_function is causal_mask_function
     if not plain_causal and total > 1 and not torch.compiler.is_compiling():
         _refuse_non_causal(mask_function, device)  # (a compiled step was checked by its eager first call)
-    q_index = torch.arange(q_length, device=device) + q_offset
+    if isinstance(q_offset, int):
+        q_index = torch.arange(q_offset, q_offset + q_length, device=device)
+    else:  # a tensor or symbolic offset (compiled steps)
+        q_index = torch.arange(q_length, device=device) + q_offset
     # no padding mask and the plain causal mask: every row is one unpadded sequence, known without looking
     q_start = q_offset if attention_mask is None and plain_causal and isinstance(q_offset, int) else None
     if plain_causal or total <= 1:  # every real token continues its row's sequence: seg and pos follow from valid

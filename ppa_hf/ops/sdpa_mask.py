@@ -32,13 +32,15 @@ def sdpa_mask_attention(query, key, value, layout: PPALayout, pattern: PPAPatter
     queries: the copy is of the queries and the mask, not of the cache); otherwise on CUDA the KV heads are repeated
     (CUDA's fused SDPA kernels take a mask or GQA, not both, as Transformers' own sdpa path also does), and
     elsewhere SDPA's ``enable_gqa`` is used."""
-    attn_mask, row_any = sdpa_mask(layout, pattern, max_distance)
     groups = query.shape[1] // key.shape[1]
     fold = groups > 1 and fold_gqa
     dtype = query.dtype
-    # SDPA turns a boolean mask into an additive one in every call; made once per forward pass instead
-    bias = layout.per_forward(("bias", pattern.key, max_distance, groups if fold else 1, dtype),
-                              lambda: _additive(_fold_mask(attn_mask, groups) if fold else attn_mask, dtype))
+
+    def build():  # SDPA turns a boolean mask into an additive one in every call; made once per forward pass instead
+        attn_mask, row_any = sdpa_mask(layout, pattern, max_distance)
+        return _additive(_fold_mask(attn_mask, groups) if fold else attn_mask, dtype), row_any.to(dtype)
+
+    bias, row_scale = layout.per_forward(("bias", pattern.key, max_distance, groups if fold else 1, dtype), build)
     if fold:
         out = _sdpa_groups_folded(query, key, value, bias, groups, dropout, scale)
     else:
@@ -46,7 +48,7 @@ def sdpa_mask_attention(query, key, value, layout: PPALayout, pattern: PPAPatter
             key, value = expand_kv(key, groups), expand_kv(value, groups)
         out = F.scaled_dot_product_attention(query, key, value, attn_mask=bias, dropout_p=dropout,
                                              scale=scale, enable_gqa=query.shape[1] != key.shape[1])
-    return out * layout.per_forward(("row_any", pattern.key, max_distance, dtype), lambda: row_any.to(dtype))
+    return out * row_scale
 
 
 def _additive(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
