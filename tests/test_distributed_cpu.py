@@ -92,8 +92,11 @@ def assert_same_weights(reference, out, trained_from):
     assert expected.keys() == got.keys()
     moved = max(float((expected[k] - start[k]).abs().max()) for k in expected)
     assert moved > 1e-3, "training changed no weight"
-    for name in expected:  # Adam normalises each gradient, so float summation order shows as ~1e-5 here
-        torch.testing.assert_close(got[name], expected[name], rtol=0, atol=1e-4, msg=name)
+    # Adam's first steps move a weight by about lr * sign(gradient) (lr = 1e-2 here), so an entry whose gradient is
+    # near Adam's eps turns float summation order into a difference of up to about 2e-4 (2 of the 3M embedding
+    # entries with transformers 5.25); a wrong gradient moves weights by about lr
+    for name in expected:
+        torch.testing.assert_close(got[name], expected[name], rtol=0, atol=5e-4, msg=name)
 
 
 def test_context_parallel_full_fine_tune_equals_one_process(tiny_model_dir, tmp_path):
