@@ -321,15 +321,17 @@ class PPAPattern:
         window) further limits every key to ``q_pos - k_pos < max_distance``. ``tables`` (from
         :meth:`tables`) may be passed to avoid a lookup, as FlexAttention mask_mods do.
         """
-        if tables is None:
-            if length is None:
-                length = int(max(int(q_pos.max()), int(k_pos.max()), 0)) + 1
-            tables = self.tables(length, q_pos.device)
         d = q_pos - k_pos
-        hit = self._hit(q_pos, k_pos, *tables)
-        if self.sink_tokens:
-            hit = hit | (k_pos < self.sink_tokens)
-        ok = (d >= 0) & hit
+        ok = d >= 0
+        if not self.is_full:  # (p = 1 attends every earlier key: no table to read)
+            if tables is None:
+                if length is None:
+                    length = int(max(int(q_pos.max()), int(k_pos.max()), 0)) + 1
+                tables = self.tables(length, q_pos.device)
+            hit = self._hit(q_pos, k_pos, *tables)
+            if self.sink_tokens:
+                hit = hit | (k_pos < self.sink_tokens)
+            ok = ok & hit
         if max_distance is not None:
             ok = ok & (d < max_distance)
         return ok
