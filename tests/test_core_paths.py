@@ -210,3 +210,22 @@ def test_triton_dot_precision_is_exact_for_float32_unless_tf32_is_allowed():
         assert dot_precision(torch.float32) == "tf32"
     finally:
         torch.backends.cuda.matmul.allow_tf32 = before
+
+
+@pytest.mark.parametrize("pattern", [PPAPattern(0.75, window=8, sink_tokens=1),
+                                     PPAPattern(0.75, window=8, granularity="block", block_size=16)], ids=lambda p: p.name)
+def test_triton_tables_are_made_once_per_table_size(pattern):
+    """The kernels' int8 tables: the pattern's tables for every position below the length, kept per table size, so
+    the decoding steps of one run (a new length each) reuse them instead of casting them again."""
+    from ppa_hf.ops.triton.common import pattern_tables
+
+    first = pattern_tables(pattern, 1000, "cpu")
+    tok, blk = pattern.tables(1001, "cpu")
+    assert torch.equal(first[0], tok.to(torch.int8))
+    assert torch.equal(first[1], blk.to(torch.int8) if blk is not None else torch.ones(1, dtype=torch.int8))
+    for length in (1001, 1002, 1005):  # later decoding steps, inside the same powers of two
+        again = pattern_tables(pattern, length, "cpu")
+        assert again[0] is first[0] and again[1] is first[1]
+    longer = pattern_tables(pattern, 5000, "cpu")
+    assert longer[0] is not first[0] and longer[0].numel() > 5000
+    assert torch.equal(longer[0][: first[0].numel()], first[0])

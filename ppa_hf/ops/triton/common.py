@@ -188,14 +188,16 @@ _TABLES = BoundedCache("triton tables", 64)
 
 def pattern_tables(pattern: PPAPattern, length: int, device):
     """``(token_table, block_table)`` as int8 device tensors for positions below ``length`` (a block table of one
-    ``True`` at token granularity, where the kernels never read it)."""
+    ``True`` at token granularity, where the kernels never read it). Kept per table size, a power of two: the steps
+    of a decoding run, one length each, share them (a key per length made two casts per step and pushed other
+    entries out of the cache)."""
+    tok, blk = pattern.tables(length + 1, device)
 
     def build():
-        tok, blk = pattern.tables(length + 1, device)
-        blk = blk if blk is not None else torch.ones(1, dtype=torch.bool, device=device)
-        return tok.to(torch.int8).contiguous(), blk.to(torch.int8).contiguous()
+        block = blk if blk is not None else torch.ones(1, dtype=torch.bool, device=device)
+        return tok.to(torch.int8).contiguous(), block.to(torch.int8).contiguous()
 
-    return _TABLES.get(("tables", pattern, length, str(device)), build)
+    return _TABLES.get(("tables", pattern, tok.numel(), None if blk is None else blk.numel(), str(device)), build)
 
 
 WORD_OFFSET = 256  # word tables start at offset -WORD_OFFSET (partial tiles reach d >= -(BM + BN))
