@@ -483,3 +483,91 @@ def test_descriptor_loads_by_gpu_head_size_and_direction(monkeypatch):
     monkeypatch.setenv("PPA_TRITON_TMA", "on")
     with pytest.raises(ValueError, match="PPA_TRITON_TMA='on'"):
         common.tma_wanted("cuda", 64, "forward")
+
+
+SMALL_GPU = textwrap.dedent("""
+    import warnings
+    import torch
+    from triton.runtime.errors import OutOfResources
+    from ppa_hf.pattern import PPAPattern
+    from ppa_hf.ops.reference import reference_attention
+    from ppa_hf.ops.triton import common, decode, prefill, triton_ppa_attention, triton_decode_attention
+
+    # the measured table as on a GPU (the interpreter's own is already minimal)
+    prefill.configs = lambda head_dim, dtype, device: ((64, 32, 4, 3), (32, 64, 4, 3), (64, 32, 4, 3))
+    launched = []
+
+    class SmallGPU:
+        # a kernel on a GPU with little shared memory: a launch needing more than the limit fails before it runs
+        def __init__(self, name, kernel, fits):
+            self.name, self.kernel, self.fits = name, kernel, fits
+
+        def __getitem__(self, grid):
+            def run(*args, **kwargs):
+                config = (kwargs.get("BLOCK_M"), kwargs.get("BLOCK_N"), kwargs["num_stages"])
+                if not self.fits(*config):
+                    raise OutOfResources(100_000, 99_000, "shared memory")
+                launched.append((self.name, config))
+                return self.kernel[grid](*args, **kwargs)
+            return run
+
+    fits = lambda bm, bn, stages: bm * bn * stages <= 32 * 32 * 2
+    prefill._fwd_kernel = SmallGPU("forward", prefill._fwd_kernel, fits)
+    prefill._bwd_dkdv_kernel = SmallGPU("dkdv", prefill._bwd_dkdv_kernel, fits)
+    prefill._bwd_dq_kernel = SmallGPU("dq", prefill._bwd_dq_kernel, fits)
+    decode._decode_kernel = SmallGPU("decode", decode._decode_kernel, lambda bm, bn, stages: stages == 1)
+
+    torch.manual_seed(0)
+    pattern = PPAPattern(0.75, 8, 1)
+    q = torch.randn(1, 4, 70, 16, requires_grad=True)
+    k, v = (torch.randn(1, 2, 70, 16, requires_grad=True) for _ in range(2))
+    keep = pattern.dense(70)[None, None]
+    ref = reference_attention(q.double(), k.double(), v.double(), keep)
+    do = torch.randn_like(ref)
+    ref_grads = torch.autograd.grad(ref, (q, k, v), do)
+    for attempt in range(2):
+        launched.clear()
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            out = triton_ppa_attention(q, k, v, pattern)
+            grads = torch.autograd.grad(out, (q, k, v), do.float())
+        torch.testing.assert_close(out.double(), ref, atol=2e-5, rtol=2e-5)
+        for g, r in zip(grads, ref_grads):
+            torch.testing.assert_close(g.double(), r.double(), atol=2e-5, rtol=2e-5)
+        # each kernel ran once, in the first smaller configuration that fits: one stage fewer, then the larger tile
+        # halved (64 x 32 x 2 -> 32 x 32 x 2)
+        assert launched == [("forward", (32, 32, 2)), ("dkdv", (32, 32, 2)), ("dq", (32, 32, 2))], launched
+        messages = [str(w.message) for w in caught if "does not fit this GPU" in str(w.message)]
+        if attempt == 0:  # each named once, with the measured and the chosen configuration
+            assert len(messages) == 3 and "forward kernel's launch configuration (64, 32, 4, 3)" in messages[0]
+            assert "using (32, 32, 4, 2)" in messages[0], messages
+        else:  # remembered: no retry, no warning
+            assert messages == [], messages
+
+    index, count = pattern.key_lists(torch.arange(66, 70), 70)
+    qd = torch.randn(1, 4, 4, 16)
+    out = triton_decode_attention(qd, k.detach(), v.detach(), index[None], count[None])
+    keep_d = pattern.dense(4, 70)[None, None]
+    torch.testing.assert_close(out.double(), reference_attention(qd.double(), k.double(), v.double(), keep_d),
+                               atol=2e-5, rtol=2e-5)
+    assert launched[-1] == ("decode", (None, 16, 1)), launched
+    assert common.smaller_config((2, 16, 4, 1), (1,)) is None  # nothing left: the error is raised
+    print("ALL OK")
+""")
+
+
+def test_launch_configurations_shrink_to_what_the_gpu_holds():
+    """On a GPU with less shared memory than the H100/H200 the launch tables were measured on, a launch that does
+    not fit (Triton's OutOfResources, raised before it runs) is retried with one stage fewer, then smaller tiles; the
+    result is exact, a warning names the configuration once, and later calls start from the one that fit. Simulated
+    under the interpreter with kernels that refuse configurations above a limit."""
+    from ppa_hf.ops.triton.common import smaller_config
+
+    assert smaller_config((128, 64, 8, 3), (0, 1)) == (128, 64, 8, 2)
+    assert smaller_config((128, 64, 8, 2), (0, 1)) == (64, 64, 8, 2)
+    assert smaller_config((64, 64, 8, 2), (0, 1)) == (64, 32, 8, 2)
+    assert smaller_config((16, 16, 4, 2), (0, 1)) == (16, 16, 4, 1)
+    assert smaller_config((16, 16, 4, 1), (0, 1)) is None
+    assert smaller_config((2, 64, 2, 3), (1,)) == (2, 64, 2, 2)
+    assert smaller_config((2, 64, 2, 2), (1,)) == (2, 32, 2, 2)
+    _interpreted(SMALL_GPU, 300)

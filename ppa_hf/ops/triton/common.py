@@ -7,6 +7,7 @@ Kernels run on CUDA (bf16 / fp16 / fp32) and, for tests, on CPU under ``TRITON_I
 from __future__ import annotations
 
 import os
+import warnings
 
 import numpy as np
 import torch
@@ -20,6 +21,11 @@ try:
     from triton.tools.tensor_descriptor import TensorDescriptor
 except ImportError:  # pragma: no cover - a Triton without host-side descriptors: pointer loads only
     TensorDescriptor = None
+try:
+    from triton.runtime.errors import OutOfResources
+except ImportError:  # pragma: no cover - no Triton: nothing launches
+    class OutOfResources(Exception):
+        pass
 
 from ...cache import BoundedCache
 from ...pattern import PPAPattern
@@ -115,6 +121,49 @@ def launch(kernel, grid: tuple, args: tuple, constexprs: dict, fast_key: tuple |
         _COMPILED[key] = compiled
         if fast_key is not None:
             _COMPILED[fast_key] = compiled
+
+
+_FITTED: dict = {}  # (site, device index, measured configuration, specialisation) -> the configuration that fit
+
+
+def smaller_config(config: tuple, block_dims: tuple) -> tuple | None:
+    """The next launch configuration to try when ``config`` (its last entry the pipeline stages, its entries at
+    ``block_dims`` tile sizes) needs more shared memory than the GPU has: one stage fewer down to 2, then the largest
+    tile size halved down to 16, then 1 stage; ``None`` when nothing is left to take away."""
+    stages = config[-1]
+    if stages > 2:
+        return config[:-1] + (stages - 1,)
+    sizes = [(config[i], i) for i in block_dims if config[i] > 16]
+    if sizes:
+        size, i = max(sizes)
+        return config[:i] + (size // 2,) + config[i + 1:]
+    return config[:-1] + (1,) if stages > 1 else None
+
+
+def run_fitting(site: str, config: tuple, block_dims: tuple, run, device, spec: tuple = ()):
+    """``run(config)``, or, where the GPU cannot hold that launch (Triton's ``OutOfResources``: shared memory, before
+    anything runs), ``run`` with the first of :func:`smaller_config`'s configurations that it can. The launch tables
+    were measured on H100 and H200 (227 KB of shared memory per program); an A100 has 163 KB, consumer Ampere and Ada
+    GPUs 99 KB. The configuration that fit is remembered per call site, device, measured configuration and ``spec``
+    (what else sets the kernel's needs, e.g. head size and dtype), so later calls start there, and a warning names
+    it once."""
+    key = (site, device.index, config, spec)
+    chosen = _FITTED.get(key, config)
+    while True:
+        try:
+            result = run(chosen)
+        except OutOfResources as error:
+            smaller = smaller_config(chosen, block_dims)
+            if smaller is None:
+                raise
+            chosen = smaller
+            failure = error
+            continue
+        if chosen != config and _FITTED.get(key) != chosen:
+            _FITTED[key] = chosen
+            warnings.warn(f"ppa_hf: the {site} kernel's launch configuration {config} does not fit this GPU "
+                          f"({failure}); using {chosen}, which may be slower", stacklevel=2)
+        return result
 
 
 def tma_wanted(device, head_dim: int, direction: str) -> bool:

@@ -9,7 +9,7 @@ import math
 
 import torch
 
-from .common import (LOG2E, dot_precision, env_config, interpreted, last_contiguous, launch, tl, triton,
+from .common import (LOG2E, dot_precision, env_config, interpreted, last_contiguous, launch, run_fitting, tl, triton,
                      unsupported_reason)
 
 if triton is not None:
@@ -273,17 +273,25 @@ def _decode(query, key, value, index, count, scale: float, fused: bool = True) -
     """``fused``: one launch, the partial results combined by the last split of each program (eager calls, with
     per-stream scratch memory); else a combine kernel after the decode kernel and fresh scratch memory per call (the
     custom op: safe to capture in a CUDA graph)."""
-    B, H, NQ, D = query.shape
-    Hkv = key.shape[1]
-    G = H // Hkv
     key, value, query = last_contiguous(key), last_contiguous(value), last_contiguous(query)
     index = index if index.dtype == torch.int32 else index.to(torch.int32)
     count = count if count.dtype == torch.int32 else count.to(torch.int32)
+    config = decode_config(query.shape[0] * key.shape[1] * query.shape[2])
+    if interpreted(query.device):
+        config = (config[0], 16) + config[2:]
+    return run_fitting("decode", config, (1,),
+                       lambda fitting: _decode_launch(query, key, value, index, count, scale, fused, fitting),
+                       query.device, (query.shape[-1], query.dtype))
+
+
+def _decode_launch(query, key, value, index, count, scale: float, fused: bool, config: tuple) -> torch.Tensor:
+    """:func:`_decode` in the launch configuration ``config`` (see :func:`decode_config`)."""
+    B, H, NQ, D = query.shape
+    Hkv = key.shape[1]
+    G = H // Hkv
     N = index.shape[-1]
     programs = B * Hkv * NQ
-    per_sm, block_n, warps, stages = decode_config(programs)
-    if interpreted(query.device):
-        block_n = 16
+    per_sm, block_n, warps, stages = config
     # about per_sm programs per multiprocessor; each split takes an even share of its row's listed keys
     splits = decode_splits(programs, N, query.device, per_sm, block_n)
     out = _decode_output(query)

@@ -21,7 +21,8 @@ import torch
 from ...pattern import PPAPattern
 from ..tiles import device_lists
 from .common import (LOG2E, descriptor, dot_precision, env_config, interpreted, last_contiguous, pattern_tables,
-                     tile_mask, tl, tma_ready, tma_wanted, triton, unsupported_reason, word_mask, word_tables)
+                     run_fitting, tile_mask, tl, tma_ready, tma_wanted, triton, unsupported_reason, word_mask,
+                     word_tables)
 
 
 def configs(head_dim: int, dtype: torch.dtype, device):
@@ -356,6 +357,7 @@ class _Ctx:
         self.tok, self.blk = pattern_tables(pattern, length, q.device)
         self.words = word_tables(pattern, self.tok) if os.environ.get("PPA_TRITON_WORDS", "1") == "1" else None
         self.fwd_cfg, self.dkdv_cfg, self.dq_cfg = configs(self.D, q.dtype, q.device)
+        self.spec = (self.D, q.dtype)  # with a configuration, what sets a launch's shared memory (see run_fitting)
         self.flags = dict(GRAN_BLOCK=pattern.granularity == "block", HAS_SINKS=pattern.sink_tokens > 0,
                           HAS_MD=max_distance is not None, PRECISION=dot_precision(q.dtype))
         self.device = q.device
@@ -383,21 +385,24 @@ class _Ctx:
 
 
 def _forward(ctx: _Ctx, q, k, v, scale):
-    bm, bn, warps, stages = ctx.fwd_cfg
-    nq = triton.cdiv(ctx.Lq, bm)
     lse_len = _lse_len(q)
     o = torch.empty_like(q)
     lse = torch.full((ctx.B, ctx.H, lse_len), float("inf"), device=q.device, dtype=torch.float32)
-    fp, fi, pp, pi, pm = ctx.lists(bm, bn)
-    sources, tma = ctx.sources(k, v, rows=bn)
-    _fwd_kernel[(nq, ctx.B * ctx.H)](
-        q, k, v, o, lse, scale * LOG2E,
-        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-        v.stride(0), v.stride(1), v.stride(2), o.stride(0), o.stride(1), o.stride(2),
-        ctx.H, ctx.G, ctx.Lq, ctx.Lk, ctx.q_start, ctx.k_start, lse_len,
-        fp, fi, pp, pi, pm, *ctx.pattern_args(), *sources,
-        HEAD_DIM=ctx.D, BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages, USE_WORDS=ctx.use_words(bn),
-        TMA=tma, **ctx.flags)
+
+    def run(config):
+        bm, bn, warps, stages = config
+        fp, fi, pp, pi, pm = ctx.lists(bm, bn)
+        sources, tma = ctx.sources(k, v, rows=bn)
+        _fwd_kernel[(triton.cdiv(ctx.Lq, bm), ctx.B * ctx.H)](
+            q, k, v, o, lse, scale * LOG2E,
+            q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+            v.stride(0), v.stride(1), v.stride(2), o.stride(0), o.stride(1), o.stride(2),
+            ctx.H, ctx.G, ctx.Lq, ctx.Lk, ctx.q_start, ctx.k_start, lse_len,
+            fp, fi, pp, pi, pm, *ctx.pattern_args(), *sources,
+            HEAD_DIM=ctx.D, BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages, USE_WORDS=ctx.use_words(bn),
+            TMA=tma, **ctx.flags)
+
+    run_fitting("forward", ctx.fwd_cfg, (0, 1), run, q.device, ctx.spec)
     return o, lse
 
 
@@ -414,32 +419,39 @@ def _backward(ctx: _Ctx, q, k, v, o, lse, do, scale):
     dk = torch.empty_like(k)
     dv = torch.empty_like(v)
     args = (*ctx.pattern_args(),)
-    bm, bn, warps, stages = ctx.dkdv_cfg
-    assert lse_len >= triton.cdiv(ctx.Lq, bm) * bm
-    fp, fi, pp, pi, pm = ctx.lists(bm, bn, transpose=True)
-    sources, tma = ctx.sources(q, do, rows=bm, direction="backward")
-    _bwd_dkdv_kernel[(triton.cdiv(ctx.Lk, bn), ctx.B * ctx.Hkv)](
-        q, k, v, do, lse, delta, dk, dv, scale * LOG2E, scale,
-        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-        v.stride(0), v.stride(1), v.stride(2), do.stride(0), do.stride(1), do.stride(2),
-        dk.stride(0), dk.stride(1), dk.stride(2), dv.stride(0), dv.stride(1), dv.stride(2),
-        ctx.H, ctx.Hkv, ctx.G, ctx.Lq, ctx.Lk, ctx.q_start, ctx.k_start, lse_len,
-        fp, fi, pp, pi, pm, *args, *sources,
-        HEAD_DIM=ctx.D, BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages, USE_WORDS=ctx.use_words(bm),
-        TMA=tma, **ctx.flags)
-    bm, bn, warps, stages = ctx.dq_cfg
-    assert lse_len >= triton.cdiv(ctx.Lq, bm) * bm
-    fp, fi, pp, pi, pm = ctx.lists(bm, bn)
-    sources, tma = ctx.sources(k, v, rows=bn, direction="backward")
-    _bwd_dq_kernel[(triton.cdiv(ctx.Lq, bm), ctx.B * ctx.H)](
-        q, k, v, do, lse, delta, dq, scale * LOG2E, scale,
-        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-        v.stride(0), v.stride(1), v.stride(2), do.stride(0), do.stride(1), do.stride(2),
-        dq.stride(0), dq.stride(1), dq.stride(2),
-        ctx.H, ctx.G, ctx.Lq, ctx.Lk, ctx.q_start, ctx.k_start, lse_len,
-        fp, fi, pp, pi, pm, *args, *sources,
-        HEAD_DIM=ctx.D, BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages, USE_WORDS=ctx.use_words(bn),
-        TMA=tma, **ctx.flags)
+
+    def run_dkdv(config):
+        bm, bn, warps, stages = config
+        assert lse_len >= triton.cdiv(ctx.Lq, bm) * bm
+        fp, fi, pp, pi, pm = ctx.lists(bm, bn, transpose=True)
+        sources, tma = ctx.sources(q, do, rows=bm, direction="backward")
+        _bwd_dkdv_kernel[(triton.cdiv(ctx.Lk, bn), ctx.B * ctx.Hkv)](
+            q, k, v, do, lse, delta, dk, dv, scale * LOG2E, scale,
+            q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+            v.stride(0), v.stride(1), v.stride(2), do.stride(0), do.stride(1), do.stride(2),
+            dk.stride(0), dk.stride(1), dk.stride(2), dv.stride(0), dv.stride(1), dv.stride(2),
+            ctx.H, ctx.Hkv, ctx.G, ctx.Lq, ctx.Lk, ctx.q_start, ctx.k_start, lse_len,
+            fp, fi, pp, pi, pm, *args, *sources,
+            HEAD_DIM=ctx.D, BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages, USE_WORDS=ctx.use_words(bm),
+            TMA=tma, **ctx.flags)
+
+    def run_dq(config):
+        bm, bn, warps, stages = config
+        assert lse_len >= triton.cdiv(ctx.Lq, bm) * bm
+        fp, fi, pp, pi, pm = ctx.lists(bm, bn)
+        sources, tma = ctx.sources(k, v, rows=bn, direction="backward")
+        _bwd_dq_kernel[(triton.cdiv(ctx.Lq, bm), ctx.B * ctx.H)](
+            q, k, v, do, lse, delta, dq, scale * LOG2E, scale,
+            q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+            v.stride(0), v.stride(1), v.stride(2), do.stride(0), do.stride(1), do.stride(2),
+            dq.stride(0), dq.stride(1), dq.stride(2),
+            ctx.H, ctx.G, ctx.Lq, ctx.Lk, ctx.q_start, ctx.k_start, lse_len,
+            fp, fi, pp, pi, pm, *args, *sources,
+            HEAD_DIM=ctx.D, BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages, USE_WORDS=ctx.use_words(bn),
+            TMA=tma, **ctx.flags)
+
+    run_fitting("dK/dV", ctx.dkdv_cfg, (0, 1), run_dkdv, q.device, ctx.spec)
+    run_fitting("dQ", ctx.dq_cfg, (0, 1), run_dq, q.device, ctx.spec)
     return dq, dk, dv
 
 
