@@ -571,3 +571,35 @@ def test_launch_configurations_shrink_to_what_the_gpu_holds():
     assert smaller_config((2, 64, 2, 3), (1,)) == (2, 64, 2, 2)
     assert smaller_config((2, 64, 2, 2), (1,)) == (2, 32, 2, 2)
     _interpreted(SMALL_GPU, 300)
+
+
+def test_gpus_below_compute_capability_8_are_refused_and_routed(monkeypatch):
+    """Triton supports GPUs of compute capability 8.0 and newer (bfloat16 does not assemble below it): on an older GPU
+    the kernels refuse with the reason, `auto` routes decoding to the torch gather and prefill elsewhere, and an
+    explicit `triton` backend is refused with that reason. (CPU tensors stand in for a CUDA device here.)"""
+    import torch
+
+    from ppa_hf.hf.dispatch import choose_path
+    from ppa_hf.hf.settings import PPASettings
+    from ppa_hf.layout import PPALayout
+    from ppa_hf.ops.triton import common
+
+    monkeypatch.setattr(common, "triton_available", lambda device=None: True)
+    monkeypatch.setattr(common, "interpreted", lambda device: False)  # as on a CUDA device
+    qd = torch.randn(1, 4, 1, 64, dtype=torch.bfloat16)
+    q = torch.randn(1, 4, 300, 64, dtype=torch.bfloat16)
+    k = torch.randn(1, 2, 2048, 64, dtype=torch.bfloat16)
+    layout = PPALayout(torch.zeros(1, 300, dtype=torch.long), torch.arange(300)[None], torch.arange(300), 0, 300,
+                       q_start=0)
+    monkeypatch.setattr(common, "gpu_capability", lambda device: (8, 0))
+    assert common.unsupported_reason(qd, k, k) is None
+    assert choose_path(PPASettings(0.75), qd, k, k, None, 0.0) == "triton_decode"
+    assert choose_path(PPASettings(0.75), q, k[:, :, :300], k[:, :, :300], layout, 0.0) == "triton"
+    monkeypatch.setattr(common, "gpu_capability", lambda device: (7, 5))
+    reason = common.unsupported_reason(qd, k, k)
+    assert reason is not None and "compute capability 8.0 or newer" in reason and "has 7.5" in reason, reason
+    assert choose_path(PPASettings(0.75), qd, k, k, None, 0.0) == "gather_decode"
+    assert choose_path(PPASettings(0.75), q, k[:, :, :300], k[:, :, :300], layout, 0.0) == "sdpa_mask"
+    with pytest.raises(ValueError, match="ppa_backend='triton' cannot serve this call: the Triton kernels need a GPU "
+                                         "of compute capability 8.0"):
+        choose_path(PPASettings(0.75, backend="triton"), qd, k, k, None, 0.0)

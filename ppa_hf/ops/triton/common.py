@@ -6,6 +6,7 @@ Kernels run on CUDA (bf16 / fp16 / fp32) and, for tests, on CPU under ``TRITON_I
 
 from __future__ import annotations
 
+import functools
 import os
 import warnings
 
@@ -57,6 +58,11 @@ def unsupported_reason(query: torch.Tensor, key: torch.Tensor, value: torch.Tens
     """Why the kernels cannot take these inputs (``None`` when they can)."""
     if not triton_available(query.device):
         return f"Triton cannot run on {query.device.type} here" + (" (not installed)" if triton is None else "")
+    if not interpreted(query.device):
+        major, minor = gpu_capability(query.device)
+        if major < 8:  # Triton supports compute capability 8.0+; bfloat16 does not even assemble below it
+            return (f"the Triton kernels need a GPU of compute capability 8.0 or newer (Triton's supported hardware), "
+                    f"and {query.device} has {major}.{minor}")
     if query.shape[-1] not in SUPPORTED_HEAD_DIMS or value.shape[-1] != query.shape[-1]:
         return (f"head size {query.shape[-1]} (value {value.shape[-1]}) is not one of "
                 f"{', '.join(map(str, SUPPORTED_HEAD_DIMS))} for query, key and value alike")
@@ -65,6 +71,12 @@ def unsupported_reason(query: torch.Tensor, key: torch.Tensor, value: torch.Tens
     if query.shape[1] % key.shape[1]:
         return f"{query.shape[1]} query heads are not a multiple of {key.shape[1]} KV heads"
     return None
+
+
+@functools.lru_cache(maxsize=None)
+def gpu_capability(device: torch.device) -> tuple[int, int]:
+    """``torch.cuda.get_device_capability`` of ``device``, read once (every attention call asks)."""
+    return torch.cuda.get_device_capability(device)
 
 
 def supports(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> bool:
