@@ -470,6 +470,9 @@ def test_descriptor_loads_by_gpu_head_size_and_direction(monkeypatch):
         fwd = prefill.configs(head_dim, torch.bfloat16, "cuda")[0]
         assert (fwd == (128, 64, 4, 2)) is (capability >= 9 and head_dim in (64, 128)), (capability, head_dim, fwd)
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    monkeypatch.setattr(torch.version, "hip", "6.2")  # an AMD GPU reporting 9.x (MI200/MI300): no Hopper TMA
+    assert not common.tma_wanted("cuda", 128, "forward")
+    monkeypatch.setattr(torch.version, "hip", None)
     monkeypatch.setenv("PPA_TRITON_TMA", "0")
     assert not common.tma_wanted("cuda", 128, "forward")
     assert prefill.configs(128, torch.bfloat16, "cuda")[0] == (128, 64, 8, 3)

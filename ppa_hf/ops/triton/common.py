@@ -181,7 +181,7 @@ def run_fitting(site: str, config: tuple, block_dims: tuple, run, device, spec: 
 def tma_wanted(device, head_dim: int, direction: str) -> bool:
     """Whether the prefill kernels of ``direction`` (``"forward"`` or ``"backward"``) read their streamed tiles
     through tensor descriptors (Hopper's TMA copy engine): ``PPA_TRITON_TMA=1`` / ``0`` forces it on / off for both
-    (``1`` also under the interpreter, for tests); by default on CUDA devices of compute capability 9 or more for
+    (``1`` also under the interpreter, for tests); by default on NVIDIA GPUs of compute capability 9 or more for
     the head sizes of :data:`TMA_HEAD_DIMS` (measured faster; :func:`tma_ready` still checks each tensor)."""
     flag = os.environ.get("PPA_TRITON_TMA", "")
     if flag not in ("", "0", "1"):
@@ -191,7 +191,9 @@ def tma_wanted(device, head_dim: int, direction: str) -> bool:
         return False
     if flag or interpreted(device):
         return flag == "1"
-    return head_dim in TMA_HEAD_DIMS[direction] and torch.cuda.get_device_capability(device)[0] >= 9
+    # (on ROCm, torch reports AMD architectures as capabilities, 9.x included: not Hopper)
+    return (head_dim in TMA_HEAD_DIMS[direction] and torch.version.hip is None
+            and torch.cuda.get_device_capability(device)[0] >= 9)
 
 
 def tma_ready(*tensors: torch.Tensor) -> bool:
