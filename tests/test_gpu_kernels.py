@@ -493,9 +493,9 @@ def test_eager_packed_training_runs_the_unpacked_triton_kernels(head_dim, granul
 def test_launch_configurations_too_large_for_the_gpu_fall_back(monkeypatch):
     """Launch configurations that need more shared memory than this GPU has (forced through the overrides: 256 x 128
     tiles over 4 stages at head size 128, a 64 KB tile resident and at least three 64 KB stages streamed, more than an
-    H100's or H200's 227 KB) make Triton refuse the launch
-    before it runs; the prefill kernels then run in smaller configurations that fit, with a warning naming each, and
-    the results keep the tolerance rule, forward, every gradient and decoding."""
+    H100's or H200's 227 KB) make Triton refuse the launch before it runs; the prefill kernels then run in smaller
+    configurations that fit, with a warning naming each, and the results keep the tolerance rule, forward, every
+    gradient and decoding."""
     from ppa_hf.ops.triton import common, decode, triton_decode_attention, triton_ppa_attention
 
     for name in ("PPA_TRITON_FWD", "PPA_TRITON_DKDV", "PPA_TRITON_DQ"):
