@@ -465,11 +465,11 @@ def test_descriptor_loads_by_gpu_head_size_and_direction(monkeypatch):
                                                    (9, 128, "backward", True), (10, 128, "forward", True),
                                                    (9, 256, "forward", False), (9, 32, "forward", False),
                                                    (8, 128, "forward", False), (8, 64, "backward", False)):
-        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None, c=capability: (c, 0))
+        monkeypatch.setattr(common, "gpu_capability", lambda device, c=capability: (c, 0))
         assert common.tma_wanted("cuda", head_dim, direction) is want, (capability, head_dim, direction)
         fwd = prefill.configs(head_dim, torch.bfloat16, "cuda")[0]
         assert (fwd == (128, 64, 4, 2)) is (capability >= 9 and head_dim in (64, 128)), (capability, head_dim, fwd)
-    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    monkeypatch.setattr(common, "gpu_capability", lambda device: (9, 0))
     monkeypatch.setattr(torch.version, "hip", "6.2")  # an AMD GPU reporting 9.x (MI200/MI300): no Hopper TMA
     assert not common.tma_wanted("cuda", 128, "forward")
     monkeypatch.setattr(torch.version, "hip", None)

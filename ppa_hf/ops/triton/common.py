@@ -192,8 +192,7 @@ def tma_wanted(device, head_dim: int, direction: str) -> bool:
     if flag or interpreted(device):
         return flag == "1"
     # (on ROCm, torch reports AMD architectures as capabilities, 9.x included: not Hopper)
-    return (head_dim in TMA_HEAD_DIMS[direction] and torch.version.hip is None
-            and torch.cuda.get_device_capability(device)[0] >= 9)
+    return head_dim in TMA_HEAD_DIMS[direction] and torch.version.hip is None and gpu_capability(device)[0] >= 9
 
 
 def tma_ready(*tensors: torch.Tensor) -> bool:
