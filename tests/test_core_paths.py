@@ -213,7 +213,8 @@ def test_triton_dot_precision_is_exact_for_float32_unless_tf32_is_allowed():
 
 
 @pytest.mark.parametrize("pattern", [PPAPattern(0.75, window=8, sink_tokens=1),
-                                     PPAPattern(0.75, window=8, granularity="block", block_size=16)], ids=lambda p: p.name)
+                                     PPAPattern(0.75, window=8, granularity="block", block_size=16)],
+                         ids=lambda p: p.name)
 def test_triton_tables_are_made_once_per_table_size(pattern):
     """The kernels' int8 tables: the pattern's tables for every position below the length, kept per table size, so
     the decoding steps of one run (a new length each) reuse them instead of casting them again."""
