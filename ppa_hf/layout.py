@@ -18,6 +18,9 @@ class PPALayout:
         seg: ``[B, T]`` long, the sequence each token belongs to (``-1``: padding, never attended).
         pos: ``[B, T]`` long, the token's position inside its sequence (0 = the sequence's first real token).
         q_index: ``[Q]`` long, absolute kv-axis index of each query.
+        q_slice: the same indices as a ``slice`` when they are consecutive and known on the host (eager steps), else
+            ``None``: :meth:`at_queries` then reads the queries' entries as a view instead of an indexing kernel, and
+            ``q_index`` (which may then be passed as ``None``) is made on first use.
         valid: ``[B, T]`` bool, the real tokens (``seg >= 0``).
         kv_offset, kv_length: the keys handed to attention are absolute indices ``kv_offset .. kv_offset+K-1``.
 
@@ -30,13 +33,15 @@ class PPALayout:
     """
 
     def __init__(self, seg, pos, q_index, kv_offset: int, kv_length: int, q_start: int | None = None,
-                 one_sequence_per_row: bool = False, valid: torch.Tensor | None = None):
+                 one_sequence_per_row: bool = False, valid: torch.Tensor | None = None, q_slice: slice | None = None):
         if seg is None and (valid is None or not one_sequence_per_row):
             raise ValueError("PPALayout needs seg and pos, or valid with one_sequence_per_row=True")
+        if q_index is None and q_slice is None:
+            raise ValueError("PPALayout needs q_index or q_slice")
         # with one sequence per row, seg and pos follow from ``valid [B, T]`` (real tokens) and are built on first
         # use: a decoding step's index kernel reads ``valid`` itself, so they are never built there
         self._seg, self._pos, self._valid = seg, pos, valid
-        self.q_index = q_index
+        self._q_index, self.q_slice = q_index, q_slice
         # True when each row's real tokens form one sequence (padding anywhere, no packing): a real token's position
         # is then its rank among the row's real tokens (ops use this to skip work)
         self.one_sequence_per_row = bool(one_sequence_per_row)
@@ -61,6 +66,12 @@ class PPALayout:
         self._seg, self._pos = one_sequence_per_row(self._valid)
 
     @property
+    def q_index(self) -> torch.Tensor:
+        if self._q_index is None:
+            self._q_index = torch.arange(self.q_slice.start, self.q_slice.stop, device=self.device)
+        return self._q_index
+
+    @property
     def valid(self) -> torch.Tensor:
         """``[B, T]`` bool: real tokens."""
         if self._valid is None:
@@ -70,7 +81,8 @@ class PPALayout:
     # Shape-like attributes so model code that inspects the mask keeps working.
     @property
     def shape(self):
-        return (self._grid_shape()[0], 1, int(self.q_index.numel()), self.kv_length)
+        n_queries = self.q_slice.stop - self.q_slice.start if self.q_slice is not None else int(self.q_index.numel())
+        return (self._grid_shape()[0], 1, n_queries, self.kv_length)
 
     def _grid_shape(self):
         """``(B, T)`` without building ``seg``."""
@@ -82,13 +94,17 @@ class PPALayout:
 
     @property
     def device(self):
-        return self.q_index.device
+        return (self._seg if self._seg is not None else self._valid).device
+
+    def at_queries(self, x: torch.Tensor) -> torch.Tensor:
+        """``x [B, T, ...]`` -> ``[B, Q, ...]``: the entries at the queries' kv indices."""
+        return x[:, self.q_slice] if self.q_slice is not None else x[:, self.q_index]
 
     def q_seg(self):
-        return self.seg[:, self.q_index]
+        return self.at_queries(self.seg)
 
     def q_pos(self):
-        return self.pos[:, self.q_index]
+        return self.at_queries(self.pos)
 
     def k_seg(self):
         return self.seg[:, self.kv_offset : self.kv_offset + self.kv_length]
@@ -126,7 +142,7 @@ class PPALayout:
         restart = torch.gather(pid, 1, prev.clamp(min=0)) >= pid
         link = (prev >= 0) & ~restart & (self.seg == torch.gather(self.seg, 1, prev.clamp(min=0)))
         seg, pos = layout_from_links(valid, link)
-        return PPALayout(seg, pos, self.q_index, self.kv_offset, self.kv_length)
+        return PPALayout(seg, pos, self._q_index, self.kv_offset, self.kv_length, q_slice=self.q_slice)
 
     def single_sequence_rows(self) -> tuple[int, int, torch.Tensor | None] | None:
         """``(q_start, k_start, q_valid)`` when every row is one sequence starting at kv index 0 (no padding, or

@@ -328,7 +328,7 @@ class PPAPattern:
                 if length is None:
                     length = int(max(int(q_pos.max()), int(k_pos.max()), 0)) + 1
                 tables = self.tables(length, q_pos.device)
-            hit = self._hit(q_pos, k_pos, *tables)
+            hit = self._hit(q_pos, k_pos, *tables, d=d)
             if self.sink_tokens:
                 hit = hit | (k_pos < self.sink_tokens)
             ok = ok & hit
@@ -382,9 +382,11 @@ class PPAPattern:
         count = counts[-1] + sum(counts[:-1]) if len(counts) > 1 else counts[0]  # earlier lists are counted whole
         return keys, count.to(torch.int32)
 
-    def _hit(self, q_pos, k_pos, token_table, block_table):
-        """Window, far or block part of :meth:`keep` (no sinks, no causality), for ``q_pos >= k_pos``."""
-        hit = token_table[(q_pos - k_pos).clamp(0, token_table.numel() - 1)]
+    def _hit(self, q_pos, k_pos, token_table, block_table, d=None):
+        """Window, far or block part of :meth:`keep` (no sinks, no causality), for ``q_pos >= k_pos``; ``d``: ``q_pos -
+        k_pos`` when the caller has it."""
+        d = q_pos - k_pos if d is None else d
+        hit = token_table[d.clamp(0, token_table.numel() - 1)]
         if block_table is not None:
             db = q_pos // self.block_size - k_pos // self.block_size
             hit = hit | block_table[db.clamp(0, block_table.numel() - 1)]

@@ -7,8 +7,10 @@ import torch
 from transformers.masking_utils import causal_mask_function
 
 from ppa_hf.hf.mask import ppa_mask_interface
+from ppa_hf.layout import PPALayout
 from ppa_hf.ops import (decode_index, flex_attention_ppa, gather_decode_attention, layout_block_mask, layout_keep,
                         reference_attention, sdpa_mask_attention)
+from ppa_hf.ops.sdpa_mask import sdpa_mask
 from ppa_hf.pattern import PPAPattern, dense_mask
 
 
@@ -172,6 +174,43 @@ def test_max_distance_intersects():
     layout, _ = make_layout(1, 50, 50)
     keep = layout_keep(layout, pattern, max_distance=10)[0, 0]
     assert torch.equal(keep, dense_mask(50, 0.0, 10))
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("pattern", PATTERNS, ids=lambda p: p.name)
+@pytest.mark.parametrize("max_distance", [None, 1, 6])
+def test_dense_mask_of_one_sequence_rows_equals_the_general_rule(shape, pattern, max_distance):
+    """The dense-mask path's shortcut for rows of one sequence each (a row has a key iff its query is real) gives
+    the general rule's mask (a row without a kept key sees everything) and row flags, and a layout that lists its
+    queries by index gives the same as one that holds them as a slice."""
+    B, H, Hkv, Q, K, lp, rp = shape
+    layout, _ = make_layout(B, Q, K, lp, rp)
+    assert layout.one_sequence_per_row and layout.q_slice is not None
+    attn_mask, row_any = sdpa_mask(layout, pattern, max_distance)
+    keep = layout_keep(layout, pattern, max_distance)
+    general_any = keep.any(-1, keepdim=True)
+    assert torch.equal(row_any, general_any)
+    assert torch.equal(attn_mask, keep | ~general_any)
+    by_index = PPALayout(None, None, torch.arange(K - Q, K), 0, K, one_sequence_per_row=True, valid=layout.valid)
+    assert torch.equal(layout_keep(by_index, pattern, max_distance), keep)
+    assert torch.equal(sdpa_mask(by_index, pattern, max_distance)[0], attn_mask)
+    assert torch.equal(by_index.q_pos(), layout.q_pos()) and torch.equal(layout.q_index, by_index.q_index)
+
+
+def test_dense_mask_path_zeroes_rows_only_where_a_query_has_no_key():
+    """On the CPU the row scale is read once per forward pass: left out when every query attends a key (decoding),
+    kept where a padding query must return zeros."""
+    pattern = PPAPattern(0.75, window=4)
+    q, k, v = qkv(2, 4, 2, 1, 40)
+    layout, mask = make_layout(2, 1, 40, (0, 10))  # one new query per row, both real
+    out = sdpa_mask_attention(q, k, v, layout, pattern, fold_gqa=True)
+    scales = [entry[1] for key, entry in layout.cache.items() if key[0] == "bias"]
+    assert scales == [None]
+    torch.testing.assert_close(out, reference_attention(q, k, v, expected_keep(pattern, mask, 1)))
+    layout, mask = make_layout(2, 1, 40, (0,), (0, 1))  # the second row's query is padding
+    out = sdpa_mask_attention(q, k, v, layout, pattern, fold_gqa=True)
+    assert out[1].abs().max() == 0 and out[0].abs().max() > 0
+    torch.testing.assert_close(out, reference_attention(q, k, v, expected_keep(pattern, mask, 1)))
 
 
 def test_decode_reads_only_attended_keys():

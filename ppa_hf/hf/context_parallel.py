@@ -104,7 +104,8 @@ class ContextParallelLayout(PPALayout):
     key positions from the layout, so the pattern is evaluated on global positions."""
 
     def __init__(self, layout: PPALayout, context: ContextParallel):
-        super().__init__(layout.seg, layout.pos, layout.q_index, layout.kv_offset, layout.kv_length)
+        super().__init__(layout.seg, layout.pos, layout._q_index, layout.kv_offset, layout.kv_length,
+                         q_slice=layout.q_slice)
         self.cache = layout.cache  # what the layout already knows (e.g. that every row is one unpadded sequence)
         self.context = context
 

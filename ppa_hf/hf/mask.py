@@ -49,15 +49,15 @@ def ppa_mask_interface(batch_size: int, q_length: int, kv_length: int, q_offset=
     plain_causal = mask_function is None or mask_function is causal_mask_function
     if not plain_causal and total > 1 and not torch.compiler.is_compiling():
         _refuse_non_causal(mask_function, device)  # (a compiled step was checked by its eager first call)
-    if isinstance(q_offset, int):
-        q_index = torch.arange(q_offset, q_offset + q_length, device=device)
+    if isinstance(q_offset, int):  # the layout reads queries through the slice (q_index is made if a path asks)
+        q_index, q_slice = None, slice(q_offset, q_offset + q_length)
     else:  # a tensor or symbolic offset (compiled steps)
-        q_index = torch.arange(q_length, device=device) + q_offset
+        q_index, q_slice = torch.arange(q_length, device=device) + q_offset, None
     # no padding mask and the plain causal mask: every row is one unpadded sequence, known without looking
     q_start = q_offset if attention_mask is None and plain_causal and isinstance(q_offset, int) else None
     if plain_causal or total <= 1:  # every real token continues its row's sequence: seg and pos follow from valid
         return PPALayout(None, None, q_index, kv_offset, kv_length, q_start=q_start, one_sequence_per_row=True,
-                         valid=valid)
+                         valid=valid, q_slice=q_slice)
     prev = previous_valid(valid)
     # Transformers' own mask function knows about packed sequences (position ids that restart):
     # a token continues a sequence iff it may attend the previous real token.
@@ -66,4 +66,4 @@ def ppa_mask_interface(batch_size: int, q_length: int, kv_length: int, q_offset=
     allowed = mask_function(b, torch.zeros_like(b), j, prev.clamp(min=0))
     link = (prev >= 0) & torch.as_tensor(allowed, device=device).expand_as(prev)
     seg, pos = layout_from_links(valid, link)
-    return PPALayout(seg, pos, q_index, kv_offset, kv_length)
+    return PPALayout(seg, pos, q_index, kv_offset, kv_length, q_slice=q_slice)

@@ -20,23 +20,36 @@ def layout_keep(layout: PPALayout, pattern: PPAPattern, max_distance: int | None
     Cached on the layout, so the layers of one forward pass that share a pattern build it once.
     """
     def build():
-        length = layout.valid.shape[-1]
-        keys = slice(layout.kv_offset, layout.kv_offset + layout.kv_length)
         if layout.one_sequence_per_row:
-            # same sequence = both real, and a real token's position is its rank among its row's real tokens: fewer
-            # operations than seg and pos (this runs once per decoding step); padding's rank is masked out below
-            valid = layout.valid
-            pos = running_count(valid) - 1
-            q_ok, k_ok = valid[:, layout.q_index][:, :, None], valid[:, None, keys]
-        else:
-            seg, pos = layout.seg, layout.pos
-            q_seg, k_seg = seg[:, layout.q_index][:, :, None], seg[:, None, keys]
-            q_ok, k_ok = q_seg == k_seg, k_seg >= 0
-        ok = pattern.keep(pos[:, layout.q_index][:, :, None], pos[:, None, keys], length=length,
+            keep, q_real = keep_of_any_query(layout, pattern, max_distance)
+            return keep & q_real
+        seg, pos = layout.seg, layout.pos
+        keys = slice(layout.kv_offset, layout.kv_offset + layout.kv_length)
+        q_seg, k_seg = layout.at_queries(seg)[:, :, None], seg[:, None, keys]
+        ok = pattern.keep(layout.at_queries(pos)[:, :, None], pos[:, None, keys], length=seg.shape[-1],
                           max_distance=max_distance)
-        return (ok & q_ok & k_ok)[:, None]
+        return (ok & (q_seg == k_seg) & (k_seg >= 0))[:, None]
 
     return layout.per_forward(("keep", pattern.key, max_distance), build)
+
+
+def keep_of_any_query(layout: PPALayout, pattern: PPAPattern, max_distance: int | None = None):
+    """For a layout whose rows each hold one sequence (``layout.one_sequence_per_row``): ``(keep [B, 1, Q, K] bool,
+    q_real [B, 1, Q, 1] bool)``, where ``keep`` is :func:`layout_keep` as if every query were a real token (the
+    pattern and the real keys) and ``q_real`` marks the real ones: ``keep & q_real`` is :func:`layout_keep`.
+
+    Same sequence = both real, and a real token's position is its rank among its row's real tokens: fewer operations
+    than ``seg`` and ``pos`` (this runs once per decoding step); padding's rank only reaches rows and columns that
+    ``q_real`` and the real keys mask out."""
+    def build():
+        valid = layout.valid
+        keys = slice(layout.kv_offset, layout.kv_offset + layout.kv_length)
+        pos = running_count(valid) - 1
+        ok = pattern.keep(layout.at_queries(pos)[:, :, None], pos[:, None, keys], length=valid.shape[-1],
+                          max_distance=max_distance)
+        return (ok & valid[:, None, keys])[:, None], layout.at_queries(valid)[:, None, :, None]
+
+    return layout.per_forward(("keep_of_any_query", pattern.key, max_distance), build)
 
 
 def expand_kv(x: torch.Tensor, groups: int) -> torch.Tensor:
