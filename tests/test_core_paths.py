@@ -197,6 +197,24 @@ def test_dense_mask_of_one_sequence_rows_equals_the_general_rule(shape, pattern,
     assert torch.equal(by_index.q_pos(), layout.q_pos()) and torch.equal(layout.q_index, by_index.q_index)
 
 
+@pytest.mark.parametrize("pattern", PATTERNS, ids=lambda p: p.name)
+def test_dense_mask_with_keys_from_a_kv_offset(pattern):
+    """Keys handed to attention from kv index ``kv_offset`` on (a cache that dropped its oldest keys): the mask is
+    the columns of the whole layout's mask from that index, through the shortcut and the general rule alike."""
+    B, Q, T, k0 = 3, 4, 90, 7
+    mask = torch.ones(B, T, dtype=torch.bool)
+    mask[1, :30] = False
+    mask[2, -2:] = False  # the last two queries of this row are padding
+    whole = ppa_mask_interface(B, Q, T, q_offset=T - Q, kv_offset=0, attention_mask=mask)
+    cut = ppa_mask_interface(B, Q, T - k0, q_offset=T - Q, kv_offset=k0, attention_mask=mask)
+    for max_distance in (None, 3, 50):
+        attn_mask, row_any = sdpa_mask(cut, pattern, max_distance)
+        keep = layout_keep(cut, pattern, max_distance)
+        assert torch.equal(keep, layout_keep(whole, pattern, max_distance)[..., k0:])
+        assert torch.equal(row_any, keep.any(-1, keepdim=True))
+        assert torch.equal(attn_mask, keep | ~row_any)
+
+
 def test_dense_mask_path_zeroes_rows_only_where_a_query_has_no_key():
     """On the CPU the row scale is read once per forward pass: left out when every query attends a key (decoding),
     kept where a padding query must return zeros."""
