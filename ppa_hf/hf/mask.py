@@ -54,7 +54,7 @@ def ppa_mask_interface(batch_size: int, q_length: int, kv_length: int, q_offset=
     else:  # a tensor or symbolic offset (compiled steps)
         q_index, q_slice = torch.arange(q_length, device=device) + q_offset, None
     # no padding mask and the plain causal mask: every row is one unpadded sequence, known without looking
-    q_start = q_offset if attention_mask is None and plain_causal and isinstance(q_offset, int) else None
+    q_start = q_offset if attention_mask is None and plain_causal and q_slice is not None else None
     if plain_causal or total <= 1:  # every real token continues its row's sequence: seg and pos follow from valid
         return PPALayout(None, None, q_index, kv_offset, kv_length, q_start=q_start, one_sequence_per_row=True,
                          valid=valid, q_slice=q_slice)

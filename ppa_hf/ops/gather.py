@@ -37,7 +37,7 @@ def decode_index(layout: PPALayout, pattern: PPAPattern, max_distance: int | Non
             key_rank = torch.where(keys >= 0, keys, T + 1)
         else:
             rank = running_count(real) - 1  # [B, T]: index among the row's real tokens
-            first = rank[:, layout.q_index] - q_pos  # rank of each query's sequence's first token
+            first = layout.at_queries(rank) - q_pos  # rank of each query's sequence's first token
             key_rank = torch.where(keys >= 0, (first[..., None] + keys).clamp(min=0), T + 1)  # (padding queries)
         # real token number r of row b sits at kv index kv_of_rank[b, r]; padding is written to a spare slot T and
         # slot T + 1 stays -1 for the list entries that attend nothing
